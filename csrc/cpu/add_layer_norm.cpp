@@ -1,0 +1,236 @@
+// LayerNorm fused with the residual add: sum = x + residual; out = (sum - mean) * rstd * w + b.
+// One pass reads x and residual and writes sum and out (4 row-sized streams instead of the 6 of
+// an add followed by a LayerNorm); only mean and rstd (2 floats per row) are saved besides sum.
+// Backward: one pass per row for grad_input, per-thread partial sums for grad_weight/grad_bias.
+#include "common.h"
+
+#include <torch/library.h>
+
+#include <vector>
+
+namespace ryzen_llm {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
+    const scalar_t* x, const scalar_t* residual, const scalar_t* weight, const scalar_t* bias,
+    scalar_t* out, scalar_t* sum, float* mean_out, float* rstd_out, acc_t* scratch,
+    int64_t row_begin, int64_t row_end, int64_t C, double eps) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const scalar_t* xr = x + r * C;
+    acc_t mean = 0;
+    if (residual != nullptr) {
+      const scalar_t* rr = residual + r * C;
+      scalar_t* sr = sum + r * C;
+#pragma omp simd reduction(+ : mean)
+      for (int64_t c = 0; c < C; ++c) {
+        // Round the sum to the storage dtype first: the saved sum and the normalised output
+        // must describe the same tensor.
+        scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) + static_cast<acc_t>(rr[c]));
+        sr[c] = s;
+        scratch[c] = static_cast<acc_t>(s);
+        mean += scratch[c];
+      }
+    } else {
+#pragma omp simd reduction(+ : mean)
+      for (int64_t c = 0; c < C; ++c) {
+        scratch[c] = static_cast<acc_t>(xr[c]);
+        mean += scratch[c];
+      }
+    }
+    mean /= static_cast<acc_t>(C);
+    acc_t var = 0;
+#pragma omp simd reduction(+ : var)
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t d = scratch[c] - mean;
+      var += d * d;
+    }
+    var /= static_cast<acc_t>(C);
+    const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+    scalar_t* outr = out + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      outr[c] = static_cast<scalar_t>((scratch[c] - mean) * rstd * static_cast<acc_t>(weight[c]) +
+                                      static_cast<acc_t>(bias[c]));
+    }
+    mean_out[r] = static_cast<float>(mean);
+    rstd_out[r] = static_cast<float>(rstd);
+  }
+}
+
+// grad_input = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_sum, with g = grad_out * w.
+// grad_weight / grad_bias accumulate into this thread's partial rows.
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_TARGET_CLONES void add_layer_norm_backward_rows(
+    const scalar_t* grad_out, const scalar_t* grad_sum, const scalar_t* input,
+    const scalar_t* weight, const float* mean, const float* rstd, scalar_t* grad_input,
+    acc_t* grad_weight_part, acc_t* grad_bias_part, acc_t* xhat, int64_t row_begin,
+    int64_t row_end, int64_t C) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const scalar_t* go = grad_out + r * C;
+    const scalar_t* in = input + r * C;
+    const acc_t m = static_cast<acc_t>(mean[r]);
+    const acc_t s = static_cast<acc_t>(rstd[r]);
+    acc_t sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t xh = (static_cast<acc_t>(in[c]) - m) * s;
+      acc_t dy = static_cast<acc_t>(go[c]);
+      xhat[c] = xh;
+      grad_weight_part[c] += dy * xh;
+      grad_bias_part[c] += dy;
+      acc_t g = dy * static_cast<acc_t>(weight[c]);
+      sum_g += g;
+      sum_gx += g * xh;
+    }
+    const acc_t mean_g = sum_g / static_cast<acc_t>(C);
+    const acc_t mean_gx = sum_gx / static_cast<acc_t>(C);
+    scalar_t* gi = grad_input + r * C;
+    if (grad_sum != nullptr) {
+      const scalar_t* gs = grad_sum + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t g = static_cast<acc_t>(go[c]) * static_cast<acc_t>(weight[c]);
+        gi[c] = static_cast<scalar_t>(s * (g - mean_g - xhat[c] * mean_gx) +
+                                      static_cast<acc_t>(gs[c]));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t g = static_cast<acc_t>(go[c]) * static_cast<acc_t>(weight[c]);
+        gi[c] = static_cast<scalar_t>(s * (g - mean_g - xhat[c] * mean_gx));
+      }
+    }
+  }
+}
+
+void check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& bias) {
+  check_cpu(x, "input");
+  check_float_dtype(x, "input");
+  check_contiguous(x, "input");
+  TORCH_CHECK(x.dim() >= 1, "input: expected at least 1 dimension, got a 0-D tensor");
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(C > 0, "input: the normalised (last) dimension must be non-empty");
+  check_same_device(weight, x, "weight", "input");
+  check_same_device(bias, x, "bias", "input");
+  check_same_dtype(weight, x, "weight", "input");
+  check_same_dtype(bias, x, "bias", "input");
+  check_shape(weight, {C}, "weight");
+  check_shape(bias, {C}, "bias");
+  check_contiguous(weight, "weight");
+  check_contiguous(bias, "bias");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+    const at::Tensor& bias, double eps) {
+  check_layer_norm_params(x, weight, bias);
+  TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
+  const bool has_residual = residual.has_value();
+  if (has_residual) {
+    check_same_device(*residual, x, "residual", "input");
+    check_same_dtype(*residual, x, "residual", "input");
+    check_shape(*residual, x.sizes(), "residual");
+    check_contiguous(*residual, "residual");
+  }
+  const int64_t C = x.size(-1);
+  const int64_t N = x.numel() / C;
+  auto out = at::empty_like(x);
+  auto sum = has_residual ? at::empty_like(x) : at::empty({0}, x.options());
+  auto stat_shape = x.sizes().vec();
+  stat_shape.pop_back();
+  auto mean = at::empty(stat_shape, x.options().dtype(at::kFloat));
+  auto rstd = at::empty(stat_shape, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layer_norm_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* res_ptr = has_residual ? residual->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(C);
+      add_layer_norm_rows<scalar_t, acc_t>(
+          x.data_ptr<scalar_t>(), res_ptr, weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+          out.data_ptr<scalar_t>(), has_residual ? sum.data_ptr<scalar_t>() : nullptr,
+          mean.data_ptr<float>(), rstd.data_ptr<float>(), scratch.data(), begin, end, C, eps);
+    });
+  });
+  return {out, sum, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_sum,
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rstd) {
+  check_cpu(input, "input");
+  check_float_dtype(input, "input");
+  check_contiguous(input, "input");
+  TORCH_CHECK(input.dim() >= 1, "input: expected at least 1 dimension, got a 0-D tensor");
+  const int64_t C = input.size(-1);
+  const int64_t N = input.numel() / C;
+  check_same_dtype(grad_out, input, "grad_out", "input");
+  check_shape(grad_out, input.sizes(), "grad_out");
+  check_contiguous(grad_out, "grad_out");
+  check_same_dtype(weight, input, "weight", "input");
+  check_shape(weight, {C}, "weight");
+  check_contiguous(weight, "weight");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
+              "mean/rstd: expected float32 statistics, got ", mean.scalar_type(), " and ",
+              rstd.scalar_type());
+  TORCH_CHECK(mean.numel() == N && rstd.numel() == N, "mean/rstd: expected ", N,
+              " rows, got ", mean.numel(), " and ", rstd.numel());
+  check_contiguous(mean, "mean");
+  check_contiguous(rstd, "rstd");
+  const bool has_grad_sum = grad_sum.has_value();
+  if (has_grad_sum) {
+    check_same_dtype(*grad_sum, input, "grad_sum", "input");
+    check_shape(*grad_sum, input.sizes(), "grad_sum");
+    check_contiguous(*grad_sum, "grad_sum");
+  }
+  auto grad_input = at::empty_like(input);
+  at::Tensor grad_weight, grad_bias;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "add_layer_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+    const int64_t per_chunk = (N + chunks - 1) / chunks;
+    // One partial (grad_weight, grad_bias) row pair per chunk, reduced in a fixed order so the
+    // result does not depend on thread timing.
+    std::vector<acc_t> partial(static_cast<size_t>(chunks) * 2 * C, acc_t(0));
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> xhat(C);
+      for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        const int64_t begin = chunk * per_chunk;
+        const int64_t end = std::min(N, begin + per_chunk);
+        if (begin >= end) continue;
+        acc_t* part = partial.data() + chunk * 2 * C;
+        add_layer_norm_backward_rows<scalar_t, acc_t>(
+            grad_out.data_ptr<scalar_t>(),
+            has_grad_sum ? grad_sum->data_ptr<scalar_t>() : nullptr, input.data_ptr<scalar_t>(),
+            weight.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+            grad_input.data_ptr<scalar_t>(), part, part + C, xhat.data(), begin, end, C);
+      }
+    });
+    std::vector<acc_t> gw(C, acc_t(0)), gb(C, acc_t(0));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const acc_t* part = partial.data() + chunk * 2 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        gw[c] += part[c];
+        gb[c] += part[C + c];
+      }
+    }
+    grad_weight = at::empty({C}, weight.options());
+    grad_bias = at::empty({C}, weight.options());
+    for (int64_t c = 0; c < C; ++c) {
+      grad_weight.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(gw[c]);
+      grad_bias.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(gb[c]);
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
+  m.impl("add_layer_norm_forward", &add_layer_norm_forward_cpu);
+  m.impl("add_layer_norm_backward", &add_layer_norm_backward_cpu);
+}
+
+}  // namespace ryzen_llm

@@ -1,0 +1,297 @@
+"""The seed's ScaledTransformerModel: a GPT-style decoder-only language model.
+
+Read top to bottom: positional encoding -> attention -> feed-forward -> block -> model. Every hot
+op goes through `self.kernels` (ryzen_llm.ops.dispatch.KernelSet), which binds each op to its
+fused kernel or its plain-PyTorch reference according to the optimization level; level 0 is the
+plain model. Pre-LayerNorm blocks; each residual add is fused with the LayerNorm that follows it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ryzen_llm.config import ModelConfig
+from ryzen_llm.ops.dispatch import KernelSet
+
+
+def sinusoidal_positions(max_seq_len: int, d_model: int) -> torch.Tensor:
+    """The fixed (max_seq_len, d_model) sinusoidal encoding of 'Attention Is All You Need'."""
+    position = torch.arange(max_seq_len, dtype=torch.float64)[:, None]  # (T, 1)
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)[:, : d_model // 2]
+    return pe.float()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, kernels: KernelSet):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        y = self.kernels.causal_attention(q, k, v, key_padding_mask, 1.0 / math.sqrt(self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, kernels: KernelSet):
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, config.d_ff)
+        self.fc2 = nn.Linear(config.d_ff, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernels.gelu_feed_forward(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        )
+        return self.dropout(y)
+
+
+class LayerNorm(nn.Module):
+    """Parameters of a LayerNorm; the norm itself runs fused with a residual add."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, kernels: KernelSet):
+        super().__init__()
+        self.ln1 = LayerNorm(config.d_model, config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, kernels)
+        self.ln2 = LayerNorm(config.d_model, config.layer_norm_eps)
+        self.mlp = FeedForward(config, kernels)
+        self.kernels = kernels
+
+    def forward(self, x, h, key_padding_mask, next_ln: LayerNorm):
+        """x: residual stream (B, T, C); h: ln1(x). Returns (new x, next_ln(new x))."""
+        k = self.kernels
+        a = self.attn(h, key_padding_mask)
+        x, h = k.add_layer_norm(x, a, self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        m = self.mlp(h)
+        return k.add_layer_norm(x, m, next_ln.weight, next_ln.bias, next_ln.eps)
+
+
+class ScaledTransformerModel(nn.Module):
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        config = config or ModelConfig()
+        self.config = config
+        self.kernels = KernelSet(0)
+        self.kernel_level = 0
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.register_buffer(
+            "pos_emb", sinusoidal_positions(config.max_seq_len, config.d_model), persistent=False
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, self.kernels) for _ in range(config.n_layers))
+        self.ln_f = LayerNorm(config.d_model, config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights, zero biases, LayerNorms at identity."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    # -- input checks -----------------------------------------------------------------------
+    def _check_input(self, idx: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx: expected a (batch, seq_len) tensor of token ids, got {shape}")
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"idx: expected an integer tensor, got {idx.dtype}")
+        T = idx.shape[1]
+        if T == 0 or T > self.config.max_seq_len:
+            raise ValueError(
+                f"idx: sequence length {T} is outside 1..max_seq_len ({self.config.max_seq_len})"
+            )
+        if idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = hi if hi >= self.config.vocab_size else lo
+                raise ValueError(
+                    f"idx: token id {bad} is out of range for vocab_size {self.config.vocab_size}"
+                )
+        if attention_mask is not None and attention_mask.shape != idx.shape:
+            raise ValueError(
+                f"attention_mask: expected shape {tuple(idx.shape)} (that of idx), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+
+    # -- forward ------------------------------------------------------------------------------
+    def hidden_states(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, C). attention_mask: (B, T), 1 = real token."""
+        self._check_input(idx, attention_mask)
+        B, T = idx.shape
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        x = self.drop(self.tok_emb(idx.long()) + self.pos_emb[:T])  # (B, T, C)
+        first = self.blocks[0].ln1 if len(self.blocks) else self.ln_f
+        x, h = self.kernels.add_layer_norm(x, None, first.weight, first.bias, first.eps)
+        for i, block in enumerate(self.blocks):
+            next_ln = self.blocks[i + 1].ln1 if i + 1 < len(self.blocks) else self.ln_f
+            x, h = block(x, h, key_padding_mask, next_ln)
+        return h
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx, attention_mask))
+
+    def loss(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of next-token prediction; the fused path never holds all logits."""
+        if targets.shape != idx.shape:
+            raise ValueError(
+                f"targets: expected shape {tuple(idx.shape)} (that of idx), got {tuple(targets.shape)}"
+            )
+        h = self.hidden_states(idx, attention_mask)
+        B, T, C = h.shape
+        targets = targets.long()
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets: id {int(targets[bad][0])} is out of range for vocab_size "
+                f"{self.config.vocab_size}"
+            )
+        return self.kernels.linear_cross_entropy(
+            h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T), ignore_index
+        )
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | ModelConfig) -> "ScaledTransformerModel":
+        if isinstance(config, dict):
+            from ryzen_llm.config import ModelConfig as _MC, _build
+
+            config = _build(_MC, config, "model.")
+        return cls(config)
+
+    def count_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def estimate_memory(self, batch: int, seq_len: int, training: bool = True) -> dict[str, int]:
+        """Bytes per category for one fp32 step of the level-0 (plain PyTorch) model with AdamW.
+
+        activations: tensors autograd saves for backward, per layer (N = batch * seq_len tokens):
+        LayerNorm inputs 2N*C, qkv input and output 4N*C, attention probabilities B*nh*T*T, proj
+        input N*C, fc1 input N*C, GELU input and output 2N*F; then the final LayerNorm input and
+        output 2N*C and the log-softmax of the logits N*V.
+        """
+        c = self.config
+        P = self.count_parameters()
+        N = batch * seq_len
+        per_layer = 8 * N * c.d_model + 2 * N * c.d_ff + batch * c.n_heads * seq_len * seq_len
+        activations = c.n_layers * per_layer + 2 * N * c.d_model + N * c.vocab_size
+        out = {
+            "parameters": 4 * P,
+            "gradients": 4 * P if training else 0,
+            "optimizer_state": 8 * P if training else 0,
+            "activations": 4 * activations if training else 0,
+        }
+        out["total"] = sum(out.values())
+        return out
+
+
+def measure_saved_activation_bytes(model: nn.Module, fn) -> tuple[int, Any]:
+    """Bytes of the distinct storages autograd saves for backward while running fn(), not
+    counting the model's own parameters and buffers (which autograd also saves)."""
+    storages: dict[int, int] = {}
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    for ptr in own | {0}:  # 0: empty tensors
+        storages.pop(ptr, None)
+    return sum(storages.values()), out
+
+
+def validate(batch: int = 16, seq_len: int = 128) -> bool:
+    """The seed's validation: build, forward, shape, parameter count, memory estimate."""
+    ok = True
+
+    def report(name: str, passed: bool, detail: str) -> None:
+        nonlocal ok
+        ok &= passed
+        print(f"[{'PASS' if passed else 'FAIL'}] {name}: {detail}")
+
+    torch.manual_seed(0)
+    config = ModelConfig()
+    model = ScaledTransformerModel(config)
+    report("create", True, f"{config}")
+    idx = torch.randint(0, config.vocab_size, (batch, seq_len))
+    with torch.no_grad():
+        logits = model(idx)
+    expected = (batch, seq_len, config.vocab_size)
+    report("forward shape", tuple(logits.shape) == expected, f"{tuple(logits.shape)}, expected {expected}")
+    report("finite logits", bool(torch.isfinite(logits).all()), "no NaN/inf")
+    n = model.count_parameters()
+    report("parameters", 10_000_000 < n < 11_000_000, f"{n:,} ({n / 1e6:.2f} M)")
+    est = model.estimate_memory(batch, seq_len)
+    measured, loss = measure_saved_activation_bytes(model, lambda: model.loss(idx, idx))
+    rel = abs(est["activations"] - measured) / measured
+    report(
+        "activation memory estimate",
+        rel < 0.25,
+        f"estimated {est['activations'] / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB "
+        f"saved for backward ({rel:.1%} apart)",
+    )
+    for key in ("parameters", "gradients", "optimizer_state", "total"):
+        print(f"       {key:>16}: {est[key] / 2**20:8.1f} MiB")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ryzen_llm.model", description=__doc__)
+    parser.add_argument("--validate", action="store_true", help="run the seed's model validation")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args(argv)
+    if not args.validate:
+        parser.print_help()
+        return 0
+    return 0 if validate(args.batch, args.seq_len) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

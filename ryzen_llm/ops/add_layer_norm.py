@@ -1,0 +1,67 @@
+"""Fused residual add + LayerNorm: the Python face of torch.ops.ryzen_llm.add_layer_norm_*."""
+from __future__ import annotations
+
+import torch
+
+from ryzen_llm.ops._extension import extension_loaded
+
+_LIB = "ryzen_llm"
+
+if extension_loaded():
+
+    @torch.library.register_fake(f"{_LIB}::add_layer_norm_forward")
+    def _(x, residual, weight, bias, eps):
+        stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+        sum_ = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+        return torch.empty_like(x), sum_, stats, torch.empty_like(stats)
+
+    @torch.library.register_fake(f"{_LIB}::add_layer_norm_backward")
+    def _(grad_out, grad_sum, input, weight, mean, rstd):
+        return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(weight)
+
+    def _setup_context(ctx, inputs, output):
+        x, residual, weight, bias, eps = inputs
+        out, sum_, mean, rstd = output
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(sum_ if residual is not None else x, weight, mean, rstd)
+
+    def _backward(ctx, grad_out, grad_sum, grad_mean, grad_rstd):
+        input, weight, mean, rstd = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(input)
+        if not ctx.has_residual:
+            grad_sum = None  # the op's sum output is empty; x is returned by the wrapper instead
+        grad_input, grad_weight, grad_bias = torch.ops.ryzen_llm.add_layer_norm_backward(
+            grad_out.contiguous(),
+            grad_sum.contiguous() if grad_sum is not None else None,
+            input,
+            weight,
+            mean,
+            rstd,
+        )
+        grad_residual = grad_input if ctx.has_residual else None
+        return grad_input, grad_residual, grad_weight, grad_bias, None
+
+    torch.library.register_autograd(
+        f"{_LIB}::add_layer_norm_forward", _backward, setup_context=_setup_context
+    )
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused (x + residual, LayerNorm(x + residual)); see reference.add_layer_norm."""
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)  # under autocast the branch output may be bf16
+    out, sum_, _, _ = torch.ops.ryzen_llm.add_layer_norm_forward(
+        x.contiguous(),
+        residual.contiguous() if residual is not None else None,
+        weight.to(x.dtype),
+        bias.to(x.dtype),
+        eps,
+    )
+    return (sum_ if residual is not None else x), out

@@ -1,0 +1,181 @@
+"""The one place that decides which implementation of each op runs: fused (ryzen_llm._C) or
+reference (plain PyTorch).
+
+An optimization level asks for the fused ops up to that level (LEVEL_OF_OP). An op that level
+asks for but that is not available (extension not built, or no fused kernel for it yet) runs its
+reference and the choice records why, so that the trainer's report and `doctor` say so. An op
+asked for explicitly through RYZEN_LLM_OPS (`causal_attention=fused`, or `fused` for all) raises
+instead of falling back. `reference` (or `op=reference`) forces the plain path.
+
+Every call through a KernelSet is counted per (op, implementation): the report shows what ran,
+not what was configured.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._extension import extension_error, extension_loaded
+
+# The level at which each op switches to its fused kernel.
+LEVEL_OF_OP: dict[str, int] = {
+    "add_layer_norm": 1,
+    "bias_gelu": 1,
+    "linear_cross_entropy": 1,
+    "causal_attention": 2,
+    "gelu_feed_forward": 3,
+    "adamw": 3,
+}
+OPS = tuple(LEVEL_OF_OP)
+
+
+def _fused_registry() -> dict[str, Callable]:
+    """Fused ops that exist in this build (empty when the extension did not load)."""
+    if not extension_loaded():
+        return {}
+    from ryzen_llm.ops.add_layer_norm import add_layer_norm
+
+    return {"add_layer_norm": add_layer_norm}
+
+
+class FusedOpUnavailable(RuntimeError):
+    """A fused op was asked for explicitly and cannot run."""
+
+
+@dataclass(frozen=True)
+class OpChoice:
+    impl: str  # "fused" or "reference"
+    reason: str  # why: "level 2", "level 0 (baseline)", "fused kernel not built: ...", ...
+
+
+def _parse_env(env: str | None) -> dict[str, str]:
+    """RYZEN_LLM_OPS: 'fused', 'reference', or 'op=fused,op=reference'."""
+    if not env:
+        return {}
+    env = env.strip()
+    if env in ("fused", "reference"):
+        return {op: env for op in OPS}
+    out = {}
+    for item in env.split(","):
+        op, _, impl = item.strip().partition("=")
+        if op not in LEVEL_OF_OP or impl not in ("fused", "reference"):
+            raise ValueError(
+                f"RYZEN_LLM_OPS item {item!r}: expected op=fused|reference with op one of "
+                f"{', '.join(OPS)}"
+            )
+        out[op] = impl
+    return out
+
+
+def resolve(level: int, overrides: dict[str, str] | None = None) -> dict[str, OpChoice]:
+    """Per op: which implementation runs at this level, and why."""
+    if level not in (0, 1, 2, 3):
+        raise ValueError(f"optimization level: expected 0, 1, 2 or 3, got {level!r}")
+    explicit = _parse_env(os.environ.get("RYZEN_LLM_OPS"))
+    explicit.update(overrides or {})
+    fused = _fused_registry()
+    choices = {}
+    for op, op_level in LEVEL_OF_OP.items():
+        wanted = explicit.get(op)
+        if wanted == "reference":
+            choices[op] = OpChoice("reference", "forced by override")
+            continue
+        if wanted is None and level < op_level:
+            why = "level 0 (baseline)" if level == 0 else f"level {level} < {op_level}"
+            choices[op] = OpChoice("reference", why)
+            continue
+        if op in fused:
+            choices[op] = OpChoice("fused", "forced by override" if wanted else f"level {level}")
+            continue
+        missing = (
+            f"extension not loaded ({extension_error()})"
+            if not extension_loaded()
+            else "no fused kernel for this op in this build"
+        )
+        if wanted == "fused":
+            raise FusedOpUnavailable(f"fused {op} was requested but is unavailable: {missing}")
+        choices[op] = OpChoice("reference", f"FELL BACK: {missing}")
+    return choices
+
+
+class KernelSet:
+    """The ops a model calls, bound to one implementation each, with call counts."""
+
+    def __init__(self, level: int = 0, overrides: dict[str, str] | None = None):
+        self.level = level
+        self.choices = resolve(level, overrides)
+        fused = _fused_registry()
+        self._fn = {
+            op: fused[op] if c.impl == "fused" else getattr(reference, op, None)
+            for op, c in self.choices.items()
+        }
+        self.calls: Counter[tuple[str, str]] = Counter()
+        fell_back = [op for op, c in self.choices.items() if c.reason.startswith("FELL BACK")]
+        if fell_back:
+            warnings.warn(
+                f"optimization level {level}: fused {', '.join(fell_back)} unavailable, "
+                "running the plain-PyTorch reference for "
+                + ("it" if len(fell_back) == 1 else "them"),
+                stacklevel=2,
+            )
+
+    def _run(self, op: str, *args):
+        self.calls[(op, self.choices[op].impl)] += 1
+        return self._fn[op](*args)
+
+    def add_layer_norm(self, x, residual, weight, bias, eps):
+        """(x + residual, LayerNorm(x + residual)); residual may be None."""
+        return self._run("add_layer_norm", x, residual, weight, bias, eps)
+
+    def bias_gelu(self, x, bias):
+        return self._run("bias_gelu", x, bias)
+
+    def causal_attention(self, q, k, v, key_padding_mask, scale):
+        """q, k, v: (B, nh, T, hs); key_padding_mask: (B, T) bool, True = real token, or None."""
+        return self._run("causal_attention", q, k, v, key_padding_mask, scale)
+
+    def gelu_feed_forward(self, x, w1, b1, w2, b2):
+        if self.choices["gelu_feed_forward"].impl == "fused":
+            return self._run("gelu_feed_forward", x, w1, b1, w2, b2)
+        # Not fused as a whole: the GEMMs stay ATen's and bias + GELU goes through its own op.
+        self.calls[("gelu_feed_forward", "reference")] += 1
+        return F.linear(self.bias_gelu(F.linear(x, w1), b1), w2, b2)
+
+    def linear_cross_entropy(self, h, weight, targets, ignore_index):
+        """Mean cross-entropy of (h @ weight.T) against targets; h: (N, C), weight: (V, C)."""
+        return self._run("linear_cross_entropy", h, weight, targets, ignore_index)
+
+    def summary(self) -> dict[str, dict]:
+        """Per op: configured implementation, reason, and the calls counted per implementation."""
+        out = {}
+        for op, c in self.choices.items():
+            counted = {impl: n for (o, impl), n in self.calls.items() if o == op}
+            out[op] = {"impl": c.impl, "reason": c.reason, "calls": counted}
+        return out
+
+
+class KernelOptimizer:
+    """Binds a model's ops to the implementations of an optimization level.
+
+    0 = plain PyTorch fp32 (the baseline); 1 = fused LayerNorm, GELU, cross-entropy;
+    2 = + fused attention; 3 = + fused feed-forward and AdamW, and bf16 mixed precision where
+    the CPU has native bf16 (see TrainStep).
+    """
+
+    def __init__(self, level: int = 3, overrides: dict[str, str] | None = None):
+        self.level = level
+        self.kernels = KernelSet(level, overrides)
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        for module in model.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = self.kernels
+        model.kernel_level = self.level
+        return model

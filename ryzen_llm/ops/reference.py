@@ -1,0 +1,73 @@
+"""Plain-PyTorch version of every op: the level-0 path of the model, the oracle of the tests and
+the baseline of the benchmarks. One function per op, with the same signature as its fused twin."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (sum, normed): sum = x + residual (x itself when residual is None) and
+    normed = LayerNorm(sum) over the last dimension."""
+    s = x if residual is None else x + residual
+    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(x + bias), the exact (erf) form."""
+    return F.gelu(x + bias)
+
+
+def gelu_feed_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    """fc2(GELU(fc1(x))); w1: (F, C), w2: (C, F)."""
+    return F.linear(bias_gelu(F.linear(x, w1), b1), w2, b2)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal softmax attention written out, as the seed's model does it.
+
+    q, k, v: (B, nh, T, hs). key_padding_mask: (B, T) bool, True where the key is a real token.
+    A query row whose keys are all masked (a padding position before any real token) gets zeros.
+    """
+    T = q.shape[-2]
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
+    masked = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # True = not allowed
+    if key_padding_mask is not None:
+        masked = masked | ~key_padding_mask[:, None, None, :].bool()  # (B, 1, T, T)
+    att = att.masked_fill(masked, float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    if key_padding_mask is not None:
+        att = att.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)  # rows with no key at all
+    return att @ v  # (B, nh, T, hs)
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ weight.T against targets, ignoring ignore_index.
+
+    h: (N, C); weight: (V, C); targets: (N,) int64. Holds the whole (N, V) logits.
+    """
+    logits = h @ weight.t()  # (N, V)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)

@@ -1,0 +1,122 @@
+"""Fused residual add + LayerNorm against its plain-PyTorch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ryzen_llm.ops import reference
+from tests.ops.conftest import DEVICES, assert_within_pytorch_error, requires_extension
+
+pytestmark = requires_extension
+
+# Awkward on purpose: a single row, odd widths, 3-D with T = 97.
+SHAPES = [(1, 1), (1, 48), (3, 97, 80), (2, 128, 512), (200, 33)]
+
+
+def fused(x, residual, weight, bias, eps=1e-5):
+    from ryzen_llm.ops.add_layer_norm import add_layer_norm
+
+    return add_layer_norm(x, residual, weight, bias, eps)
+
+
+def make_inputs(shape, dtype, device, with_residual, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5)
+    r = torch.randn(shape, generator=g, dtype=torch.float64) if with_residual else None
+    w = torch.randn(C, generator=g, dtype=torch.float64)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+    return conv(x), conv(r), conv(w), conv(b)
+
+
+def run_with_grads(fn, inputs, grads):
+    out_sum, out = fn(*inputs)
+    torch.autograd.backward([out, out_sum], [grads[0], grads[1]])
+    result = [out_sum.detach(), out.detach()] + [
+        t.grad.detach() if t is not None else None for t in inputs
+    ]
+    for t in inputs:
+        if t is not None:
+            t.grad = None
+    return result
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_within_pytorch_error(device, with_residual, shape, dtype):
+    inputs64 = make_inputs(shape, torch.float64, device, with_residual)
+    inputs = make_inputs(shape, dtype, device, with_residual)
+    g = torch.Generator().manual_seed(1)
+    grads64 = [torch.randn(shape, generator=g, dtype=torch.float64).to(device) for _ in range(2)]
+    grads = [t.to(dtype) for t in grads64]
+    ref64 = run_with_grads(reference.add_layer_norm, inputs64, grads64)
+    plain = run_with_grads(reference.add_layer_norm, inputs, grads)
+    got = run_with_grads(fused, inputs, grads)
+    names = ["sum", "out", "grad_x", "grad_residual", "grad_weight", "grad_bias"]
+    for name, a, b, c in zip(names, got, plain, ref64):
+        if c is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
+        assert_within_pytorch_error(f"{name} {dtype} {shape}", a, b, c)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_gradcheck_fp64(with_residual):
+    x, r, w, b = make_inputs((3, 7, 10), torch.float64, "cpu", with_residual)
+    args = (x, r, w, b) if with_residual else (x, w, b)
+
+    def f(*a):
+        if with_residual:
+            return fused(a[0], a[1], a[2], a[3])
+        return fused(a[0], None, a[1], a[2])
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_opcheck():
+    for with_residual in (True, False):
+        x, r, w, b = make_inputs((4, 5, 24), torch.float32, "cpu", with_residual)
+        torch.library.opcheck(torch.ops.ryzen_llm.add_layer_norm_forward, (x, r, w, b, 1e-5))
+    x, _, w, b = make_inputs((6, 24), torch.float32, "cpu", False)
+    out, _, mean, rstd = torch.ops.ryzen_llm.add_layer_norm_forward(x, None, w, b, 1e-5)
+    grad = torch.randn_like(x)
+    torch.library.opcheck(
+        torch.ops.ryzen_llm.add_layer_norm_backward,
+        (grad, grad.clone(), x.detach(), w.detach(), mean, rstd),
+    )
+
+
+def test_torch_compile_fullgraph():
+    x, r, w, b = make_inputs((2, 9, 40), torch.float32, "cpu", True)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    s1, o1 = compiled(x, r, w, b)
+    s2, o2 = fused(x, r, w, b)
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(s1, s2)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda x, r, w, b: (x.int(), r, w, b), "input: expected float32, float64 or bfloat16"),
+        (lambda x, r, w, b: (x, r.double(), w, b), "residual: expected dtype"),
+        (lambda x, r, w, b: (x, r[:, :-1].contiguous(), w, b), "residual: expected sizes"),
+        (lambda x, r, w, b: (x, r, w[:-1], b), "weight: expected sizes"),
+        (lambda x, r, w, b: (x, r, w, b[None]), "bias: expected sizes"),
+        (lambda x, r, w, b: (x.t(), r.t(), w, b), "input: expected a contiguous tensor"),
+        (lambda x, r, w, b: (x.new_empty((4, 0)), None, w[:0], b[:0]), "non-empty"),
+    ],
+)
+def test_bad_input_raises_named_error(mutate, message):
+    x, r, w, b = [t.detach() for t in make_inputs((6, 8), torch.float32, "cpu", True)]
+    if message.startswith("input: expected a contiguous"):
+        x, r = torch.randn(8, 6).t(), torch.randn(8, 6).t()
+        args = (x, r, w[:6], b[:6])
+    else:
+        args = mutate(x, r, w, b)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.add_layer_norm_forward(*args, 1e-5)
