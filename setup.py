@@ -1,6 +1,6 @@
 """The one build of ryzen_llm._C.
 
-csrc/registration.cpp and csrc/cpu/*.cpp are always compiled; csrc/cuda/*.cu are added when the
+csrc/python_module.cpp, csrc/registration.cpp and csrc/cpu/*.cpp are always compiled; csrc/cuda/*.cu are added when the
 torch in the build environment has CUDA and nvcc is found (RYZEN_LLM_CUDA=1 forces them on,
 RYZEN_LLM_CUDA=0 off). The compiled extension only works with the torch it was built against, so
 the runtime dependency on torch is pinned to that exact release.
@@ -31,7 +31,7 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/python_module.cpp", "csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DRYZEN_LLM_EXTENSION"]
     extra = {"cxx": cxx}
     kwargs = dict(

@@ -1,18 +1,10 @@
 // The op catalog: every ryzen_llm schema, one line each. Kernels register their device
 // implementations in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; the Python face of each op
 // (register_fake, register_autograd, the wrapper) lives in ryzen_llm/ops/<op>.py.
-#include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(ryzen_llm, m) {
-  // sum = x + residual (empty when residual is None); out = LayerNorm(sum); mean/rstd float32 per row.
+  // sum = x + residual (empty when residual is None); out = LayerNorm(sum); mean/rstd per row (float32; float64 for float64 x).
   m.def("add_layer_norm_forward(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
   m.def("add_layer_norm_backward(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-}
-
-// `import ryzen_llm._C` loads the library and runs the registrations above; the module itself
-// exposes nothing (the ops are reached through torch.ops.ryzen_llm).
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
 }

@@ -72,6 +72,7 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     seed: int = 42
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    keep_checkpoints: int = 2  # per-epoch checkpoints kept besides `best` and `last`
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "epochs", "steps_per_epoch"):

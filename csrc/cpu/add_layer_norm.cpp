@@ -14,7 +14,7 @@ namespace {
 template <typename scalar_t, typename acc_t>
 RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
     const scalar_t* x, const scalar_t* residual, const scalar_t* weight, const scalar_t* bias,
-    scalar_t* out, scalar_t* sum, float* mean_out, float* rstd_out, acc_t* scratch,
+    scalar_t* out, scalar_t* sum, acc_t* mean_out, acc_t* rstd_out, acc_t* scratch,
     int64_t row_begin, int64_t row_end, int64_t C, double eps) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* xr = x + r * C;
@@ -53,8 +53,8 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
       outr[c] = static_cast<scalar_t>((scratch[c] - mean) * rstd * static_cast<acc_t>(weight[c]) +
                                       static_cast<acc_t>(bias[c]));
     }
-    mean_out[r] = static_cast<float>(mean);
-    rstd_out[r] = static_cast<float>(rstd);
+    mean_out[r] = mean;
+    rstd_out[r] = rstd;
   }
 }
 
@@ -63,14 +63,14 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
 template <typename scalar_t, typename acc_t>
 RYZEN_LLM_TARGET_CLONES void add_layer_norm_backward_rows(
     const scalar_t* grad_out, const scalar_t* grad_sum, const scalar_t* input,
-    const scalar_t* weight, const float* mean, const float* rstd, scalar_t* grad_input,
+    const scalar_t* weight, const acc_t* mean, const acc_t* rstd, scalar_t* grad_input,
     acc_t* grad_weight_part, acc_t* grad_bias_part, acc_t* xhat, int64_t row_begin,
     int64_t row_end, int64_t C) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* go = grad_out + r * C;
     const scalar_t* in = input + r * C;
-    const acc_t m = static_cast<acc_t>(mean[r]);
-    const acc_t s = static_cast<acc_t>(rstd[r]);
+    const acc_t m = mean[r];
+    const acc_t s = rstd[r];
     acc_t sum_g = 0, sum_gx = 0;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
     for (int64_t c = 0; c < C; ++c) {
@@ -102,6 +102,11 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_backward_rows(
       }
     }
   }
+}
+
+// Row statistics are kept in the accumulation type: float32, or float64 for float64 input.
+at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight,
@@ -140,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
   auto sum = has_residual ? at::empty_like(x) : at::empty({0}, x.options());
   auto stat_shape = x.sizes().vec();
   stat_shape.pop_back();
-  auto mean = at::empty(stat_shape, x.options().dtype(at::kFloat));
-  auto rstd = at::empty(stat_shape, x.options().dtype(at::kFloat));
+  auto mean = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
+  auto rstd = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layer_norm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* res_ptr = has_residual ? residual->data_ptr<scalar_t>() : nullptr;
@@ -150,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
       add_layer_norm_rows<scalar_t, acc_t>(
           x.data_ptr<scalar_t>(), res_ptr, weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
           out.data_ptr<scalar_t>(), has_residual ? sum.data_ptr<scalar_t>() : nullptr,
-          mean.data_ptr<float>(), rstd.data_ptr<float>(), scratch.data(), begin, end, C, eps);
+          mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), scratch.data(), begin, end, C, eps);
     });
   });
   return {out, sum, mean, rstd};
@@ -172,9 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
   check_same_dtype(weight, input, "weight", "input");
   check_shape(weight, {C}, "weight");
   check_contiguous(weight, "weight");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
-              "mean/rstd: expected float32 statistics, got ", mean.scalar_type(), " and ",
-              rstd.scalar_type());
+  TORCH_CHECK(mean.scalar_type() == stats_dtype(input) && rstd.scalar_type() == stats_dtype(input),
+              "mean/rstd: expected ", stats_dtype(input), " statistics, got ", mean.scalar_type(),
+              " and ", rstd.scalar_type());
   TORCH_CHECK(mean.numel() == N && rstd.numel() == N, "mean/rstd: expected ", N,
               " rows, got ", mean.numel(), " and ", rstd.numel());
   check_contiguous(mean, "mean");
@@ -204,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
         add_layer_norm_backward_rows<scalar_t, acc_t>(
             grad_out.data_ptr<scalar_t>(),
             has_grad_sum ? grad_sum->data_ptr<scalar_t>() : nullptr, input.data_ptr<scalar_t>(),
-            weight.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+            weight.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
             grad_input.data_ptr<scalar_t>(), part, part + C, xhat.data(), begin, end, C);
       }
     });

@@ -11,7 +11,8 @@ if extension_loaded():
 
     @torch.library.register_fake(f"{_LIB}::add_layer_norm_forward")
     def _(x, residual, weight, bias, eps):
-        stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = x.new_empty(x.shape[:-1], dtype=stats_dtype)
         sum_ = torch.empty_like(x) if residual is not None else x.new_empty((0,))
         return torch.empty_like(x), sum_, stats, torch.empty_like(stats)
 

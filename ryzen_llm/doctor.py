@@ -1,0 +1,114 @@
+"""Deployment validation: `python -m ryzen_llm.doctor`.
+
+Prints the CPU's features, the torch build, CUDA devices, whether ryzen_llm._C loaded, and for
+every fused op on every available device a quick self-check against its plain-PyTorch reference
+(forward and backward). Exits 1 when something that was asked for is broken: the extension
+(always), a fused op that is built but disagrees with its reference, or a device named with
+--device that is not there.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+from ryzen_llm.hardware import environment
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._extension import extension_error, extension_loaded
+from ryzen_llm.ops.dispatch import LEVEL_OF_OP, KernelSet, resolve
+
+
+def _inputs(op: str, device: str, g: torch.Generator):
+    """Small, awkward-shaped inputs for each model op (requires_grad on the float ones)."""
+    r = lambda *s: torch.randn(*s, generator=g).to(device).requires_grad_()  # noqa: E731
+    if op == "add_layer_norm":
+        return (r(3, 7, 40), r(3, 7, 40), r(40), r(40), 1e-5)
+    if op == "bias_gelu":
+        return (r(5, 48), r(48))
+    if op == "gelu_feed_forward":
+        return (r(2, 5, 40), r(72, 40), r(72), r(40, 72), r(40))
+    if op == "causal_attention":
+        mask = torch.ones(2, 13, dtype=torch.bool, device=device)
+        mask[0, :3] = False
+        return (r(2, 3, 13, 48), r(2, 3, 13, 48), r(2, 3, 13, 48), mask, 48 ** -0.5)
+    if op == "linear_cross_entropy":
+        targets = torch.randint(0, 97, (11,), generator=g).to(device)
+        return (r(11, 40), r(97, 40), targets, -100)
+    return None
+
+
+def _flatten(out):
+    return [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+
+
+def self_check(op: str, device: str) -> tuple[bool, str]:
+    """Fused vs reference on one device: forward outputs and input gradients, fp32."""
+    g = torch.Generator().manual_seed(0)
+    args = _inputs(op, device, g)
+    if args is None:
+        return True, "optimizer op: checked by its tests, not here"
+    with warnings.catch_warnings():  # other ops falling back is not this check's business
+        warnings.simplefilter("ignore")
+        fused_kernels = KernelSet(3, overrides={op: "fused"})
+    results = []
+    for fn in (getattr(fused_kernels, op), getattr(reference, op)):
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        for t in tensors:
+            t.grad = None
+        outs = _flatten(fn(*args))
+        sum(o.float().sum() * (i + 1) for i, o in enumerate(outs)).backward()
+        results.append([o.detach() for o in outs] + [t.grad.clone() for t in tensors])
+    worst = max(
+        ((a.double() - b.double()).abs().max() / (1 + b.double().abs().max())).item()
+        for a, b in zip(*results)
+    )
+    return worst < 1e-4, f"max relative difference {worst:.1e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ryzen_llm.doctor", description=__doc__)
+    parser.add_argument("--device", action="append", choices=("cpu", "cuda"),
+                        help="devices that must be present and pass (default: all available)")
+    args = parser.parse_args(argv)
+    env = environment()
+    ok = True
+    print(f"CPU:        {env['cpu']} ({env['logical_cpus']} logical CPUs, "
+          f"torch uses {env['torch_threads']} threads)")
+    print(f"CPU flags:  {' '.join(env['cpu_flags']) or 'unknown'}")
+    print(f"native bf16: {'yes' if env['native_bf16'] else 'no'} "
+          f"(level 3 {'uses' if env['native_bf16'] else 'does not use'} bf16 autocast)")
+    print(f"torch:      {env['torch']} (CPU capability {env['torch_cpu_capability']}, "
+          f"CUDA {env['cuda'] or 'none'})")
+    print(f"CUDA devices: {', '.join(env['cuda_devices']) or 'none'}")
+    if extension_loaded():
+        print("extension:  ryzen_llm._C loaded")
+    else:
+        print(f"extension:  NOT LOADED: {extension_error()}")
+        ok = False
+    choices = resolve(3) if extension_loaded() else {}
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    for device in devices:
+        if device == "cuda" and not torch.cuda.is_available():
+            print("[FAIL] cuda: requested with --device but no CUDA device is available")
+            ok = False
+            continue
+        for op in LEVEL_OF_OP:
+            choice = choices.get(op)
+            if choice is None or choice.impl != "fused":
+                why = choice.reason if choice else "extension not loaded"
+                print(f"[ -- ] {device:<4} {op:<22} fused kernel unavailable ({why})")
+                continue
+            try:
+                passed, detail = self_check(op, device)
+            except Exception as exc:  # a broken kernel must be reported, not crash the doctor
+                passed, detail = False, f"{type(exc).__name__}: {exc}"
+            ok &= passed
+            print(f"[{'PASS' if passed else 'FAIL'}] {device:<4} {op:<22} {detail}")
+    print("all requested parts work" if ok else "some requested parts are broken (see above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""The trainer: `python -m ryzen_llm.train`.
+
+Trains the baseline (level 0, plain PyTorch fp32) and then the optimized run (the configured
+kernel level) with the same seed, the same initial weights and exactly the same batches, and
+writes runs/<name>/report.json and a loss-curve PNG comparing them. Each run executes in its own
+process, so that its peak memory is its own; `--only baseline|optimized` runs one in-process.
+
+    python -m ryzen_llm.train                       # the full preset on the built-in corpus
+    python -m ryzen_llm.train --preset quick
+    python -m ryzen_llm.train --preset smoke training.epochs=1
+    python -m ryzen_llm.train --resume runs/full-20261126-101500
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ryzen_llm.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from ryzen_llm.config import Config, ConfigError, config_from_dict, load_config
+from ryzen_llm.data import BatchSampler, PreparedData, eval_batches, prepare_data
+from ryzen_llm.model import ScaledTransformerModel
+from ryzen_llm.train_step import NonFiniteError, TrainStep, warmup_cosine
+
+RUNS = ("baseline", "optimized")
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+def run_level(config: Config, which: str) -> int:
+    return 0 if which == "baseline" else config.optimization.kernel_level
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _load_data(config: Config, progress: bool) -> PreparedData:
+    return prepare_data(
+        config.data.source,
+        vocab_size=config.model.vocab_size,
+        seq_len=config.model.max_seq_len,
+        cache_dir=config.data.cache_dir,
+        max_bytes=config.data.max_bytes,
+        val_fraction=config.data.val_fraction,
+        seed=config.training.seed,
+        progress=progress,
+    )
+
+
+def _prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    epochs = sorted(p for p in ckpt_dir.glob("epoch-*") if p.is_dir())
+    for old in epochs[: max(0, len(epochs) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_run(
+    config: Config,
+    which: str,
+    run_dir: Path,
+    data: PreparedData | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Trains one run (baseline or optimized) in this process, resuming from
+    run_dir/<which>/checkpoints/last when it exists. Returns and writes its metrics."""
+    from tqdm import tqdm
+
+    tc, mc = config.training, config.model
+    level = run_level(config, which)
+    out_dir = run_dir / which
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    data = data or _load_data(config, progress)
+    tokenizer_file = run_dir / "tokenizer.json"
+    if data.tokenizer is not None and not tokenizer_file.exists():
+        data.tokenizer.save(tokenizer_file)
+
+    torch.manual_seed(tc.seed)  # identical initial weights in both runs
+    model = ScaledTransformerModel(mc)
+    schedule = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.min_lr_ratio)
+    step = TrainStep(
+        model, level=level, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+        grad_accum_steps=tc.gradient_accumulation_steps, lr_schedule=schedule,
+    )
+    state: dict[str, Any] = {
+        "step": 0, "step_losses": [], "grad_norms": [], "epochs": [], "train_time_s": 0.0,
+        "tokens": 0, "best_val_loss": None, "nonfinite": None,
+    }
+    last = ckpt_dir / "last"
+    if last.exists():
+        ckpt = load_checkpoint(last)
+        model.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            step.optimizer.load_state_dict(ckpt.optimizer_state)
+        state.update({k: v for k, v in ckpt.trainer_state.items() if k in state})
+        step.step_count = state["step"]
+        restore_rng(ckpt.trainer_state)
+        print(f"[{which}] resumed from {last} at step {state['step']}")
+
+    sampler = BatchSampler(
+        data.train_tokens, tc.batch_size * tc.gradient_accumulation_steps, mc.max_seq_len, tc.seed
+    )
+    val = eval_batches(data.val_tokens, tc.batch_size, mc.max_seq_len, config.data.eval_batches)
+    tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * mc.max_seq_len
+    config_dict = config.to_dict()
+
+    def checkpoint(name: str) -> Path:
+        trainer_state = {**state, "which": which, "level": level}
+        return save_checkpoint(
+            ckpt_dir / name, model, config_dict, step.optimizer, trainer_state,
+            tokenizer_file if tokenizer_file.exists() else None,
+        )
+
+    total = tc.total_steps
+    bar = tqdm(
+        total=total, initial=state["step"], desc=f"{which} (level {level})", unit="step",
+        disable=not progress, dynamic_ncols=True,
+    )
+    interrupted = False
+    steps_this_call = 0
+    epoch_start_time = time.perf_counter()
+    epoch_train_time = 0.0
+    try:
+        while state["step"] < total:
+            if max_steps is not None and steps_this_call >= max_steps:
+                interrupted = True
+                break
+            idx, targets = sampler.batch(state["step"])
+            t0 = time.perf_counter()
+            try:
+                loss = step(idx, targets)
+            except NonFiniteError as exc:
+                state["nonfinite"] = str(exc)
+                print(f"\n[{which}] stopped: {exc}. The last good checkpoint is kept in {ckpt_dir}.")
+                break
+            dt = time.perf_counter() - t0
+            epoch_train_time += dt
+            state["train_time_s"] += dt
+            state["tokens"] += tokens_per_step
+            state["step_losses"].append(loss)
+            state["grad_norms"].append(step.last_grad_norm)
+            state["step"] += 1
+            steps_this_call += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            if state["step"] % tc.steps_per_epoch == 0:
+                epoch = state["step"] // tc.steps_per_epoch
+                val_loss = step.evaluate(val)
+                epoch_losses = state["step_losses"][-tc.steps_per_epoch:]
+                record = {
+                    "epoch": epoch, "step": state["step"],
+                    "train_loss": sum(epoch_losses) / len(epoch_losses), "val_loss": val_loss,
+                    "epoch_time_s": time.perf_counter() - epoch_start_time,
+                    "train_time_s": epoch_train_time,
+                    "tokens_per_s": tokens_per_step * len(epoch_losses) / max(epoch_train_time, 1e-9),
+                    "grad_norm": step.last_grad_norm,
+                }
+                state["epochs"].append(record)
+                bar.write(
+                    f"[{which}] epoch {epoch}/{tc.epochs}: train {record['train_loss']:.4f}  "
+                    f"val {val_loss:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+                    f"grad norm {record['grad_norm']:.3f}  ({record['epoch_time_s']:.1f} s)"
+                )
+                checkpoint(f"epoch-{epoch:03d}")
+                if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+                    state["best_val_loss"] = val_loss
+                    checkpoint("best")
+                checkpoint("last")
+                _prune_epoch_checkpoints(ckpt_dir, tc.keep_checkpoints)
+                epoch_start_time, epoch_train_time = time.perf_counter(), 0.0
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.write(f"[{which}] interrupted: saving a checkpoint at step {state['step']}")
+    finally:
+        bar.close()
+    if interrupted and state["nonfinite"] is None:
+        checkpoint("last")
+
+    completed = state["step"] >= total and state["nonfinite"] is None
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    opt_bytes = sum(
+        t.numel() * t.element_size()
+        for s in step.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    )
+    saved = step.saved_activation_bytes or 0
+    metrics = {
+        "which": which,
+        "level": level,
+        "bf16_autocast": step.bf16,
+        "completed": completed,
+        "interrupted": interrupted,
+        "nonfinite": state["nonfinite"],
+        "steps": state["step"],
+        "total_steps": total,
+        "tokens": state["tokens"],
+        "train_time_s": state["train_time_s"],
+        "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] else None,
+        "step_losses": state["step_losses"],
+        "grad_norms": state["grad_norms"],
+        "epochs": state["epochs"],
+        "final_val_loss": state["epochs"][-1]["val_loss"] if state["epochs"] else None,
+        "best_val_loss": state["best_val_loss"],
+        "memory": {
+            "parameters": params,
+            "gradients": params,
+            "optimizer_state": opt_bytes,
+            "saved_activations_per_micro_batch": saved,
+            "tensor_total": 2 * params + opt_bytes + saved,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        },
+        "ops": step.kernels.summary(),
+        "checkpoints": sorted(p.name for p in ckpt_dir.iterdir() if not p.name.startswith(".")),
+    }
+    _write_json(out_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def _child(config_dict: dict, which: str, run_dir: str, progress: bool, max_steps: int | None):
+    try:
+        train_run(config_from_dict(config_dict), which, Path(run_dir), None, progress, max_steps)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _run_in_child(config: Config, which: str, run_dir: Path, progress: bool, max_steps):
+    """Runs train_run in a fresh process so the run's peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(
+        target=_child, args=(config.to_dict(), which, str(run_dir), progress, max_steps)
+    )
+    proc.start()
+    try:
+        proc.join()
+    except KeyboardInterrupt:
+        proc.join()  # the child got the same SIGINT and is saving its checkpoint
+        raise
+    if proc.exitcode == 130 or proc.exitcode == -signal.SIGINT:
+        raise KeyboardInterrupt
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the {which} run failed (exit code {proc.exitcode}); see above")
+    return json.loads((run_dir / which / METRICS_FILE).read_text())
+
+
+def _new_run_dir(config: Config, name: str | None) -> Path:
+    base = Path(config.output_dir)
+    if name is None:
+        name = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = base / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run folder {str(run_dir)!r} already exists: continue it with --resume {run_dir} "
+            "or choose another --name (nothing was overwritten)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ryzen_llm.train",
+        description="Train the baseline and the optimized model side by side and compare them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides: key=value pairs such as training.epochs=2 optimization.kernel_level=2",
+    )
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    p.add_argument("--config", help="YAML file (keys as in configs/scaled_model_training_config.yaml)")
+    p.add_argument("--preset", choices=("smoke", "quick", "full"), default=None,
+                   help="smoke: seconds, tiny model; quick: minutes, full model; full: the seed (default)")
+    p.add_argument("--data", help="corpus: 'stdlib' (default), 'synthetic', a text file, folder or glob")
+    p.add_argument("--only", choices=RUNS, help="train only one of the two runs, in this process")
+    p.add_argument("--level", type=int, choices=(0, 1, 2, 3), help="kernel level of the optimized run")
+    p.add_argument("--name", help="run folder name under output_dir (default: preset-timestamp)")
+    p.add_argument("--output-dir", help="where run folders go (default: runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run folder")
+    p.add_argument("--max-steps", type=int, help="stop each run after this many optimizer steps "
+                   "in this invocation (a checkpoint is saved; --resume continues)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / CONFIG_FILE).is_file():
+                raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_FILE} there; not a run folder")
+            if args.config or args.preset or args.overrides or args.data or args.level is not None:
+                raise ConfigError("--resume continues a run with its saved config; "
+                                  "drop --config/--preset/--data/--level/overrides")
+            saved = json.loads((run_dir / CONFIG_FILE).read_text())
+            config = config_from_dict(saved["config"])
+            only = saved.get("only")
+        else:
+            extra = list(args.overrides)
+            if args.data:
+                extra.append(f"data.source={args.data}")
+            if args.level is not None:
+                extra.append(f"optimization.kernel_level={args.level}")
+            if args.output_dir:
+                extra.append(f"output_dir={args.output_dir}")
+            config = load_config(args.config, args.preset, extra)
+            only = args.only
+            run_dir = _new_run_dir(config, args.name)
+            _write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "only": only})
+        data = _load_data(config, progress)  # fills the token cache before the runs start
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from ryzen_llm.report import build_report, print_report, write_report
+
+    print(f"run folder: {run_dir}")
+    print(f"corpus: {data.source} ({data.n_files} files, {data.n_bytes / 1e6:.1f} MB) -> "
+          f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens")
+    runs = [only] if only else list(RUNS)
+    metrics: dict[str, dict] = {}
+    try:
+        for which in runs:
+            done = run_dir / which / METRICS_FILE
+            if done.is_file():
+                previous = json.loads(done.read_text())
+                if previous.get("completed"):
+                    print(f"[{which}] already complete; reusing its metrics")
+                    metrics[which] = previous
+                    continue
+            if only:
+                metrics[which] = train_run(config, which, run_dir, data, progress, args.max_steps)
+            else:
+                metrics[which] = _run_in_child(config, which, run_dir, progress, args.max_steps)
+            if metrics[which]["interrupted"]:
+                print(f"stopped early; continue with: python -m ryzen_llm.train --resume {run_dir}")
+                return 0 if args.max_steps is not None else 130
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; checkpoints are saved. Continue with: "
+              f"python -m ryzen_llm.train --resume {run_dir}")
+        return 130
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = build_report(config, metrics, run_dir)
+    write_report(report, run_dir)
+    print_report(report)
+    failed = any(m.get("nonfinite") for m in metrics.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""TrainStep: one optimizer step (forward, backward, clipping, update) at an optimization level.
+
+The trainer is built on it and so can users be:
+
+    step = TrainStep(model, level=3, lr=3e-4)
+    for idx, targets in batches:
+        loss = step(idx, targets)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+
+from ryzen_llm.hardware import has_native_bf16
+from ryzen_llm.model import measure_saved_activation_bytes
+from ryzen_llm.ops.dispatch import KernelOptimizer
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became NaN or inf; the update was not applied."""
+
+
+def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_ratio * lr."""
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return schedule
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, as in GPT-2: not on biases, LayerNorms or embeddings' norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class TrainStep:
+    """Forward, backward, gradient clipping and the AdamW update, with everything the
+    optimization level implies (fused ops, fused AdamW and bf16 autocast at level 3)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        level: int = 0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        max_grad_norm: float | None = 1.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        grad_accum_steps: int = 1,
+        lr_schedule: Callable[[int], float] | None = None,
+        bf16: bool | None = None,
+        kernel_overrides: dict[str, str] | None = None,
+    ):
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps: must be >= 1, got {grad_accum_steps}")
+        self.model = model
+        self.level = level
+        self.kernels = KernelOptimizer(level, kernel_overrides).apply(model).kernels
+        # bf16 mixed precision is part of level 3 where the CPU computes bf16 natively;
+        # elsewhere it would be slower than fp32.
+        self.bf16 = (level >= 3 and has_native_bf16()) if bf16 is None else bf16
+        self.max_grad_norm = max_grad_norm
+        self.grad_accum_steps = grad_accum_steps
+        self.lr_schedule = lr_schedule or (lambda step: lr)
+        groups = parameter_groups(model, weight_decay)
+        if self.kernels.choices["adamw"].impl == "fused":
+            from ryzen_llm.ops.adamw import FusedAdamW
+
+            self.optimizer = FusedAdamW(groups, lr=lr, betas=betas, eps=eps)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        self.step_count = 0
+        self.last_grad_norm = float("nan")
+        # Bytes autograd saved for backward in one micro-batch, measured on the first call.
+        self.saved_activation_bytes: int | None = None
+
+    def autocast(self):
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
+        """One optimizer step over idx (B, T), split into grad_accum_steps micro-batches.
+        Returns the mean loss."""
+        if idx.shape[0] % self.grad_accum_steps:
+            raise ValueError(
+                f"idx: batch {idx.shape[0]} is not divisible by grad_accum_steps "
+                f"{self.grad_accum_steps}"
+            )
+        self.model.train()
+        total = 0.0
+        for micro_idx, micro_targets in zip(
+            idx.chunk(self.grad_accum_steps), targets.chunk(self.grad_accum_steps)
+        ):
+            if self.saved_activation_bytes is None:
+                with self.autocast():
+                    self.saved_activation_bytes, loss = measure_saved_activation_bytes(
+                        self.model, lambda: self.model.loss(micro_idx, micro_targets)
+                    )
+            else:
+                with self.autocast():
+                    loss = self.model.loss(micro_idx, micro_targets)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(
+                    f"step {self.step_count}: loss is {loss.item()}; the update was not applied"
+                )
+            (loss / self.grad_accum_steps).backward()
+            total += loss.item()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.max_grad_norm is not None and self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.last_grad_norm = float(norm)
+        if not math.isfinite(self.last_grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"step {self.step_count}: gradient norm is {self.last_grad_norm}; "
+                "the update was not applied"
+            )
+        lr = self.lr_schedule(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.kernels.calls[("adamw", self.kernels.choices["adamw"].impl)] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return total / self.grad_accum_steps
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        """Mean loss over (idx, targets) batches, with this step's kernels and precision."""
+        was_training = self.model.training
+        self.model.eval()
+        losses = []
+        for idx, targets in batches:
+            with self.autocast():
+                losses.append(self.model.loss(idx, targets).item())
+        self.model.train(was_training)
+        return sum(losses) / max(1, len(losses))
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.optimizer.load_state_dict(state["optimizer"])

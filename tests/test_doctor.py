@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+
+from ryzen_llm import doctor
+from ryzen_llm.ops._extension import extension_loaded
+
+
+def test_doctor_reports_and_passes_on_this_machine(capsys):
+    code = doctor.main([])
+    out = capsys.readouterr().out
+    assert "CPU flags:" in out and "torch:" in out
+    if extension_loaded():
+        assert code == 0
+        assert "[PASS] cpu  add_layer_norm" in out
+    else:
+        assert code == 1 and "NOT LOADED" in out
+
+
+def test_doctor_fails_when_a_requested_device_is_missing(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert doctor.main(["--device", "cuda"]) == 1
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_doctor_fails_when_a_fused_op_is_wrong(monkeypatch, capsys):
+    if not extension_loaded():
+        pytest.skip("extension not built")
+    import ryzen_llm.ops.reference as reference
+
+    real = reference.add_layer_norm
+    monkeypatch.setattr(
+        reference, "add_layer_norm", lambda *a: tuple(t * 1.01 for t in real(*a))
+    )
+    assert doctor.main([]) == 1
+    assert "[FAIL] cpu  add_layer_norm" in capsys.readouterr().out
+
+
+def test_model_validate_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "ryzen_llm.model", "--validate", "--batch", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[PASS] parameters: 10,509,312" in out.stdout
+    assert "[FAIL]" not in out.stdout

@@ -1,0 +1,150 @@
+"""The trainer end to end: TrainStep, the CLI, checkpoints, resume, and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
+from ryzen_llm import train as train_mod
+from ryzen_llm.checkpoint import CheckpointError, load_checkpoint
+from ryzen_llm.train_step import NonFiniteError
+
+TINY = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RYZEN_LLM_CACHE", str(tmp_path / "cache"))
+
+
+def smoke(tmp_path, *extra):
+    return ["--preset", "smoke", "--output-dir", str(tmp_path / "runs"), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_overfits_one_batch(level):
+    torch.manual_seed(0)
+    model = ScaledTransformerModel(TINY)
+    step = TrainStep(model, level=level, lr=3e-3, grad_accum_steps=2)
+    idx = torch.randint(0, 128, (4, 16))
+    targets = torch.roll(idx, -1, dims=1)
+    first = step(idx, targets)
+    for _ in range(60):
+        last = step(idx, targets)
+    assert last < 0.2 * first, (first, last)
+
+
+def test_nonfinite_loss_stops_without_update():
+    model = ScaledTransformerModel(TINY)
+    step = TrainStep(model, level=0)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    idx = torch.randint(0, 128, (2, 16))
+    with pytest.raises(NonFiniteError, match="loss is nan"):
+        step(idx, idx)
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all()
+    assert step.step_count == 0
+
+
+def test_smoke_preset_end_to_end(tmp_path, capsys):
+    assert train_mod.main(smoke(tmp_path, "--name", "e2e")) == 0
+    run = tmp_path / "runs" / "e2e"
+    report = json.loads((run / "report.json").read_text())
+    assert (run / "loss_curves.png").stat().st_size > 1000
+    for which in ("baseline", "optimized"):
+        m = report["runs"][which]
+        assert m["completed"] and m["steps"] == 6 and len(m["step_losses"]) == 6
+        assert m["tokens_per_s"] > 0 and m["memory"]["peak_rss"] > 0
+        assert {"best", "last"} <= set(m["checkpoints"])
+        load_checkpoint(run / which / "checkpoints" / "best")  # verifies the manifest
+    assert report["runs"]["baseline"]["level"] == 0
+    assert report["runs"]["optimized"]["level"] == 3
+    # counted, not assumed: the baseline ran every model op as its reference
+    for op, info in report["runs"]["baseline"]["ops"].items():
+        assert set(info["calls"]) == {"reference"}, op
+    assert set(report["criteria"]) >= {"speedup", "final_loss_difference", "memory",
+                                       "no_nan_or_inf", "checkpoints_saved"}
+    assert report["criteria"]["checkpoints_saved"]["status"] == "PASS"
+    assert report["criteria"]["final_loss_difference"]["status"] in ("PASS", "FAIL")
+    out = capsys.readouterr().out
+    assert "speedup" in out and "report:" in out
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    args = ["--only", "baseline", "training.epochs=2", "training.steps_per_epoch=2"]
+    assert train_mod.main(smoke(tmp_path, "--name", "straight", *args)) == 0
+    assert train_mod.main(smoke(tmp_path, "--name", "split", "--max-steps", "3", *args)) == 0
+    partial = json.loads((tmp_path / "runs/split/baseline/metrics.json").read_text())
+    assert partial["steps"] == 3 and not partial["completed"]
+    assert train_mod.main(["--resume", str(tmp_path / "runs/split"), "--no-progress"]) == 0
+    a = json.loads((tmp_path / "runs/straight/baseline/metrics.json").read_text())
+    b = json.loads((tmp_path / "runs/split/baseline/metrics.json").read_text())
+    assert b["completed"] and a["step_losses"] == b["step_losses"]
+    assert a["final_val_loss"] == b["final_val_loss"]
+
+
+def test_nonfinite_run_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_call = TrainStep.__call__
+
+    def failing(self, idx, targets):
+        if self.step_count == 4:
+            raise NonFiniteError(f"step {self.step_count}: loss is nan; the update was not applied")
+        return real_call(self, idx, targets)
+
+    monkeypatch.setattr(TrainStep, "__call__", failing)
+    assert train_mod.main(smoke(tmp_path, "--name", "nan", "--only", "optimized")) == 1
+    run = tmp_path / "runs/nan"
+    report = json.loads((run / "report.json").read_text())
+    assert report["criteria"]["no_nan_or_inf"]["status"] == "FAIL"
+    last = load_checkpoint(run / "optimized/checkpoints/last")
+    assert last.trainer_state["step"] == 3  # the end of epoch 1, before the bad step
+    assert "loss is nan" in capsys.readouterr().out
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "runs" / "taken"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text("precious")
+    assert train_mod.main(smoke(tmp_path, "--name", "taken")) == 2
+    assert (run / "report.json").read_text() == "precious"
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("/no/such/corpus.txt", "/no/such/corpus.txt"),
+        ("EMPTY", "empty"),
+        ("SHORT", "tokens"),
+    ],
+)
+def test_bad_data_is_a_clear_error(tmp_path, capsys, data, message):
+    if data == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "a.txt").write_text("")
+        data = str(tmp_path / "empty")
+    elif data == "SHORT":
+        (tmp_path / "short.txt").write_text("just a few words\n")
+        data = str(tmp_path / "short.txt")
+    assert train_mod.main(smoke(tmp_path, "--data", data, "--name", "bad")) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message.lower() in err.lower()
+
+
+def test_corrupt_checkpoint_is_named_on_resume(tmp_path, capsys):
+    args = ["--only", "baseline", "training.epochs=1"]
+    assert train_mod.main(smoke(tmp_path, "--name", "c", "--max-steps", "1", *args)) == 0
+    weights = tmp_path / "runs/c/baseline/checkpoints/last/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    assert train_mod.main(["--resume", str(tmp_path / "runs/c"), "--no-progress"]) == 2
+    assert "model.safetensors: corrupt" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(weights.parent)
+
+
+def test_unknown_config_key_on_the_command_line(tmp_path, capsys):
+    assert train_mod.main(smoke(tmp_path, "training.lr=1")) == 2
+    assert "training.lr: unknown key" in capsys.readouterr().err
