@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Compiles every csrc/cuda/*.cu to an object with nvcc against the installed torch headers
+# (sm_80 and sm_90), so a broken CUDA file fails CI on machines without a GPU. Skips, saying so,
+# where nvcc is absent or there is nothing to compile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shopt -s nullglob
+sources=(csrc/cuda/*.cu)
+if [ ${#sources[@]} -eq 0 ]; then
+  echo "no CUDA sources in csrc/cuda: nothing to compile"
+  exit 0
+fi
+NVCC=${NVCC:-$(command -v nvcc || true)}
+if [ -z "$NVCC" ]; then
+  echo "SKIPPED: nvcc not found; ${#sources[@]} CUDA file(s) were not compile-checked"
+  exit 0
+fi
+includes=$(python -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
+pyinc=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+out=build/cuda-check
+mkdir -p "$out"
+for src in "${sources[@]}"; do
+  echo "nvcc $src"
+  "$NVCC" -c "$src" -o "$out/$(basename "$src" .cu).o" -std=c++17 -O2 \
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+    -Icsrc $includes -I"$pyinc" -DRYZEN_LLM_CUDA --expt-relaxed-constexpr \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+done
+echo "compiled ${#sources[@]} CUDA file(s) for sm_80 and sm_90"
