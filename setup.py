@@ -32,7 +32,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = ["csrc/python_module.cpp", "csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DRYZEN_LLM_EXTENSION"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DRYZEN_LLM_EXTENSION"]
     extra = {"cxx": cxx}
     kwargs = dict(
         name="ryzen_llm._C",

@@ -7,4 +7,17 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // sum = x + residual (empty when residual is None); out = LayerNorm(sum); mean/rstd per row (float32; float64 for float64 x).
   m.def("add_layer_norm_forward(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
   m.def("add_layer_norm_backward(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // y = GELU(x + bias), exact erf form; the backward also reduces grad_bias over all rows of x.
+  m.def("bias_gelu_forward(Tensor x, Tensor bias) -> Tensor");
+  m.def("bias_gelu_backward(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor grad_x, Tensor grad_bias)");
+  // y = fc2(GELU(fc1(x))); h_pre = fc1(x) + b1 (N, F); h_act = GELU(h_pre), empty when recompute.
+  m.def("gelu_feed_forward_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool recompute) -> (Tensor y, Tensor h_pre, Tensor h_act)");
+  m.def("gelu_feed_forward_backward(Tensor grad_y, Tensor x, Tensor w1, Tensor w2, Tensor h_pre, Tensor h_act, bool recompute) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
+  // Mean CE of h @ weight.T (float32 loss); the gradients for d(loss) = 1 are computed on the way
+  // (empty when not needed), so no logits are kept: backward only scales them.
+  m.def("linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
+  // torch.optim.AdamW's update on lists of same-dtype tensors (float32/float64), in place.
+  m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // The same on float32 master copies of bfloat16 params: the params receive the rounded master.
+  m.def("adamw_master_step_(Tensor(a!)[] params, Tensor(b!)[] master_params, Tensor[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
 }

@@ -40,9 +40,19 @@ def _fused_registry() -> dict[str, Callable]:
     """Fused ops that exist in this build (empty when the extension did not load)."""
     if not extension_loaded():
         return {}
+    from ryzen_llm.ops.adamw import FusedAdamW
     from ryzen_llm.ops.add_layer_norm import add_layer_norm
+    from ryzen_llm.ops.bias_gelu import bias_gelu
+    from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
+    from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
 
-    return {"add_layer_norm": add_layer_norm}
+    return {
+        "add_layer_norm": add_layer_norm,
+        "bias_gelu": bias_gelu,
+        "linear_cross_entropy": linear_cross_entropy,
+        "gelu_feed_forward": gelu_feed_forward,
+        "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
+    }
 
 
 class FusedOpUnavailable(RuntimeError):

@@ -1,0 +1,210 @@
+// Mean cross-entropy of h @ weight.T against targets without ever holding the (N, V) logits:
+// rows are taken in chunks; per chunk one GEMM gives the logits, one pass per row turns them
+// into the loss term and, in place, into d(loss)/d(logits) (softmax - onehot) / n_valid, and two
+// more GEMMs give that chunk's grad_h and add its share of grad_weight (Liger-Kernel's scheme).
+// Memory: one (chunk, V) logits block plus the gradients; backward only scales the gradients.
+#include "common.h"
+#include "fast_math.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace ryzen_llm {
+namespace {
+
+// Rows of logits per chunk: about 512 K elements (2 MiB in float32) so that the block stays in
+// cache between its GEMM and the softmax pass, but at least 64 rows for GEMM efficiency.
+int64_t rows_per_chunk(int64_t N, int64_t V) {
+  return std::max<int64_t>(1, std::min<int64_t>(N, std::max<int64_t>(64, (1 << 19) / V)));
+}
+
+// Row max of the logits, then sum of exp(l - max) with the exponentials kept in `ex`.
+template <typename E>
+RYZEN_LLM_TARGET_CLONES float row_max(const typename E::raw_t* l, int64_t V) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t v = 0; v < V; ++v) m = std::max(m, static_cast<float>(E::load(l[v])));
+  return m;
+}
+
+template <typename E>
+RYZEN_LLM_TARGET_CLONES float row_sum_exp(const typename E::raw_t* l, float m, float* ex,
+                                          int64_t V) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t v = 0; v < V; ++v) {
+    ex[v] = exp_nonpositive(static_cast<float>(E::load(l[v])) - m);
+    s += ex[v];
+  }
+  return s;
+}
+
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void row_write_grad(typename E::raw_t* l, const float* ex, float scale,
+                                            int64_t V) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) l[v] = E::store(static_cast<typename E::acc_t>(ex[v] * scale));
+}
+
+// fp64 (gradcheck) path: plain libm.
+template <typename scalar_t>
+void softmax_nll_rows_double(scalar_t* logits, const int64_t* targets, int64_t ignore_index,
+                             double scale, bool need_grad, double* loss_rows, int64_t row_begin,
+                             int64_t row_end, int64_t V) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    scalar_t* l = logits + r * V;
+    const int64_t t = targets[r];
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t v = 0; v < V; ++v) m = std::max<double>(m, l[v]);
+    double s = 0;
+    for (int64_t v = 0; v < V; ++v) s += std::exp(l[v] - m);
+    const double lse = m + std::log(s);
+    const bool valid = t != ignore_index;
+    loss_rows[r] = valid ? lse - static_cast<double>(l[t]) : 0.0;
+    if (need_grad) {
+      const double row_scale = valid ? scale : 0.0;
+      for (int64_t v = 0; v < V; ++v) l[v] = static_cast<scalar_t>(std::exp(l[v] - lse) * row_scale);
+      if (valid) l[t] = static_cast<scalar_t>(static_cast<double>(l[t]) - scale);
+    }
+  }
+}
+
+template <typename scalar_t>
+void softmax_nll_rows(scalar_t* logits, const int64_t* targets, int64_t ignore_index,
+                      double scale, bool need_grad, double* loss_rows, int64_t row_begin,
+                      int64_t row_end, int64_t V) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    softmax_nll_rows_double(logits, targets, ignore_index, scale, need_grad, loss_rows, row_begin,
+                            row_end, V);
+  } else {
+    using E = Elem<scalar_t>;
+    auto* raw = reinterpret_cast<typename E::raw_t*>(logits);
+    std::vector<float> ex(V);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      auto* l = raw + r * V;
+      const int64_t t = targets[r];
+      const bool valid = t != ignore_index;
+      const float m = row_max<E>(l, V);
+      const float s = row_sum_exp<E>(l, m, ex.data(), V);
+      const double lse = static_cast<double>(m) + std::log(static_cast<double>(s));
+      loss_rows[r] = valid ? lse - static_cast<double>(E::load(l[t])) : 0.0;
+      if (need_grad) {
+        // softmax = ex / s; grad = (softmax - onehot) * scale, 0 for an ignored row.
+        const float row_scale = valid ? static_cast<float>(scale / s) : 0.0f;
+        if (valid) {
+          const float p_t = ex[t] * row_scale;
+          row_write_grad<E>(l, ex.data(), row_scale, V);
+          l[t] = E::store(p_t - static_cast<float>(scale));
+        } else {
+          row_write_grad<E>(l, ex.data(), 0.0f, V);
+        }
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
+    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t ignore_index, bool need_grad_h, bool need_grad_weight) {
+  check_cpu(h, "h");
+  check_float_dtype(h, "h");
+  check_dim(h, 2, "h");
+  check_contiguous(h, "h");
+  const int64_t N = h.size(0), C = h.size(1);
+  check_same_device(weight, h, "weight", "h");
+  check_same_dtype(weight, h, "weight", "h");
+  check_dim(weight, 2, "weight");
+  check_contiguous(weight, "weight");
+  const int64_t V = weight.size(0);
+  TORCH_CHECK(V > 0, "weight: expected at least one vocabulary row, got sizes ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == C, "weight: expected sizes [V, ", C, "] (C from h), got ",
+              weight.sizes());
+  check_same_device(targets, h, "targets", "h");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected int64, got ",
+              targets.scalar_type());
+  check_shape(targets, {N}, "targets");
+  check_contiguous(targets, "targets");
+
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  int64_t n_valid = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = tgt[i];
+    if (t == ignore_index) continue;
+    TORCH_CHECK(t >= 0 && t < V, "targets: id ", t, " at position ", i,
+                " is out of range [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+    ++n_valid;
+  }
+  // Mean over zero targets is 0/0 = nan, as in F.cross_entropy; the gradients are then zero.
+  const double scale = n_valid > 0 ? 1.0 / static_cast<double>(n_valid) : 0.0;
+
+  at::Tensor grad_h = need_grad_h ? at::empty({N, C}, h.options()) : at::empty({0}, h.options());
+  const bool low_precision = h.scalar_type() == at::kBFloat16;
+  // bfloat16: per-chunk grad_weight products are summed in float32 and rounded once at the end.
+  at::Tensor grad_weight_acc;
+  if (need_grad_weight) {
+    grad_weight_acc = at::empty({V, C}, h.options().dtype(low_precision ? at::kFloat : h.scalar_type()));
+  }
+  std::vector<double> loss_rows(static_cast<size_t>(N), 0.0);
+  const bool need_grad = need_grad_h || need_grad_weight;
+  const int64_t chunk = rows_per_chunk(N, V);
+  const at::Tensor weight_t = weight.t();
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    const at::Tensor hc = h.narrow(0, r0, rows);
+    at::Tensor logits = at::mm(hc, weight_t);  // (rows, V), becomes d(loss)/d(logits)
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "linear_cross_entropy", [&] {
+      scalar_t* lp = logits.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / V), [&](int64_t b, int64_t e) {
+        softmax_nll_rows<scalar_t>(lp, tgt + r0, ignore_index, scale, need_grad,
+                                   loss_rows.data() + r0, b, e, V);
+      });
+    });
+    if (need_grad_h) {
+      at::Tensor out = grad_h.narrow(0, r0, rows);
+      at::mm_out(out, logits, weight);  // (rows, C)
+    }
+    if (need_grad_weight) {
+      if (low_precision) {
+        if (r0 == 0) {
+          grad_weight_acc.copy_(at::mm(logits.t(), hc));
+        } else {
+          grad_weight_acc.add_(at::mm(logits.t(), hc));
+        }
+      } else if (r0 == 0) {
+        at::mm_out(grad_weight_acc, logits.t(), hc);  // (V, C)
+      } else {
+        grad_weight_acc.addmm_(logits.t(), hc);
+      }
+    }
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < N; ++i) total += loss_rows[i];
+  const double loss_value = n_valid > 0 ? total / static_cast<double>(n_valid)
+                                        : std::numeric_limits<double>::quiet_NaN();
+  // float32 loss (as the reference, which takes the loss of logits.float()); float64 inputs get a
+  // float64 loss so that gradcheck sees full precision.
+  const auto loss_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::full({}, loss_value, h.options().dtype(loss_dtype));
+  at::Tensor grad_weight;
+  if (!need_grad_weight) {
+    grad_weight = at::empty({0}, weight.options());
+  } else if (N == 0) {
+    grad_weight = at::zeros_like(weight);
+  } else if (low_precision) {
+    grad_weight = grad_weight_acc.to(weight.scalar_type());
+  } else {
+    grad_weight = grad_weight_acc;
+  }
+  return {loss, grad_h, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
+  m.impl("linear_cross_entropy_forward", &linear_cross_entropy_forward_cpu);
+}
+
+}  // namespace ryzen_llm

@@ -1,0 +1,120 @@
+// Branch-free float math that GCC auto-vectorises inside `#pragma omp simd` loops (glibc's scalar
+// expf/erff calls would stop vectorisation without -ffast-math). Both functions are only needed
+// for non-positive exponents (softmax after subtracting the row max; exp(-x^2/2) in GELU), which
+// keeps the 2^k scaling free of overflow handling.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include <ATen/ATen.h>
+
+// Helpers called from RYZEN_LLM_TARGET_CLONES functions must be always_inline: GCC refuses to
+// inline a plain inline function into a clone whose arch= differs, and an out-of-line call in a
+// simd loop stops vectorisation.
+#define RYZEN_LLM_INLINE inline __attribute__((always_inline))
+
+namespace ryzen_llm {
+
+// Element access that the vectoriser understands: c10::BFloat16's own conversions carry a NaN
+// branch and a struct type that stop GCC, so kernels see bfloat16 as raw uint16_t bits.
+// Rounding float -> bfloat16 is to nearest even, NaN kept quiet.
+template <typename scalar_t>
+struct Elem {
+  using raw_t = scalar_t;
+  using acc_t = scalar_t;
+  static RYZEN_LLM_INLINE acc_t load(raw_t v) { return v; }
+  static RYZEN_LLM_INLINE raw_t store(acc_t v) { return v; }
+  static RYZEN_LLM_INLINE raw_t* ptr(const at::Tensor& t) { return t.data_ptr<scalar_t>(); }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  using raw_t = uint16_t;
+  using acc_t = float;
+  static RYZEN_LLM_INLINE float load(uint16_t v) {
+    return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16);
+  }
+  static RYZEN_LLM_INLINE uint16_t store(float v) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return v != v ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+  static RYZEN_LLM_INLINE uint16_t* ptr(const at::Tensor& t) {
+    return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>());
+  }
+};
+
+// exp(x) for x <= 0, about 1 ulp: x = k ln2 + r with |r| <= ln2/2, degree-7 Taylor series for
+// e^r (truncation error < 6e-9 relative), 2^k put into the exponent bits. Below -87 the result
+// is clamped to exp(-87) ~ 1.6e-38 instead of flushing towards 0: callers multiply it by a
+// bounded factor, so the difference is far below any tolerance.
+RYZEN_LLM_INLINE float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  float k = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - k * 0.693145751953125f;  // ln2 split in a part exact in k * hi and the rest
+  r = r - k * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return p * scale;
+}
+
+// Exact-erf GELU pieces for one pre-activation u, in float:
+//   Phi(u) = 0.5 * erfc(-u / sqrt2), GELU(u) = u * Phi(u), GELU'(u) = Phi(u) + u * phi(u).
+// erfc(z) for z = |u| / sqrt2 is e^{-z^2} * R(z) with R fitted (least squares, relative error
+// 5.5e-9 in exact arithmetic, ~3e-7 evaluated in float) as t * P(t), t = 1 / (1 + z/2), over
+// z in [0, 6]; beyond that e^{-z^2} < 3e-16 so R's error no longer matters. Computing the small
+// tail erfc(z) directly (instead of 1 - erf) keeps Phi relatively accurate for negative u, where
+// torch's 1 + erf(x) formulation loses digits. e^{-z^2} = e^{-u^2/2} is shared with phi(u).
+struct GeluParts {
+  float phi_cdf;   // Phi(u)
+  float exp_term;  // e^{-u^2/2}
+};
+
+RYZEN_LLM_INLINE GeluParts gelu_parts(float u) {
+  const float z = std::fabs(u) * 0.70710678118654752f;
+  const float zc = z < 6.0f ? z : 6.0f;
+  const float t = 1.0f / (1.0f + 0.5f * zc);
+  float p = 2.483790927e-02f;
+  p = p * t - 1.231906787e-01f;
+  p = p * t + 1.960303783e-01f;
+  p = p * t + 3.661889117e-03f;
+  p = p * t - 3.188883960e-01f;
+  p = p * t + 2.361984551e-01f;
+  p = p * t - 3.683441877e-02f;
+  p = p * t + 2.134990245e-01f;
+  p = p * t + 2.397719473e-01f;
+  p = p * t + 2.828546166e-01f;
+  p = p * t + 2.820592523e-01f;
+  const float e = exp_nonpositive(-0.5f * u * u);
+  const float half_erfc = 0.5f * e * (t * p);  // 0.5 * erfc(z)
+  return {u >= 0.0f ? 1.0f - half_erfc : half_erfc, e};
+}
+
+constexpr float kInvSqrt2Pi = 0.398942280401432678f;
+
+RYZEN_LLM_INLINE float gelu_value(float u) { return u * gelu_parts(u).phi_cdf; }
+
+RYZEN_LLM_INLINE float gelu_grad(float u) {
+  const GeluParts g = gelu_parts(u);
+  return g.phi_cdf + u * kInvSqrt2Pi * g.exp_term;
+}
+
+// The fp64 path (gradcheck) uses libm.
+RYZEN_LLM_INLINE double gelu_value(double u) { return 0.5 * u * std::erfc(-u * 0.70710678118654752440); }
+
+RYZEN_LLM_INLINE double gelu_grad(double u) {
+  return 0.5 * std::erfc(-u * 0.70710678118654752440) +
+         u * 0.39894228040143267794 * std::exp(-0.5 * u * u);
+}
+
+}  // namespace ryzen_llm

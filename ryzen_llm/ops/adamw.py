@@ -1,0 +1,104 @@
+"""Fused multi-tensor AdamW: the Python face of torch.ops.ryzen_llm.adamw_step_ and
+adamw_master_step_.
+
+The trainer builds it in place of torch.optim.AdamW, with the same arguments:
+
+    from ryzen_llm.ops.adamw import FusedAdamW
+    opt = FusedAdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+(or through dispatch: `_fused_registry()["adamw"]` is this class).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ryzen_llm.ops._extension import extension_loaded
+
+if extension_loaded():
+    # The ops mutate their list arguments in place and return nothing: no autograd, and
+    # torch.compile only needs to know they return None.
+    @torch.library.register_fake("ryzen_llm::adamw_step_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step):
+        return None
+
+    @torch.library.register_fake("ryzen_llm::adamw_master_step_")
+    def _(params, master_params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+          weight_decay, step):
+        return None
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (decoupled weight decay, bias correction; no amsgrad, no maximize) with
+    one fused C++ pass over all parameters of a group per step.
+
+    float32/float64 parameters: the update matches torch.optim.AdamW to a few ulp. bfloat16
+    parameters: the optimizer keeps a float32 master copy (state key 'master_param', created
+    from the parameter on the first step) and float32 moments, runs the update on the master and
+    writes the rounded master into the parameter; rounding each step's tiny update onto the
+    bfloat16 weights directly would lose most of it. State per parameter: 'step' (float32
+    scalar tensor, as torch's), 'exp_avg', 'exp_avg_sq' (+ 'master_param' for bfloat16), so
+    state dicts load both ways with torch.optim.AdamW for float32 models."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        if not 0.0 <= lr:
+            raise ValueError(f"lr: expected a non-negative value, got {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"eps: expected a non-negative value, got {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas: expected values in [0, 1), got {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay: expected a non-negative value, got {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            opt_dtype = torch.float32 if p.dtype == torch.bfloat16 else p.dtype
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=opt_dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=opt_dtype, memory_format=torch.contiguous_format)
+        if p.dtype == torch.bfloat16 and "master_param" not in state:
+            state["master_param"] = p.detach().float().contiguous()
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            # Parameters of one group normally share a step count; group by (dtype, step) anyway
+            # so that a partially loaded state stays exact.
+            buckets: dict[tuple, list] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients")
+                if not p.is_contiguous():
+                    raise RuntimeError("FusedAdamW: expected contiguous parameters")
+                state = self._init_state(p)
+                state["step"] += 1
+                buckets[(p.dtype, int(state["step"].item()))].append((p, state))
+            for (dtype, step), items in buckets.items():
+                params = [p for p, _ in items]
+                grads = [p.grad.contiguous() for p in params]
+                exp_avgs = [s["exp_avg"] for _, s in items]
+                exp_avg_sqs = [s["exp_avg_sq"] for _, s in items]
+                if dtype == torch.bfloat16:
+                    masters = [s["master_param"] for _, s in items]
+                    grads = [g.to(torch.bfloat16) for g in grads]
+                    torch.ops.ryzen_llm.adamw_master_step_(
+                        params, masters, grads, exp_avgs, exp_avg_sqs, *hyper, step
+                    )
+                else:
+                    torch.ops.ryzen_llm.adamw_step_(
+                        params, grads, exp_avgs, exp_avg_sqs, *hyper, step
+                    )
+        return loss

@@ -1,0 +1,175 @@
+"""Fused multi-tensor AdamW against torch.optim.AdamW and reference.adamw_step."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ryzen_llm.ops import reference
+from tests.ops.conftest import requires_extension
+
+pytestmark = requires_extension
+
+# Odd shapes on purpose: a scalar-like (1,), a prime length, a 2-D weight, one spanning blocks.
+SHAPES = [(1,), (97,), (48, 80), (3, 97, 5), (70_001,)]
+HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def FusedAdamW(*args, **kwargs):
+    from ryzen_llm.ops.adamw import FusedAdamW as cls
+
+    return cls(*args, **kwargs)
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def run_steps(params, opt, steps=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+
+
+def max_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Difference in units of float32 eps of max(|b|, 1) (an absolute error near zero)."""
+    scale = b.double().abs().clamp_min(1.0) * torch.finfo(torch.float32).eps
+    return ((a.double() - b.double()).abs() / scale).max().item()
+
+
+@pytest.mark.parametrize("mode", ["single", "foreach", "fused"])
+def test_five_steps_match_torch_adamw(mode):
+    ours, theirs = make_params(), make_params()
+    kw = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    run_steps(ours, FusedAdamW(ours, **HYPER))
+    run_steps(theirs, torch.optim.AdamW(theirs, **HYPER, **kw[mode]))
+    for a, b in zip(ours, theirs):
+        err = max_ulps(a.detach(), b.detach())
+        print(f"{tuple(a.shape)} vs torch AdamW ({mode}): {err:.1f} ulp")
+        assert err <= 8, f"{tuple(a.shape)}: {err:.1f} ulp from torch.optim.AdamW ({mode})"
+
+
+def test_matches_reference_adamw_step_fp64():
+    ours = make_params(torch.float64)
+    ref = [p.detach().clone() for p in ours]
+    m = [torch.zeros_like(p) for p in ref]
+    v = [torch.zeros_like(p) for p in ref]
+    opt = FusedAdamW(ours, **HYPER)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 6):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ours]
+        for p, gr in zip(ours, grads):
+            p.grad = gr
+        opt.step()
+        reference.adamw_step(ref, grads, m, v, HYPER["lr"], *HYPER["betas"], HYPER["eps"],
+                             HYPER["weight_decay"], step)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-13, atol=1e-15)
+
+
+def test_bf16_params_follow_fp32_master():
+    """bfloat16 params: the update runs on a float32 master copy, the param is its rounding."""
+    ours = make_params(torch.bfloat16)
+    master = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    opt_ours = FusedAdamW(ours, **HYPER)
+    opt_master = torch.optim.AdamW(master, **HYPER, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, q in zip(ours, master):
+            grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            p.grad, q.grad = grad, grad.float()
+        opt_ours.step()
+        opt_master.step()
+    for p, q in zip(ours, master):
+        assert max_ulps(opt_ours.state[p]["master_param"], q.detach()) <= 8
+        torch.testing.assert_close(p.detach(), q.detach().to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_state_dict_round_trip_and_torch_compatible():
+    ours, theirs = make_params(), make_params()
+    opt = FusedAdamW(ours, **HYPER)
+    run_steps(ours, opt, steps=2)
+    sd = opt.state_dict()
+    torch_opt = torch.optim.AdamW(theirs, **HYPER)
+    run_steps(theirs, torch_opt, steps=2)
+    torch_sd = torch_opt.state_dict()
+    for i in sd["state"]:
+        assert set(sd["state"][i]) == set(torch_sd["state"][i])
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert sd["state"][i][key].shape == torch_sd["state"][i][key].shape
+            assert sd["state"][i][key].dtype == torch_sd["state"][i][key].dtype
+    # Reload ours into a fresh FusedAdamW and torch's into ours: both continue identically.
+    restored_params = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    restored = FusedAdamW(restored_params, **HYPER)
+    restored.load_state_dict(copy.deepcopy(sd))  # state_dict() shares the live tensors
+    run_steps(ours, opt, steps=3, seed=7)
+    run_steps(restored_params, restored, steps=3, seed=7)
+    for a, b in zip(ours, restored_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    from_torch_params = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    from_torch = FusedAdamW(from_torch_params, **HYPER)
+    from_torch.load_state_dict(copy.deepcopy(torch_sd))
+    run_steps(theirs, torch_opt, steps=3, seed=7)
+    run_steps(from_torch_params, from_torch, steps=3, seed=7)
+    for a, b in zip(from_torch_params, theirs):
+        assert max_ulps(a.detach(), b.detach()) <= 8
+
+
+def test_opcheck():
+    params = [torch.randn(5), torch.randn(3, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    m = [torch.randn_like(p) for p in params]
+    v = [torch.rand_like(p) for p in params]
+    torch.library.opcheck(
+        torch.ops.ryzen_llm.adamw_step_, (params, grads, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
+    )
+    bf = [p.bfloat16() for p in params]
+    torch.library.opcheck(
+        torch.ops.ryzen_llm.adamw_master_step_,
+        (bf, [p.clone() for p in params], [g.bfloat16() for g in grads], m, v,
+         1e-3, 0.9, 0.999, 1e-8, 0.01, 3),
+    )
+
+
+def test_torch_compile_fullgraph():
+    params = [torch.randn(5), torch.randn(3, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    p2, m2, v2 = ([t.clone() for t in ts] for ts in (params, m, v))
+
+    def step(ps, gs, ms, vs):
+        torch.ops.ryzen_llm.adamw_step_(ps, gs, ms, vs, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")(params, grads, m, v)
+    step(p2, grads, m2, v2)
+    for a, b in zip(params + m + v, p2 + m2 + v2):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "index, mutate, message",
+    [
+        (1, lambda ts: [ts[0][:-1], ts[1]], "grads\\[0\\]: expected sizes"),
+        (1, lambda ts: [ts[0].double(), ts[1]], "grads\\[0\\]: expected dtype"),
+        (2, lambda ts: ts[:1], "exp_avgs: expected 2 tensors"),
+        (3, lambda ts: [ts[0], ts[1].t().contiguous()], "exp_avg_sqs\\[1\\]: expected sizes"),
+        (0, lambda ts: [ts[0], ts[1].t()], "params\\[1\\]: expected a contiguous tensor"),
+        (0, lambda ts: [t.int() for t in ts], "params\\[0\\]: expected float32 or float64"),
+    ],
+)
+def test_bad_input_raises_named_error(index, mutate, message):
+    lists = [[torch.randn(5), torch.randn(3, 4)] for _ in range(4)]
+    lists[index] = mutate(lists[index])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.adamw_step_(*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+
+
+def test_bad_step_raises_named_error():
+    lists = [[torch.randn(5)] for _ in range(4)]
+    with pytest.raises(RuntimeError, match="step: expected the 1-based step count"):
+        torch.ops.ryzen_llm.adamw_step_(*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0)
