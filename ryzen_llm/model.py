@@ -132,7 +132,7 @@ class ScaledTransformerModel(nn.Module):
             raise ValueError(
                 f"idx: sequence length {T} is outside 1..max_seq_len ({self.config.max_seq_len})"
             )
-        if idx.numel():
+        if idx.numel() and not torch.compiler.is_compiling():  # value checks would break graphs
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = hi if hi >= self.config.vocab_size else lo
@@ -181,7 +181,7 @@ class ScaledTransformerModel(nn.Module):
         B, T, C = h.shape
         targets = targets.long()
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
-        if bool(bad.any()):
+        if not torch.compiler.is_compiling() and bool(bad.any()):
             raise ValueError(
                 f"targets: id {int(targets[bad][0])} is out of range for vocab_size "
                 f"{self.config.vocab_size}"

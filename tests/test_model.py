@@ -129,4 +129,7 @@ def test_levels_agree_with_baseline_in_fp32(level):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
     summary = model.kernels.summary()
-    assert all(info["calls"] for op, info in summary.items() if op != "adamw")
+    for op, info in summary.items():
+        if op == "adamw" or (op == "bias_gelu" and summary["gelu_feed_forward"]["impl"] == "fused"):
+            continue  # the optimizer is not a model op; the fused FFN does its own GELU
+        assert set(info["calls"]) == {info["impl"]}, (op, info)

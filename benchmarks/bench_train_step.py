@@ -1,0 +1,161 @@
+"""One training micro-step of the seed's model (batch 16 x 128: forward, backward, clipping,
+AdamW) at every optimization level, beside the plain-PyTorch peers of PERFORMANCE.md, all in one
+process on the same inputs: eager fp32 with the attention written out (the seed's baseline),
+eager fp32 with F.scaled_dot_product_attention, eager bf16 autocast with and without SDPA, and
+torch.compile fp32 and bf16.
+
+Each result records ms/step, tokens/s and model-FLOP utilisation against the matmul peak
+measured in the same session; the terminal summary prints the table with each row's speed
+relative to the fastest peer. Nothing asserts on time.
+
+Run: pytest benchmarks/bench_train_step.py --benchmark-only
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
+from ryzen_llm.hardware import has_native_bf16
+from ryzen_llm.ops import reference
+from ryzen_llm.ops.dispatch import KernelSet
+
+B, T = 16, 128
+WARMUP, ROUNDS = 3, 8
+RESULTS: dict[str, dict] = {}  # read by benchmarks/conftest.py for the summary table
+
+PEERS = {
+    "eager fp32 (written attention)": dict(sdpa=False, bf16=False, compile=False),
+    "eager fp32 + SDPA": dict(sdpa=True, bf16=False, compile=False),
+    "eager bf16 autocast": dict(sdpa=False, bf16=True, compile=False),
+    "eager bf16 autocast + SDPA": dict(sdpa=True, bf16=True, compile=False),
+    "torch.compile fp32": dict(sdpa=False, bf16=False, compile=True),
+    "torch.compile bf16 autocast": dict(sdpa=False, bf16=True, compile=True),
+}
+
+
+def sdpa_attention(q, k, v, key_padding_mask, scale):
+    assert key_padding_mask is None
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def model_flops_per_step(config: ModelConfig, params: int) -> float:
+    """6 x params x tokens for the GEMMs, plus attention scores and values (fwd + bwd)."""
+    tokens = B * T
+    attention = 12 * config.n_layers * T * config.d_model * tokens
+    return 6 * params * tokens + attention
+
+
+@pytest.fixture(scope="session")
+def matmul_peak():
+    """Measured GFLOP/s of a 2048^3 matmul, fp32 and bf16, in this process."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        out[name] = 2 * 2048**3 / sorted(times)[len(times) // 2] / 1e9
+    RESULTS["_matmul_peak_gflops"] = out
+    return out
+
+
+def batch(config: ModelConfig):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, config.vocab_size, (B, T), generator=g)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+def time_steps(step_fn, idx, targets) -> list[float]:
+    for _ in range(WARMUP):
+        step_fn(idx, targets)
+    times = []
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        step_fn(idx, targets)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def plain_step(model, sdpa: bool, bf16: bool, compile: bool):
+    """The plain-PyTorch micro-step a user would write: model.loss, backward, clip, AdamW."""
+    model.kernels = KernelSet(0)
+    if sdpa:
+        model.kernels._fn["causal_attention"] = sdpa_attention
+    for m in model.modules():
+        if hasattr(m, "kernels"):
+            m.kernels = model.kernels
+    loss_fn = torch.compile(model.loss) if compile else model.loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def step(idx, targets):
+        with ctx():
+            loss = loss_fn(idx, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def record(benchmark, name: str, kind: str, times: list[float], config, params, peak, bf16):
+    median = sorted(times)[len(times) // 2]
+    flops = model_flops_per_step(config, params)
+    peak_gflops = peak["bf16" if bf16 else "fp32"]
+    info = {
+        "kind": kind,
+        "ms_per_step": median * 1e3,
+        "spread_ms": (max(times) - min(times)) * 1e3,
+        "tokens_per_s": B * T / median,
+        "gflops": flops / median / 1e9,
+        "mfu_vs_matmul_peak": flops / median / 1e9 / peak_gflops,
+        "precision": "bf16" if bf16 else "fp32",
+    }
+    RESULTS[name] = info
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # times were taken above
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_peer_micro_step(benchmark, name, matmul_peak):
+    opts = PEERS[name]
+    if opts["bf16"] and not has_native_bf16():
+        pytest.skip("no native bf16 on this CPU: the bf16 peers would not be a fair comparison")
+    benchmark.group = "train micro-step (16 x 128)"
+    torch.manual_seed(0)
+    config = ModelConfig()
+    model = ScaledTransformerModel(config)
+    idx, targets = batch(config)
+    times = time_steps(plain_step(model, **opts), idx, targets)
+    record(benchmark, name, "peer", times, config, model.count_parameters(), matmul_peak,
+           opts["bf16"])
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_level_micro_step(benchmark, level, matmul_peak):
+    benchmark.group = "train micro-step (16 x 128)"
+    torch.manual_seed(0)
+    config = ModelConfig()
+    model = ScaledTransformerModel(config)
+    step = TrainStep(model, level=level, lr=1e-4, weight_decay=0.01, max_grad_norm=1.0)
+    idx, targets = batch(config)
+    times = time_steps(step, idx, targets)
+    fell_back = [op for op, c in step.kernels.choices.items() if c.reason.startswith("FELL BACK")]
+    name = f"ryzen_llm level {level}" + (", bf16" if step.bf16 else "")
+    record(benchmark, name, "candidate", times, config, model.count_parameters(), matmul_peak,
+           step.bf16)
+    RESULTS[name]["fell_back_to_reference"] = fell_back
+    benchmark.extra_info["fell_back_to_reference"] = fell_back
+    benchmark.extra_info["ops"] = {op: c.impl for op, c in step.kernels.choices.items()}
