@@ -1,4 +1,4 @@
-// A minimal test harness for the kernel tests: TEST_CASE registers a function, CHECK records a
+// A minimal test harness for the kernel tests: TEST_CASE registers a function, EXPECT records a
 // failure with its location, main() runs every case and ends with "N passed, M failed".
 #pragma once
 
@@ -51,17 +51,17 @@ at::TypedOperatorHandle<Fn> op(const char* name) {
   static harness::Register RL_CONCAT(register_, name)(#name, name);              \
   static void name()
 
-#define CHECK(cond, ...)                                                         \
+#define EXPECT(cond, ...)                                                         \
   do {                                                                           \
     if (!(cond)) {                                                               \
       ++harness::failures();                                                     \
-      std::fprintf(stderr, "  CHECK failed at %s:%d: %s ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, "  EXPECT failed at %s:%d: %s ", __FILE__, __LINE__, #cond); \
       std::fprintf(stderr, __VA_ARGS__);                                         \
       std::fprintf(stderr, "\n");                                                \
     }                                                                            \
   } while (0)
 
-#define CHECK_THROWS(stmt, expected_text)                                                 \
+#define EXPECT_THROWS(stmt, expected_text)                                                 \
   do {                                                                           \
     bool thrown_ = false;                                                        \
     try {                                                                        \
@@ -70,5 +70,5 @@ at::TypedOperatorHandle<Fn> op(const char* name) {
       thrown_ = std::string(e.what()).find(expected_text) != std::string::npos;           \
       if (!thrown_) std::fprintf(stderr, "  wrong message: %s\n", e.what());     \
     }                                                                            \
-    CHECK(thrown_, "expected a c10::Error containing '%s'", expected_text);               \
+    EXPECT(thrown_, "expected a c10::Error containing '%s'", expected_text);               \
   } while (0)
