@@ -100,6 +100,141 @@ TEST_CASE(add_layer_norm_rejects_bad_input) {
   EXPECT_THROWS(fwd.call(x, std::nullopt, w, b, -1.0), "eps: expected a positive value");
 }
 
+
+// ---- bias + GELU --------------------------------------------------------------------------
+double gelu(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
+double gelu_grad(double x) {
+  return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
+}
+
+TEST_CASE(bias_gelu_matches_naive_loop) {
+  auto fwd = harness::op<at::Tensor(const at::Tensor&, const at::Tensor&)>("ryzen_llm::bias_gelu_forward");
+  auto bwd = harness::op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "ryzen_llm::bias_gelu_backward");
+  at::manual_seed(1);
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    const double tol = dtype == at::kBFloat16 ? 3e-2 : (dtype == at::kFloat ? 1e-5 : 1e-12);
+    for (auto [N, F] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 17}, {97, 48}, {64, 1024}}) {
+      auto opts = at::TensorOptions().dtype(dtype);
+      auto x = at::randn({N, F}, opts) * 3, b = at::randn({F}, opts), g = at::randn({N, F}, opts);
+      auto y = fwd.call(x, b);
+      auto [gx, gb] = bwd.call(g, x, b);
+      auto X = x.to(at::kDouble), B = b.to(at::kDouble), G = g.to(at::kDouble);
+      auto ey = at::empty({N, F}, at::kDouble), egx = at::empty({N, F}, at::kDouble);
+      auto egb = at::zeros({F}, at::kDouble);
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t f = 0; f < F; ++f) {
+          double v = X[i][f].item<double>() + B[f].item<double>();
+          ey[i][f] = gelu(v);
+          double d = G[i][f].item<double>() * gelu_grad(v);
+          egx[i][f] = d;
+          egb[f] = egb[f].item<double>() + d;
+        }
+      const double rows = static_cast<double>(N);
+      EXPECT(harness::max_abs_diff(y, ey) < tol * 8, "y dtype %s F %ld", c10::toString(dtype), (long)F);
+      EXPECT(harness::max_abs_diff(gx, egx) < tol * 8, "grad_x");
+      EXPECT(harness::max_abs_diff(gb, egb) < tol * 8 * (1 + rows), "grad_bias");
+    }
+  }
+  EXPECT_THROWS(fwd.call(at::randn({4, 8}), at::randn({7})), "bias");
+}
+
+// ---- linear + cross-entropy ------------------------------------------------------------------
+TEST_CASE(linear_cross_entropy_matches_naive_loop) {
+  using Fn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, int64_t, bool, bool);
+  auto fwd = harness::op<Fn>("ryzen_llm::linear_cross_entropy_forward");
+  at::manual_seed(2);
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    const double tol = dtype == at::kFloat ? 2e-5 : 1e-12;
+    for (auto [N, C, V] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 8, 5}, {97, 48, 1000}, {300, 33, 257}}) {
+      auto opts = at::TensorOptions().dtype(dtype);
+      auto h = at::randn({N, C}, opts), w = at::randn({V, C}, opts) * 0.3;
+      auto t = at::randint(0, V, {N}, at::kLong);
+      if (N > 1) t[0] = -100;  // ignored (N = 1 keeps one real target)
+      auto [loss, gh, gw] = fwd.call(h, w, t, -100, true, true);
+      auto H = h.to(at::kDouble), W = w.to(at::kDouble);
+      auto eh = at::zeros({N, C}, at::kDouble), ew = at::zeros({V, C}, at::kDouble);
+      double total = 0;
+      int64_t count = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t target = t[i].item<int64_t>();
+        if (target == -100) continue;
+        ++count;
+        std::vector<double> z(V);
+        double mx = -1e300;
+        for (int64_t v = 0; v < V; ++v) {
+          double s = 0;
+          for (int64_t c = 0; c < C; ++c) s += H[i][c].item<double>() * W[v][c].item<double>();
+          z[v] = s;
+          mx = std::max(mx, s);
+        }
+        double se = 0;
+        for (double s : z) se += std::exp(s - mx);
+        total += std::log(se) + mx - z[target];
+        for (int64_t v = 0; v < V; ++v) {
+          double p = std::exp(z[v] - mx) / se - (v == target ? 1.0 : 0.0);
+          for (int64_t c = 0; c < C; ++c) {
+            eh[i][c] = eh[i][c].item<double>() + p * W[v][c].item<double>();
+            ew[v][c] = ew[v][c].item<double>() + p * H[i][c].item<double>();
+          }
+        }
+      }
+      eh /= count;
+      ew /= count;
+      EXPECT(std::abs(loss.item<double>() - total / count) < tol * 10, "loss N %ld V %ld", (long)N, (long)V);
+      EXPECT(harness::max_abs_diff(gh, eh) < tol, "grad_h N %ld V %ld", (long)N, (long)V);
+      EXPECT(harness::max_abs_diff(gw, ew) < tol, "grad_weight N %ld V %ld", (long)N, (long)V);
+    }
+  }
+  auto h = at::randn({4, 8}), w = at::randn({5, 8});
+  EXPECT_THROWS(fwd.call(h, w, at::full({4}, 5, at::kLong), -100, true, true), "targets");
+  EXPECT_THROWS(fwd.call(h, at::randn({5, 7}), at::zeros({4}, at::kLong), -100, true, true), "weight");
+}
+
+// ---- AdamW -----------------------------------------------------------------------------------
+TEST_CASE(adamw_matches_naive_loop) {
+  using Fn = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double,
+                  double, double, double, int64_t);
+  auto step = harness::op<Fn>("ryzen_llm::adamw_step_");
+  at::manual_seed(3);
+  const double lr = 1e-2, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
+  std::vector<at::Tensor> p, g, m, v;
+  for (int64_t n : {1, 97, 4096 + 3}) {
+    p.push_back(at::randn({n}, at::kDouble));
+    g.push_back(at::randn({n}, at::kDouble));
+    m.push_back(at::zeros({n}, at::kDouble));
+    v.push_back(at::zeros({n}, at::kDouble));
+  }
+  std::vector<at::Tensor> ep, em, ev;
+  for (size_t i = 0; i < p.size(); ++i) {
+    ep.push_back(p[i].clone());
+    em.push_back(m[i].clone());
+    ev.push_back(v[i].clone());
+  }
+  for (int64_t s = 1; s <= 3; ++s) {
+    step.call(p, g, m, v, lr, b1, b2, eps, wd, s);
+    for (size_t i = 0; i < p.size(); ++i) {
+      auto P = ep[i].data_ptr<double>(), M = em[i].data_ptr<double>(), Vv = ev[i].data_ptr<double>();
+      auto G = g[i].data_ptr<double>();
+      for (int64_t j = 0; j < p[i].numel(); ++j) {
+        P[j] *= 1 - lr * wd;
+        M[j] = b1 * M[j] + (1 - b1) * G[j];
+        Vv[j] = b2 * Vv[j] + (1 - b2) * G[j] * G[j];
+        const double mhat = M[j] / (1 - std::pow(b1, s)), vhat = Vv[j] / (1 - std::pow(b2, s));
+        P[j] -= lr * mhat / (std::sqrt(vhat) + eps);
+      }
+    }
+  }
+  for (size_t i = 0; i < p.size(); ++i) {
+    EXPECT(harness::max_abs_diff(p[i], ep[i]) < 1e-12, "param %zu", i);
+    EXPECT(harness::max_abs_diff(m[i], em[i]) < 1e-12, "exp_avg %zu", i);
+    EXPECT(harness::max_abs_diff(v[i], ev[i]) < 1e-12, "exp_avg_sq %zu", i);
+  }
+  std::vector<at::Tensor> short_grads(g.begin(), g.end() - 1);
+  EXPECT_THROWS(step.call(p, short_grads, m, v, lr, b1, b2, eps, wd, 4), "grads");
+}
+
 }  // namespace
 
 int main() {
