@@ -78,8 +78,9 @@ def _restore(payload: torch.Tensor, n: int, block: int) -> torch.Tensor:
     return torch.ops.ryzen_llm.dequantize_blockwise(data, scales, [n], block, 8, torch.float32)
 
 
-def int8_allreduce_hook(state: Int8AllReduceState, bucket: dist.GradBucket) -> torch.futures.Future:
-    """DDP communication hook: the mean over ranks of the bucket, through int8 codes."""
+def int8_allreduce_hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
+    """DDP communication hook: (Int8AllReduceState, dist.GradBucket) -> Future of the mean over
+    ranks of the bucket, through int8 codes."""
     group = state.process_group or dist.group.WORLD
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
