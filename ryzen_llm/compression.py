@@ -7,8 +7,7 @@
     loss.backward()                                       # restores each tensor as it is needed
 
 What is compressed: floating tensors of at least max(min_numel, 2 * tokens) values that are not
-parameters nor derived straight from one (autocast's bf16 weight copies, transposes) and whose
-shape is no parameter's shape: the feed-forward input and pre-activation, the attention input,
+parameters nor derived straight from one (autocast's bf16 weight copies, transposes): the feed-forward input and pre-activation, the attention input,
 q/k/v and probabilities, the LayerNorm inputs. Per-row statistics (mean, rstd: one value per
 token) and tensors without autograd history (the gradients the fused cross-entropy computes in
 its forward) stay exact. 4-bit codes round stochastically, int8 codes to nearest. A tensor saved by several nodes is compressed once.
@@ -71,14 +70,13 @@ class ActivationCompressor:
                 stacklevel=2,
             )
         self._param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self._param_shapes = {tuple(p.shape) for p in model.parameters()}
         self.packed_tensors = 0  # counted over the life of the compressor
         self.kept_tensors = 0
 
     def _wanted(self, t: torch.Tensor, min_numel: int) -> bool:
         if not t.is_floating_point() or t.numel() < min_numel or t.device.type != "cpu":
             return False
-        if t.untyped_storage().data_ptr() in self._param_storages or tuple(t.shape) in self._param_shapes:
+        if t.untyped_storage().data_ptr() in self._param_storages:
             return False
         if t.grad_fn is None and not t.requires_grad:
             return False  # no autograd history: a gradient computed ahead (fused CE's grad_h)

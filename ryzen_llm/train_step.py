@@ -66,9 +66,13 @@ class TrainStep:
         bf16: bool | None = None,
         kernel_overrides: dict[str, str] | None = None,
         compression_ratio: float = 0.0,
+        distributed: bool = False,
     ):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps: must be >= 1, got {grad_accum_steps}")
+        if distributed and not isinstance(model, DistributedDataParallel):
+            # The pos_emb buffer is a constant: nothing to broadcast each step.
+            model = DistributedDataParallel(model, broadcast_buffers=False)
         # A DistributedDataParallel model runs its forward through the wrapper (so that gradients
         # are all-reduced); everything else (kernels, parameters, evaluation) uses the module.
         self.ddp = model if isinstance(model, DistributedDataParallel) else None
