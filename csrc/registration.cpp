@@ -20,4 +20,8 @@ TORCH_LIBRARY(ryzen_llm, m) {
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
   // The same on float32 master copies of bfloat16 params: the params receive the rounded master.
   m.def("adamw_master_step_(Tensor(a!)[] params, Tensor(b!)[] master_params, Tensor[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // Block-wise absmax int8/4-bit codes of x flattened (row-major): data uint8 (numel or
+  // ceil(numel/2) bytes), scales float32 per block; stochastic rounding hashes (seed, offset + i).
+  m.def("quantize_blockwise(Tensor x, int block_size, int bits, bool stochastic, int seed, int offset) -> (Tensor data, Tensor scales)");
+  m.def("dequantize_blockwise(Tensor data, Tensor scales, int[] shape, int block_size, int bits, ScalarType dtype) -> Tensor");
 }

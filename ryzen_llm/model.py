@@ -161,8 +161,16 @@ class ScaledTransformerModel(nn.Module):
             x, h = block(x, h, key_padding_mask, next_ln)
         return h
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size)."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size); with targets, the loss instead (as self.loss, without ever
+        holding the logits), so that a DistributedDataParallel wrapper can run a training step."""
+        if targets is not None:
+            return self.loss(idx, targets, attention_mask)
         return self.lm_head(self.hidden_states(idx, attention_mask))
 
     def loss(
@@ -228,18 +236,28 @@ class ScaledTransformerModel(nn.Module):
         return out
 
 
-def measure_saved_activation_bytes(model: nn.Module, fn) -> tuple[int, Any]:
+def measure_saved_activation_bytes(model: nn.Module, fn, pack_hooks=None) -> tuple[int, Any]:
     """Bytes of the distinct storages autograd saves for backward while running fn(), not
-    counting the model's own parameters and buffers (which autograd also saves)."""
+    counting the model's own parameters and buffers (which autograd also saves).
+
+    pack_hooks: (pack, unpack) of a saved-tensor transform to measure through, such as
+    ryzen_llm.compression.ActivationCompressor.pack_fn(): what pack returns is counted (every
+    tensor field of it, for a QuantizedTensor its codes and scales)."""
     storages: dict[int, int] = {}
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    inner_pack, inner_unpack = pack_hooks if pack_hooks is not None else (None, lambda t: t)
 
     def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
+        packed = inner_pack(t) if inner_pack is not None else t
+        held = [packed] if isinstance(packed, torch.Tensor) else [
+            v for v in vars(packed).values() if isinstance(v, torch.Tensor)
+        ]
+        for h in held:
+            s = h.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, inner_unpack):
         out = fn()
     for ptr in own | {0}:  # 0: empty tensors
         storages.pop(ptr, None)

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ryzen_llm.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from ryzen_llm.config import Config, ConfigError, config_from_dict, load_config
+from ryzen_llm.distributed import init_from_env
 from ryzen_llm.data import BatchSampler, PreparedData, eval_batches, prepare_data
 from ryzen_llm.model import ScaledTransformerModel
 from ryzen_llm.train_step import NonFiniteError, TrainStep, warmup_cosine
@@ -75,10 +77,22 @@ def train_run(
     max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Trains one run (baseline or optimized) in this process, resuming from
-    run_dir/<which>/checkpoints/last when it exists. Returns and writes its metrics."""
+    run_dir/<which>/checkpoints/last when it exists. Returns and writes its metrics.
+
+    Under torchrun (a process group is initialised) the model is wrapped in
+    DistributedDataParallel, each rank trains on its share of every global batch, and rank 0
+    alone writes checkpoints and metrics."""
     from tqdm import tqdm
 
     tc, mc = config.training, config.model
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    global_batch = tc.batch_size * tc.gradient_accumulation_steps
+    if global_batch % world:
+        raise ValueError(
+            f"training.batch_size * gradient_accumulation_steps = {global_batch} is not divisible "
+            f"by the world size {world}"
+        )
+    progress = progress and rank == 0
     level = run_level(config, which)
     out_dir = run_dir / which
     ckpt_dir = out_dir / "checkpoints"
@@ -93,10 +107,14 @@ def train_run(
     torch.manual_seed(tc.seed)  # identical initial weights in both runs
     model = ScaledTransformerModel(mc)
     schedule = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.min_lr_ratio)
+    # Compression (activations; gradients across processes) is part of the optimized run at
+    # level 3; compression_ratio 0 turns it off.
+    ratio = config.optimization.compression_ratio if which == "optimized" and level >= 3 else 0.0
     step = TrainStep(
         model, level=level, lr=tc.learning_rate, weight_decay=tc.weight_decay,
         max_grad_norm=tc.max_grad_norm, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
         grad_accum_steps=tc.gradient_accumulation_steps, lr_schedule=schedule,
+        compression_ratio=ratio, distributed=world > 1,
     )
     state: dict[str, Any] = {
         "step": 0, "step_losses": [], "grad_norms": [], "epochs": [], "train_time_s": 0.0,
@@ -113,14 +131,15 @@ def train_run(
         restore_rng(ckpt.trainer_state)
         print(f"[{which}] resumed from {last} at step {state['step']}")
 
-    sampler = BatchSampler(
-        data.train_tokens, tc.batch_size * tc.gradient_accumulation_steps, mc.max_seq_len, tc.seed
-    )
+    # Each rank draws its rows of the same global batch (global_batch / world rows per rank).
+    sampler = BatchSampler(data.train_tokens, global_batch // world, mc.max_seq_len, tc.seed)
     val = eval_batches(data.val_tokens, tc.batch_size, mc.max_seq_len, config.data.eval_batches)
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * mc.max_seq_len
     config_dict = config.to_dict()
 
-    def checkpoint(name: str) -> Path:
+    def checkpoint(name: str) -> Path | None:
+        if rank != 0:
+            return None
         trainer_state = {**state, "which": which, "level": level}
         return save_checkpoint(
             ckpt_dir / name, model, config_dict, step.optimizer, trainer_state,
@@ -141,7 +160,7 @@ def train_run(
             if max_steps is not None and steps_this_call >= max_steps:
                 interrupted = True
                 break
-            idx, targets = sampler.batch(state["step"])
+            idx, targets = sampler.batch(state["step"], rank, world)
             t0 = time.perf_counter()
             try:
                 loss = step(idx, targets)
@@ -182,7 +201,8 @@ def train_run(
                     state["best_val_loss"] = val_loss
                     checkpoint("best")
                 checkpoint("last")
-                _prune_epoch_checkpoints(ckpt_dir, tc.keep_checkpoints)
+                if rank == 0:
+                    _prune_epoch_checkpoints(ckpt_dir, tc.keep_checkpoints)
                 epoch_start_time, epoch_train_time = time.perf_counter(), 0.0
     except KeyboardInterrupt:
         interrupted = True
@@ -225,9 +245,19 @@ def train_run(
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         },
         "ops": step.kernels.summary(),
+        "world_size": world,
+        "compression": {
+            "ratio": ratio,
+            "activation_bits": step.compressor.bits if step.compressor else None,
+            "gradient_wire_bytes": step.grad_compression.wire_bytes if step.grad_compression else None,
+            "gradient_fp32_wire_bytes": (
+                step.grad_compression.fp32_wire_bytes if step.grad_compression else None
+            ),
+        },
         "checkpoints": sorted(p.name for p in ckpt_dir.iterdir() if not p.name.startswith(".")),
     }
-    _write_json(out_dir / METRICS_FILE, metrics)
+    if rank == 0:
+        _write_json(out_dir / METRICS_FILE, metrics)
     return metrics
 
 
@@ -296,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = not args.no_progress
+    rank, world = init_from_env()  # (0, 1) unless started by torchrun with several processes
+    progress = not args.no_progress and rank == 0
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -318,18 +349,28 @@ def main(argv: list[str] | None = None) -> int:
                 extra.append(f"output_dir={args.output_dir}")
             config = load_config(args.config, args.preset, extra)
             only = args.only
-            run_dir = _new_run_dir(config, args.name)
-            _write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "only": only})
+            if rank == 0:
+                run_dir = _new_run_dir(config, args.name)
+                _write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "only": only})
+            if world > 1:  # every rank uses rank 0's folder (its name carries a timestamp)
+                shared = [str(run_dir) if rank == 0 else None]
+                dist.broadcast_object_list(shared, src=0)
+                run_dir = Path(shared[0])
+        if world > 1 and rank != 0:
+            dist.barrier()  # rank 0 fills the token cache first; the others then read it
         data = _load_data(config, progress)  # fills the token cache before the runs start
+        if world > 1 and rank == 0:
+            dist.barrier()
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from ryzen_llm.report import build_report, print_report, write_report
 
-    print(f"run folder: {run_dir}")
-    print(f"corpus: {data.source} ({data.n_files} files, {data.n_bytes / 1e6:.1f} MB) -> "
-          f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens")
+    if rank == 0:
+        print(f"run folder: {run_dir}" + (f" ({world} processes)" if world > 1 else ""))
+        print(f"corpus: {data.source} ({data.n_files} files, {data.n_bytes / 1e6:.1f} MB) -> "
+              f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens")
     runs = [only] if only else list(RUNS)
     metrics: dict[str, dict] = {}
     try:
@@ -341,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{which}] already complete; reusing its metrics")
                     metrics[which] = previous
                     continue
-            if only:
+            if only or world > 1:  # under torchrun every run is in-process
                 metrics[which] = train_run(config, which, run_dir, data, progress, args.max_steps)
             else:
                 metrics[which] = _run_in_child(config, which, run_dir, progress, args.max_steps)
@@ -355,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     report = build_report(config, metrics, run_dir)
     write_report(report, run_dir)
     print_report(report)

@@ -13,7 +13,10 @@ import math
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+from ryzen_llm.compression import ActivationCompressor
 from ryzen_llm.hardware import has_native_bf16
 from ryzen_llm.model import measure_saved_activation_bytes
 from ryzen_llm.ops.dispatch import KernelOptimizer
@@ -62,9 +65,18 @@ class TrainStep:
         lr_schedule: Callable[[int], float] | None = None,
         bf16: bool | None = None,
         kernel_overrides: dict[str, str] | None = None,
+        compression_ratio: float = 0.0,
+        distributed: bool = False,
     ):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps: must be >= 1, got {grad_accum_steps}")
+        if distributed and not isinstance(model, DistributedDataParallel):
+            # The pos_emb buffer is a constant: nothing to broadcast each step.
+            model = DistributedDataParallel(model, broadcast_buffers=False)
+        # A DistributedDataParallel model runs its forward through the wrapper (so that gradients
+        # are all-reduced); everything else (kernels, parameters, evaluation) uses the module.
+        self.ddp = model if isinstance(model, DistributedDataParallel) else None
+        model = model.module if self.ddp is not None else model
         self.model = model
         self.level = level
         self.kernels = KernelOptimizer(level, kernel_overrides).apply(model).kernels
@@ -81,6 +93,15 @@ class TrainStep:
             self.optimizer = FusedAdamW(groups, lr=lr, betas=betas, eps=eps)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        # compression_ratio > 0: saved activations are kept as int8 (ratio >= 0.27) or 4-bit
+        # codes, and a multi-process run all-reduces int8 gradients with error feedback.
+        self.compression_ratio = compression_ratio
+        self.compressor = ActivationCompressor(model, compression_ratio) if compression_ratio > 0 else None
+        self.grad_compression = None
+        if compression_ratio > 0 and self.ddp is not None and dist.get_world_size() > 1:
+            from ryzen_llm.distributed import register_int8_allreduce_hook
+
+            self.grad_compression = register_int8_allreduce_hook(self.ddp)
         self.step_count = 0
         self.last_grad_norm = float("nan")
         # Bytes autograd saved for backward in one micro-batch, measured on the first call.
@@ -101,24 +122,23 @@ class TrainStep:
             )
         self.model.train()
         total = 0.0
-        for micro_idx, micro_targets in zip(
-            idx.chunk(self.grad_accum_steps), targets.chunk(self.grad_accum_steps)
-        ):
-            if self.saved_activation_bytes is None:
-                with self.autocast():
-                    self.saved_activation_bytes, loss = measure_saved_activation_bytes(
-                        self.model, lambda: self.model.loss(micro_idx, micro_targets)
+        micro_batches = list(zip(idx.chunk(self.grad_accum_steps), targets.chunk(self.grad_accum_steps)))
+        for i, (micro_idx, micro_targets) in enumerate(micro_batches):
+            # Gradients are all-reduced once per step, on the last micro-batch's backward.
+            sync = self.ddp is None or i == len(micro_batches) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                loss = self._forward(micro_idx, micro_targets)
+                loss_value = loss.detach().float()
+                if self.ddp is not None:  # the global mean, and every rank stops together
+                    dist.all_reduce(loss_value)
+                    loss_value /= dist.get_world_size()
+                if not torch.isfinite(loss_value):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteError(
+                        f"step {self.step_count}: loss is {loss_value.item()}; the update was not applied"
                     )
-            else:
-                with self.autocast():
-                    loss = self.model.loss(micro_idx, micro_targets)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(
-                    f"step {self.step_count}: loss is {loss.item()}; the update was not applied"
-                )
-            (loss / self.grad_accum_steps).backward()
-            total += loss.item()
+                (loss / self.grad_accum_steps).backward()
+            total += loss_value.item()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.max_grad_norm is not None and self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -139,6 +159,30 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return total / self.grad_accum_steps
+
+    def _forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch, with the saved activations compressed when asked; the
+        saved bytes are measured on the first call."""
+        if self.ddp is not None:
+            run = lambda: self.ddp(idx, targets=targets)  # noqa: E731
+        else:
+            run = lambda: self.model.loss(idx, targets)  # noqa: E731
+        hooks = self.compressor.pack_fn(idx.numel()) if self.compressor is not None else None
+        try:
+            with self.autocast():
+                if self.saved_activation_bytes is None:
+                    self.saved_activation_bytes, loss = measure_saved_activation_bytes(
+                        self.model, run, hooks[:2] if hooks else None
+                    )
+                elif hooks is not None:
+                    with torch.autograd.graph.saved_tensors_hooks(hooks[0], hooks[1]):
+                        loss = run()
+                else:
+                    loss = run()
+        finally:
+            if hooks is not None:
+                hooks[2]()
+        return loss
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:

@@ -2,6 +2,8 @@
 the baseline of the benchmarks. One function per op, with the same signature as its fused twin."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -97,3 +99,94 @@ def adamw_step(
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-step_size)
+
+
+# -- block-wise quantization --------------------------------------------------------------------
+_QMAX = {8: 127, 4: 7}
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on uint32 values held in int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _seed_key(seed: int) -> tuple[int, int]:
+    """splitmix64(seed) split into two 32-bit keys, as the kernel does."""
+    m64 = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15) & m64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+    z ^= z >> 31
+    return z & _MASK32, z >> 32
+
+
+def stochastic_uniform(n: int, seed: int, offset: int = 0) -> torch.Tensor:
+    """The u in [0, 1) (24 bits) that stochastic rounding adds to element i: a hash of
+    (seed, offset + i), float32 (n,)."""
+    lo_key, hi_key = _seed_key(seed)
+    i = torch.arange(offset, offset + n, dtype=torch.int64)
+    h = _mix32(_mix32((i & _MASK32) ^ lo_key) ^ (i >> 32) ^ hi_key)
+    return (h >> 8).float() * 2.0**-24
+
+
+def quantize_blockwise(
+    x: torch.Tensor, block_size: int, bits: int, stochastic: bool, seed: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise absmax codes of x flattened in row-major order -> (data uint8, scales float32).
+
+    Block b holds elements [b * block_size, (b + 1) * block_size); the last block may be short.
+    scale = absmax / qmax (qmax 127 for 8 bits, 7 for 4); q = round-half-even(x * (1 / scale)),
+    or floor(x * (1 / scale) + u) with u = stochastic_uniform(...), clamped to [-qmax, qmax].
+    8 bits: q as int8 bits, one byte per value. 4 bits: q + 8 per nibble, even element in the
+    low nibble, ceil(numel / 2) bytes (block_size must be even). A block holding NaN or inf gets
+    scale NaN and codes 0; a block whose 1 / scale overflows (absmax < ~1.5e-36) gets scale 0."""
+    qmax = _QMAX[bits]
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    n_blocks = -(-n // block_size)
+    pad = n_blocks * block_size - n
+    blocks = F.pad(flat, (0, pad)).view(n_blocks, block_size)
+    nonfinite = ~torch.isfinite(blocks).all(dim=1)
+    amax = torch.where(torch.isnan(blocks), 0.0, blocks.abs()).amax(dim=1) if n_blocks else blocks.new_zeros(0)
+    scale = amax / qmax
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    flush = torch.isinf(inv)
+    scale = torch.where(flush, 0.0, scale)
+    inv = torch.where(flush | nonfinite, 0.0, inv)
+    scale = torch.where(nonfinite, float("nan"), scale)
+    v = torch.where(nonfinite[:, None], 0.0, blocks) * inv[:, None]
+    if stochastic:
+        u = F.pad(stochastic_uniform(n, seed, offset), (0, pad)).view(n_blocks, block_size)
+        q = torch.floor(v + u)
+    else:
+        q = torch.round(v)
+    q = q.clamp(-qmax, qmax).to(torch.int32).reshape(-1)[:n]
+    if bits == 8:
+        data = q.to(torch.int8).view(torch.uint8)
+    else:
+        codes = F.pad(q + 8, (0, n % 2), value=8).view(-1, 2)
+        data = (codes[:, 0] | (codes[:, 1] << 4)).to(torch.uint8)
+    return data, scale
+
+
+def dequantize_blockwise(
+    data: torch.Tensor,
+    scales: torch.Tensor,
+    shape: list[int],
+    block_size: int,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """x ~ q * scale of its block, as a (shape) tensor of dtype; inverse of quantize_blockwise."""
+    n = math.prod(shape)
+    if bits == 8:
+        q = data.view(torch.int8).float()
+    else:
+        q = torch.stack([data & 0xF, data >> 4], dim=1).reshape(-1)[:n].float() - 8
+    idx = torch.arange(n) // block_size
+    return (q * scales[idx]).to(dtype).reshape(shape)

@@ -1,0 +1,238 @@
+// Block-wise absmax quantization: the flattened tensor is cut into blocks of block_size values;
+// each block stores scale = absmax / qmax (float32) and q = round(x / scale) in [-qmax, qmax]
+// (qmax 127 for 8 bits, stored as int8 bits in uint8; qmax 7 for 4 bits, two values per byte,
+// q + 8 in the low nibble for the even element). One read of x per pass (absmax, then quantize,
+// the block still in L1) and one write of N or N/2 bytes plus 4 bytes per block: memory-bound.
+// Stochastic rounding adds u in [0, 1) from a counter hash of (seed, offset + element index)
+// before floor(), so it is reproducible and independent of the thread count.
+// Special cases: a block holding NaN or +-inf gets scale NaN and zero codes (it dequantizes to
+// NaN everywhere); an all-zero block (or one with absmax < ~1.5e-36) has scale 0; the last block may be short; empty in, empty out.
+#include "common.h"
+#include "fast_math.h"
+
+#include <torch/library.h>
+
+#include <cfloat>
+#include <vector>
+
+namespace ryzen_llm {
+namespace {
+
+// lowbias32 (Chris Wellons' hash-prospector): a full-avalanche 32-bit mix that vectorises.
+RYZEN_LLM_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct SeedKey {
+  uint32_t lo, hi;
+};
+
+// splitmix64 of the seed, so nearby seeds give unrelated streams.
+SeedKey seed_key(int64_t seed) {
+  uint64_t z = static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
+}
+
+// u in [0, 1) with 24 random bits for element index i (offset already added).
+RYZEN_LLM_INLINE float uniform_at(uint64_t i, SeedKey key) {
+  const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) ^ key.lo) ^ static_cast<uint32_t>(i >> 32) ^ key.hi);
+  return static_cast<float>(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
+}
+
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to nearest even
+
+template <typename scalar_t>
+RYZEN_LLM_TARGET_CLONES void quantize_blocks(
+    const typename Elem<scalar_t>::raw_t* x, int64_t n, int64_t block_size, int bits,
+    bool stochastic, SeedKey key, uint64_t offset, int64_t block_begin, int64_t block_end,
+    uint8_t* data, float* scales, float* v, int32_t* q) {
+  using E = Elem<scalar_t>;
+  const float qmax = bits == 8 ? 127.0f : 7.0f;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t start = b * block_size;
+    const int64_t len = std::min(block_size, n - start);
+    const auto* xb = x + start;
+    float amax = 0.0f;
+    int nonfinite = 0;
+#pragma omp simd reduction(max : amax) reduction(| : nonfinite)
+    for (int64_t i = 0; i < len; ++i) {
+      const float a = std::fabs(static_cast<float>(E::load(xb[i])));
+      nonfinite |= !(a <= FLT_MAX);  // NaN or inf
+      amax = a > amax ? a : amax;
+    }
+    float scale = amax / qmax;
+    float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    if (!(inv <= FLT_MAX)) {  // absmax below ~1.5e-36: 1/scale overflows, the block flushes to 0
+      scale = 0.0f;
+      inv = 0.0f;
+    }
+    if (nonfinite) {
+      scale = __builtin_nanf("");
+      inv = 0.0f;  // every code 0: the block reads back as NaN * 0 = NaN
+    }
+    scales[b] = scale;
+    // v = x / scale goes through memory before it is rounded: in one expression GCC would fuse
+    // the multiply into the add (FMA) and round a different value than the reference does.
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) v[i] = static_cast<float>(E::load(xb[i])) * inv;
+    if (stochastic) {
+      const uint64_t base = offset + static_cast<uint64_t>(start);
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        float r = std::floor(v[i] + uniform_at(base + i, key));
+        r = r < -qmax ? -qmax : (r > qmax ? qmax : r);
+        q[i] = static_cast<int32_t>(r);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        float r = (v[i] + kRoundMagic) - kRoundMagic;
+        r = r < -qmax ? -qmax : (r > qmax ? qmax : r);
+        q[i] = static_cast<int32_t>(r);
+      }
+    }
+    if (bits == 8) {
+      uint8_t* out = data + start;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) out[i] = static_cast<uint8_t>(q[i]);
+    } else {
+      // block_size is even, so a block starts on a byte; a short odd last block pads with code 8 (0).
+      if (len & 1) q[len] = 0;
+      uint8_t* out = data + start / 2;
+      const int64_t bytes = (len + 1) / 2;
+#pragma omp simd
+      for (int64_t j = 0; j < bytes; ++j) {
+        out[j] = static_cast<uint8_t>((q[2 * j] + 8) | ((q[2 * j + 1] + 8) << 4));
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+RYZEN_LLM_TARGET_CLONES void dequantize_blocks(
+    const uint8_t* data, const float* scales, int64_t n, int64_t block_size, int bits,
+    int64_t block_begin, int64_t block_end, typename Elem<scalar_t>::raw_t* out) {
+  using E = Elem<scalar_t>;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t start = b * block_size;
+    const int64_t len = std::min(block_size, n - start);
+    const float scale = scales[b];
+    auto* ob = out + start;
+    if (bits == 8) {
+      const int8_t* db = reinterpret_cast<const int8_t*>(data + start);
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) ob[i] = E::store(static_cast<float>(db[i]) * scale);
+    } else {
+      const uint8_t* db = data + start / 2;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const int32_t code = (db[i >> 1] >> ((i & 1) * 4)) & 0xF;
+        ob[i] = E::store(static_cast<float>(code - 8) * scale);
+      }
+    }
+  }
+}
+
+void check_block_args(int64_t block_size, int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: expected 8 or 4, got ", bits);
+  TORCH_CHECK(block_size >= 1, "block_size: expected a positive block size, got ", block_size);
+  TORCH_CHECK(bits == 8 || block_size % 2 == 0,
+              "block_size: expected an even block size for 4-bit codes (two per byte), got ",
+              block_size);
+}
+
+int64_t data_bytes(int64_t n, int64_t bits) { return bits == 8 ? n : (n + 1) / 2; }
+
+int64_t grain_blocks(int64_t block_size) {
+  return std::max<int64_t>(1, 32768 / block_size);
+}
+
+// Non-contiguous x is quantized in its logical (row-major) element order, through one copy.
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, int64_t block_size,
+                                                          int64_t bits, bool stochastic,
+                                                          int64_t seed, int64_t offset) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x: expected float32 or bfloat16, got ", x.scalar_type());
+  check_block_args(block_size, bits);
+  TORCH_CHECK(offset >= 0, "offset: expected a non-negative element offset, got ", offset);
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  const int64_t n_blocks = (n + block_size - 1) / block_size;
+  auto data = at::empty({data_bytes(n, bits)}, x.options().dtype(at::kByte));
+  auto scales = at::empty({n_blocks}, x.options().dtype(at::kFloat));
+  if (n == 0) return {data, scales};
+  const SeedKey key = seed_key(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xc.scalar_type(), "quantize_blockwise", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const auto* xp = Elem<scalar_t>::ptr(xc);
+      uint8_t* dp = data.data_ptr<uint8_t>();
+      float* sp = scales.data_ptr<float>();
+      at::parallel_for(0, n_blocks, grain_blocks(block_size), [&](int64_t begin, int64_t end) {
+        std::vector<float> v(block_size);
+        std::vector<int32_t> q(block_size + 1);
+        quantize_blocks<scalar_t>(xp, n, block_size, static_cast<int>(bits), stochastic, key,
+                                  static_cast<uint64_t>(offset), begin, end, dp, sp, v.data(),
+                                  q.data());
+      });
+    }
+  });
+  return {data, scales};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& data, const at::Tensor& scales,
+                                    at::IntArrayRef shape, int64_t block_size, int64_t bits,
+                                    at::ScalarType dtype) {
+  check_cpu(data, "data");
+  check_cpu(scales, "scales");
+  TORCH_CHECK(data.scalar_type() == at::kByte, "data: expected uint8, got ", data.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "scales: expected float32, got ",
+              scales.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "dtype: expected float32 or bfloat16, got ", dtype);
+  check_block_args(block_size, bits);
+  check_dim(data, 1, "data");
+  check_dim(scales, 1, "scales");
+  check_contiguous(data, "data");
+  check_contiguous(scales, "scales");
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "shape: expected non-negative sizes, got ", shape);
+    n *= s;
+  }
+  const int64_t n_blocks = (n + block_size - 1) / block_size;
+  TORCH_CHECK(data.numel() == data_bytes(n, bits), "data: expected ", data_bytes(n, bits),
+              " bytes for ", n, " values at ", bits, " bits, got ", data.numel());
+  TORCH_CHECK(scales.numel() == n_blocks, "scales: expected ", n_blocks, " blocks of ",
+              block_size, " for ", n, " values, got ", scales.numel());
+  auto out = at::empty(shape, data.options().dtype(dtype));
+  if (n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "dequantize_blockwise", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      auto* op = Elem<scalar_t>::ptr(out);
+      const uint8_t* dp = data.data_ptr<uint8_t>();
+      const float* sp = scales.data_ptr<float>();
+      at::parallel_for(0, n_blocks, grain_blocks(block_size), [&](int64_t begin, int64_t end) {
+        dequantize_blocks<scalar_t>(dp, sp, n, block_size, static_cast<int>(bits), begin, end, op);
+      });
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+}
+
+}  // namespace ryzen_llm

@@ -1,0 +1,121 @@
+"""Activation compression: the tensors autograd saves for backward are stored as block-wise int8
+(or 4-bit) codes during the forward and restored in the backward.
+
+    compressor = ActivationCompressor(model, ratio=0.3)   # int8, block 64: 0.266 of fp32 bytes
+    with compressor.hooks(tokens=idx.numel()):
+        loss = model.loss(idx, targets)
+    loss.backward()                                       # restores each tensor as it is needed
+
+What is compressed: floating tensors of at least max(min_numel, 2 * tokens) values that are not
+parameters nor derived straight from one (autocast's bf16 weight copies, transposes): the feed-forward input and pre-activation, the attention input,
+q/k/v and probabilities, the LayerNorm inputs. Per-row statistics (mean, rstd: one value per
+token) and tensors without autograd history (the gradients the fused cross-entropy computes in
+its forward) stay exact. 4-bit codes round stochastically, int8 codes to nearest. A tensor saved by several nodes is compressed once.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+import torch
+
+from ryzen_llm.ops._extension import extension_error, extension_loaded
+from ryzen_llm.ops.quantize import QuantizedTensor, compressed_ratio, quantize_blockwise
+
+# compression_ratio at or above this uses int8 (0.266 at block 64); below it, 4-bit (0.141).
+INT8_MIN_RATIO = 0.27
+
+
+def bits_for_ratio(ratio: float) -> int:
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"compression_ratio: expected a value in (0, 1], got {ratio!r}")
+    return 8 if ratio >= INT8_MIN_RATIO else 4
+
+
+# Autograd nodes of casts and views: a chain of them back to a leaf means "a parameter, reshaped".
+_VIEW_OR_CAST = {
+    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0",
+    "ViewBackward0", "UnsafeViewBackward0", "ExpandBackward0", "AliasBackward0", "CloneBackward0",
+}
+
+
+def _derived_from_parameter(fn, depth: int = 6) -> bool:
+    """True when fn is a chain of casts/views ending at a parameter (autocast's bf16 weight
+    copy, its transpose): such tensors belong to the weights, not to the activations."""
+    while fn is not None and depth > 0 and type(fn).__name__ in _VIEW_OR_CAST:
+        nexts = [nf for nf, _ in fn.next_functions if nf is not None]
+        if len(nexts) != 1:
+            return False
+        fn = nexts[0]
+        if type(fn).__name__ == "AccumulateGrad":
+            return True
+        depth -= 1
+    return False
+
+
+class ActivationCompressor:
+    """saved_tensors_hooks that quantize large saved activations (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, ratio: float, block_size: int = 64, min_numel: int = 1024):
+        self.bits = bits_for_ratio(ratio)
+        self.ratio = compressed_ratio(1 << 20, block_size, self.bits)
+        self.block_size = block_size
+        self.min_numel = min_numel
+        self.fused = extension_loaded()
+        if not self.fused:
+            warnings.warn(
+                f"activation compression: quantize kernel unavailable ({extension_error()}), "
+                "running the plain-PyTorch reference",
+                stacklevel=2,
+            )
+        self._param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.packed_tensors = 0  # counted over the life of the compressor
+        self.kept_tensors = 0
+
+    def _wanted(self, t: torch.Tensor, min_numel: int) -> bool:
+        if not t.is_floating_point() or t.numel() < min_numel or t.device.type != "cpu":
+            return False
+        if t.untyped_storage().data_ptr() in self._param_storages:
+            return False
+        if t.grad_fn is None and not t.requires_grad:
+            return False  # no autograd history: a gradient computed ahead (fused CE's grad_h)
+        return not _derived_from_parameter(t.grad_fn)
+
+    def pack_fn(self, tokens: int = 0):
+        """(pack, unpack, done) for torch.autograd.graph.saved_tensors_hooks, one forward's worth."""
+        min_numel = max(self.min_numel, 2 * tokens)
+        # The same tensor saved by several nodes is compressed once. The weak reference tells a
+        # live tensor from a new one the allocator put at a freed one's address.
+        seen: dict[tuple, tuple[weakref.ref, QuantizedTensor]] = {}
+
+        def pack(t: torch.Tensor):
+            if not self._wanted(t, min_numel):
+                self.kept_tensors += 1
+                return t
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                   tuple(t.stride()), t.dtype, t._version)
+            hit = seen.get(key)
+            if hit is not None and hit[0]() is not None:
+                return hit[1]
+            # 4-bit codes round stochastically (unbiased, so the gradient error averages out
+            # over steps), seeded by a counter: reproducible run to run.
+            qt = quantize_blockwise(t, self.block_size, self.bits, stochastic=self.bits == 4,
+                                    seed=self.packed_tensors, fused=self.fused)
+            seen[key] = (weakref.ref(t), qt)
+            self.packed_tensors += 1
+            return qt
+
+        def unpack(packed):
+            return packed.dequantize() if isinstance(packed, QuantizedTensor) else packed
+
+        return pack, unpack, seen.clear
+
+    @contextlib.contextmanager
+    def hooks(self, tokens: int = 0):
+        pack, unpack, done = self.pack_fn(tokens)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            done()
