@@ -42,6 +42,7 @@ def _worker(rank: int, port: int, ratio: float, out_dir: str) -> None:
                   "fp32_wire_bytes": gc.fp32_wire_bytes if gc else 0}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
