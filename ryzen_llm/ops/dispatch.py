@@ -41,8 +41,9 @@ def _fused_registry() -> dict[str, Callable]:
     if not extension_loaded():
         return {}
     from ryzen_llm.ops.add_layer_norm import add_layer_norm
+    from ryzen_llm.ops.causal_attention import causal_attention
 
-    return {"add_layer_norm": add_layer_norm}
+    return {"add_layer_norm": add_layer_norm, "causal_attention": causal_attention}
 
 
 class FusedOpUnavailable(RuntimeError):

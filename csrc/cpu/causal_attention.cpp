@@ -1,0 +1,608 @@
+// Causal softmax attention, flash style: per (batch, head, query tile) the keys are walked in
+// tiles with an online softmax, so the (T, T) score matrix is never stored; tiles above the
+// diagonal are skipped and only out and the per-row log-sum-exp are written. Backward
+// (flash-attention-2) recomputes P = exp(S - lse) tile by tile, one task per (batch, head) so no
+// two threads write the same dQ/dK/dV rows. Traffic: q, k, v read once per query tile, out once.
+// Tile products run in a register-blocked GEMM below (fp32 accumulation; bf16 tiles are widened
+// to fp32 when loaded), softmax and masking in auto-vectorised loops with a polynomial exp.
+#include "common.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__)
+#define RYZEN_LLM_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RYZEN_LLM_ALWAYS_INLINE inline
+#endif
+
+namespace ryzen_llm {
+namespace {
+
+constexpr int64_t kMinHeadDim = 8;
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kForwardBlockQ = 64;   // query rows per forward task
+constexpr int64_t kForwardBlockK = 256;  // keys per online-softmax step
+constexpr int64_t kBackwardBlockQ = 64;
+constexpr int64_t kBackwardBlockK = 64;
+constexpr int64_t kPad = 16;  // score rows are padded to this many columns (one 512-bit vector)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// exp for softmax arguments (x <= ~0): Cephes-style range reduction + degree-6 polynomial,
+// written so that `#pragma omp simd` loops vectorise it (glibc's expf does not without
+// -ffast-math). exp(-inf) and anything below -87 give exactly 0.
+RYZEN_LLM_ALWAYS_INLINE float softmax_exp(float x) {
+  const float lo = -87.0f, hi = 88.0f;
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float s = __builtin_bit_cast(float, e);
+  return x < lo ? 0.0f : y * s;
+}
+RYZEN_LLM_ALWAYS_INLINE double softmax_exp(double x) { return std::exp(x); }
+
+// C (M x N, ldc) = / += A (M x K; element (r, k) at A[r * ars + k * acs]) * B (K x N, ldb).
+// A is read one scalar at a time (so a transposed A costs nothing), B row by row as vectors;
+// R rows x NC columns of C stay in registers for the whole K loop.
+template <typename T, int R, int NC>
+RYZEN_LLM_ALWAYS_INLINE void gemm_block(const T* A, int64_t ars, int64_t acs, const T* B,
+                                        int64_t ldb, T* C, int64_t ldc, int64_t K,
+                                        bool accumulate) {
+  T c[R][NC];
+  for (int r = 0; r < R; ++r) {
+#pragma omp simd
+    for (int j = 0; j < NC; ++j) c[r][j] = accumulate ? C[r * ldc + j] : T(0);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * ars + k * acs];
+#pragma omp simd
+      for (int j = 0; j < NC; ++j) c[r][j] += a * b[j];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+#pragma omp simd
+    for (int j = 0; j < NC; ++j) C[r * ldc + j] = c[r][j];
+  }
+}
+
+// The column tail (N % 16 columns): same loop with a run-time width.
+template <typename T>
+RYZEN_LLM_ALWAYS_INLINE void gemm_tail(const T* A, int64_t ars, int64_t acs, const T* B,
+                                       int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t N,
+                                       int64_t K, bool accumulate) {
+  for (int64_t r = 0; r < M; ++r) {
+    T c[kPad];
+    for (int64_t j = 0; j < N; ++j) c[j] = accumulate ? C[r * ldc + j] : T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[r * ars + k * acs];
+      const T* b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+    for (int64_t j = 0; j < N; ++j) C[r * ldc + j] = c[j];
+  }
+}
+
+template <typename T, int R>
+RYZEN_LLM_ALWAYS_INLINE void gemm_rows(const T* A, int64_t ars, int64_t acs, const T* B,
+                                       int64_t ldb, T* C, int64_t ldc, int64_t N, int64_t K,
+                                       bool accumulate) {
+  int64_t j = 0;
+  for (; j + 32 <= N; j += 32)
+    gemm_block<T, R, 32>(A, ars, acs, B + j, ldb, C + j, ldc, K, accumulate);
+  for (; j + 16 <= N; j += 16)
+    gemm_block<T, R, 16>(A, ars, acs, B + j, ldb, C + j, ldc, K, accumulate);
+  if (j < N) gemm_tail<T>(A, ars, acs, B + j, ldb, C + j, ldc, R, N - j, K, accumulate);
+}
+
+template <typename T>
+RYZEN_LLM_ALWAYS_INLINE void gemm(const T* A, int64_t ars, int64_t acs, const T* B, int64_t ldb,
+                                  T* C, int64_t ldc, int64_t M, int64_t N, int64_t K,
+                                  bool accumulate) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4)
+    gemm_rows<T, 4>(A + r * ars, ars, acs, B, ldb, C + r * ldc, ldc, N, K, accumulate);
+  for (; r < M; ++r)
+    gemm_rows<T, 1>(A + r * ars, ars, acs, B, ldb, C + r * ldc, ldc, N, K, accumulate);
+}
+
+// rows x cols of src (row stride ld) as acc_t: the tensor itself when it already is acc_t,
+// otherwise widened into buf (row stride cols).
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_ALWAYS_INLINE const acc_t* rows_as_acc(const scalar_t* src, int64_t ld, int64_t rows,
+                                                 int64_t cols, acc_t* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = static_cast<acc_t>(src[r * ld + c]);
+    }
+    *ld_out = cols;
+    return buf;
+  }
+}
+
+// dst (cols x npad) = transpose of src rows (rows x cols, row stride ld), zero columns past rows.
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_ALWAYS_INLINE void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows,
+                                             int64_t cols, int64_t npad, acc_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * ld;
+    for (int64_t c = 0; c < cols; ++c) dst[c * npad + r] = static_cast<acc_t>(s[c]);
+  }
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = rows; r < npad; ++r) dst[c * npad + r] = acc_t(0);
+}
+
+// Element (b, h, t, d) of a (B, nh, T, hs) tensor with unit stride in d.
+struct Strides4 {
+  int64_t b, h, t;
+  explicit Strides4(const at::Tensor& x) : b(x.stride(0)), h(x.stride(1)), t(x.stride(2)) {}
+  int64_t at(int64_t bi, int64_t hi) const { return bi * b + hi * h; }
+};
+
+template <typename scalar_t, typename acc_t>
+struct AttentionArgs {
+  const scalar_t *q, *k, *v;
+  Strides4 sq, sk, sv;
+  const acc_t* key_bias;  // (B, T): 0 for a real key, -inf for padding; nullptr without a mask
+  int64_t B, H, T, D;
+  acc_t scale;
+};
+
+template <typename acc_t>
+struct ForwardScratch {
+  std::vector<acc_t> q, kt, s, v, o, m, l;
+  explicit ForwardScratch(int64_t D) {
+    q.resize(kForwardBlockQ * D);
+    kt.resize(D * kForwardBlockK);
+    s.resize(kForwardBlockQ * kForwardBlockK);
+    v.resize(kForwardBlockK * D);
+    o.resize(kForwardBlockQ * D);
+    m.resize(kForwardBlockQ);
+    l.resize(kForwardBlockQ);
+  }
+};
+
+// One query tile of one (batch, head): out rows [i0, i1) and their log-sum-exp.
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
+    const AttentionArgs<scalar_t, acc_t>& a, int64_t task, scalar_t* out, Strides4 so,
+    acc_t* lse, ForwardScratch<acc_t>& w) {
+  const int64_t D = a.D, T = a.T;
+  const int64_t n_qt = (T + kForwardBlockQ - 1) / kForwardBlockQ;
+  const int64_t bh = task / n_qt, qt = task % n_qt;
+  const int64_t bi = bh / a.H, hi = bh % a.H;
+  const int64_t i0 = qt * kForwardBlockQ, i1 = std::min(T, i0 + kForwardBlockQ), M = i1 - i0;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* kbias = a.key_bias ? a.key_bias + bi * T : nullptr;
+
+  int64_t ldq;
+  const acc_t* Q = rows_as_acc(a.q + a.sq.at(bi, hi) + i0 * a.sq.t, a.sq.t, M, D, w.q.data(), &ldq);
+  acc_t* O = w.o.data();
+  acc_t* m = w.m.data();
+  acc_t* l = w.l.data();
+  for (int64_t r = 0; r < M; ++r) {
+    m[r] = neg_inf;
+    l[r] = 0;
+  }
+  std::fill(O, O + M * D, acc_t(0));
+
+  for (int64_t j0 = 0; j0 < i1; j0 += kForwardBlockK) {
+    const int64_t j1 = std::min(i1, j0 + kForwardBlockK), N = j1 - j0, npad = round_up(N, kPad);
+    const scalar_t* k = a.k + a.sk.at(bi, hi) + j0 * a.sk.t;
+    pack_transposed(k, a.sk.t, N, D, npad, w.kt.data());
+    acc_t* S = w.s.data();
+    gemm<acc_t>(Q, ldq, 1, w.kt.data(), npad, S, npad, M, npad, D, false);  // (M, npad)
+    for (int64_t r = 0; r < M; ++r) {
+      acc_t* s = S + r * npad;
+      const int64_t limit = std::min(N, i0 + r + 1 - j0);  // keys j0 .. i0+r are allowed
+      const acc_t sc = a.scale;
+      acc_t mx = neg_inf;
+      if (kbias) {
+        const acc_t* kb = kbias + j0;
+#pragma omp simd reduction(max : mx)
+        for (int64_t c = 0; c < npad; ++c) {
+          acc_t x = c < limit ? s[c] * sc + kb[c] : neg_inf;
+          s[c] = x;
+          mx = std::max(mx, x);
+        }
+      } else {
+#pragma omp simd reduction(max : mx)
+        for (int64_t c = 0; c < npad; ++c) {
+          acc_t x = c < limit ? s[c] * sc : neg_inf;
+          s[c] = x;
+          mx = std::max(mx, x);
+        }
+      }
+      const acc_t m_new = std::max(m[r], mx);
+      if (m_new == neg_inf) {  // no allowed key yet: this row's P is all zero
+        std::fill(s, s + npad, acc_t(0));
+        continue;
+      }
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < npad; ++c) {
+        acc_t p = softmax_exp(s[c] - m_new);
+        s[c] = p;
+        sum += p;
+      }
+      const acc_t alpha = softmax_exp(m[r] - m_new);  // 0 when m[r] was -inf
+      if (alpha != acc_t(1)) {
+        acc_t* o = O + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+      }
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+    }
+    int64_t ldv;
+    const acc_t* V = rows_as_acc(a.v + a.sv.at(bi, hi) + j0 * a.sv.t, a.sv.t, N, D, w.v.data(), &ldv);
+    gemm<acc_t>(S, npad, 1, V, ldv, O, D, M, D, N, true);  // O += P V
+  }
+
+  scalar_t* o_out = out + so.at(bi, hi) + i0 * so.t;
+  acc_t* lse_out = lse + bh * T + i0;
+  for (int64_t r = 0; r < M; ++r) {
+    const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);  // rows with no key give zeros
+    const acc_t* o = O + r * D;
+    scalar_t* dst = o_out + r * so.t;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+    lse_out[r] = l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
+  }
+}
+
+template <typename acc_t>
+struct BackwardScratch {
+  std::vector<acc_t> q, go, k, v, kt, vt, s, dp, dq, dk, dv, delta;
+  BackwardScratch(int64_t T, int64_t D, bool widen) {
+    if (widen) {
+      q.resize(T * D);
+      go.resize(T * D);
+      k.resize(T * D);
+      v.resize(T * D);
+    }
+    kt.resize(D * kBackwardBlockK);
+    vt.resize(D * kBackwardBlockK);
+    s.resize(kBackwardBlockQ * kBackwardBlockK);
+    dp.resize(kBackwardBlockQ * kBackwardBlockK);
+    dq.resize(T * D);
+    dk.resize(kBackwardBlockK * D);
+    dv.resize(kBackwardBlockK * D);
+    delta.resize(T);
+  }
+};
+
+// All of one (batch, head): dQ, dK, dV (flash-attention-2 backward, key tiles outer).
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
+    const AttentionArgs<scalar_t, acc_t>& a, int64_t bh, const scalar_t* grad_out, Strides4 sgo,
+    const scalar_t* out, Strides4 so, const acc_t* lse, scalar_t* grad_q, scalar_t* grad_k,
+    scalar_t* grad_v, Strides4 sg, BackwardScratch<acc_t>& w) {
+  const int64_t D = a.D, T = a.T;
+  const int64_t bi = bh / a.H, hi = bh % a.H;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t* kbias = a.key_bias ? a.key_bias + bi * T : nullptr;
+  const acc_t sc = a.scale;
+  const acc_t* L = lse + bh * T;
+
+  int64_t ldq, ldgo, ldk, ldv;
+  const acc_t* Q = rows_as_acc(a.q + a.sq.at(bi, hi), a.sq.t, T, D, w.q.data(), &ldq);
+  const acc_t* GO = rows_as_acc(grad_out + sgo.at(bi, hi), sgo.t, T, D, w.go.data(), &ldgo);
+  const acc_t* K = rows_as_acc(a.k + a.sk.at(bi, hi), a.sk.t, T, D, w.k.data(), &ldk);
+  const acc_t* V = rows_as_acc(a.v + a.sv.at(bi, hi), a.sv.t, T, D, w.v.data(), &ldv);
+
+  // delta_i = rowsum(dO_i * O_i), from the stored (rounded) output as autograd would see it.
+  const scalar_t* O = out + so.at(bi, hi);
+  acc_t* delta = w.delta.data();
+  for (int64_t t = 0; t < T; ++t) {
+    const acc_t* g = GO + t * ldgo;
+    const scalar_t* o = O + t * so.t;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < D; ++d) sum += g[d] * static_cast<acc_t>(o[d]);
+    delta[t] = sum;
+  }
+  acc_t* dQ = w.dq.data();
+  std::fill(dQ, dQ + T * D, acc_t(0));
+
+  for (int64_t j0 = 0; j0 < T; j0 += kBackwardBlockK) {
+    const int64_t j1 = std::min(T, j0 + kBackwardBlockK), N = j1 - j0, npad = round_up(N, kPad);
+    pack_transposed(K + j0 * ldk, ldk, N, D, npad, w.kt.data());
+    pack_transposed(V + j0 * ldv, ldv, N, D, npad, w.vt.data());
+    acc_t* dK = w.dk.data();
+    acc_t* dV = w.dv.data();
+    std::fill(dK, dK + N * D, acc_t(0));
+    std::fill(dV, dV + N * D, acc_t(0));
+    for (int64_t i0 = j0; i0 < T; i0 += kBackwardBlockQ) {  // query rows that see these keys
+      const int64_t i1 = std::min(T, i0 + kBackwardBlockQ), M = i1 - i0;
+      acc_t* P = w.s.data();
+      acc_t* dP = w.dp.data();
+      gemm<acc_t>(Q + i0 * ldq, ldq, 1, w.kt.data(), npad, P, npad, M, npad, D, false);
+      for (int64_t r = 0; r < M; ++r) {
+        acc_t* p = P + r * npad;
+        const int64_t limit = std::min(N, i0 + r + 1 - j0);
+        const acc_t lr = L[i0 + r];
+        if (lr == neg_inf) {  // fully masked row: P = 0
+          std::fill(p, p + npad, acc_t(0));
+          continue;
+        }
+        if (kbias) {
+          const acc_t* kb = kbias + j0;
+#pragma omp simd
+          for (int64_t c = 0; c < npad; ++c)
+            p[c] = c < limit ? softmax_exp(p[c] * sc + kb[c] - lr) : acc_t(0);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < npad; ++c)
+            p[c] = c < limit ? softmax_exp(p[c] * sc - lr) : acc_t(0);
+        }
+      }
+      const acc_t* GOi = GO + i0 * ldgo;
+      gemm<acc_t>(P, 1, npad, GOi, ldgo, dV, D, N, D, M, true);             // dV += P^T dO
+      gemm<acc_t>(GOi, ldgo, 1, w.vt.data(), npad, dP, npad, M, npad, D, false);  // dP = dO V^T
+      for (int64_t r = 0; r < M; ++r) {
+        acc_t* dp = dP + r * npad;
+        const acc_t* p = P + r * npad;
+        const acc_t dr = delta[i0 + r];
+#pragma omp simd
+        for (int64_t c = 0; c < npad; ++c) dp[c] = p[c] * (dp[c] - dr);  // dS (unscaled)
+      }
+      gemm<acc_t>(dP, 1, npad, Q + i0 * ldq, ldq, dK, D, N, D, M, true);  // dK += dS^T Q
+      gemm<acc_t>(dP, npad, 1, K + j0 * ldk, ldk, dQ + i0 * D, D, M, D, N, true);  // dQ += dS K
+    }
+    scalar_t* gk = grad_k + sg.at(bi, hi) + j0 * sg.t;
+    scalar_t* gv = grad_v + sg.at(bi, hi) + j0 * sg.t;
+    for (int64_t r = 0; r < N; ++r) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        gk[r * sg.t + d] = static_cast<scalar_t>(dK[r * D + d] * sc);
+        gv[r * sg.t + d] = static_cast<scalar_t>(dV[r * D + d]);
+      }
+    }
+  }
+  scalar_t* gq = grad_q + sg.at(bi, hi);
+  for (int64_t t = 0; t < T; ++t) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) gq[t * sg.t + d] = static_cast<scalar_t>(dQ[t * D + d] * sc);
+  }
+}
+
+// One new query per (batch, head) against the first cache_lengths[b] cache rows.
+template <typename scalar_t, typename cache_t, typename acc_t>
+RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
+    const scalar_t* q, Strides4 sq, const cache_t* kc, Strides4 sk, const cache_t* vc,
+    Strides4 sv, int64_t len, int64_t bi, int64_t hi, int64_t D, acc_t scale, scalar_t* out,
+    Strides4 so, acc_t* s, acc_t* qa, acc_t* o) {
+  const scalar_t* qr = q + sq.at(bi, hi);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) qa[d] = static_cast<acc_t>(qr[d]) * scale;
+  const cache_t* k = kc + sk.at(bi, hi);
+  const cache_t* v = vc + sv.at(bi, hi);
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < len; ++j) {
+    const cache_t* kr = k + j * sk.t;
+    acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += qa[d] * static_cast<acc_t>(kr[d]);
+    s[j] = dot;
+    mx = std::max(mx, dot);
+  }
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) {
+    acc_t p = softmax_exp(s[j] - mx);
+    s[j] = p;
+    sum += p;
+  }
+  std::fill(o, o + D, acc_t(0));
+  for (int64_t j = 0; j < len; ++j) {
+    const cache_t* vr = v + j * sv.t;
+    const acc_t p = s[j];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] += p * static_cast<acc_t>(vr[d]);
+  }
+  const acc_t inv = len > 0 ? acc_t(1) / sum : acc_t(0);
+  scalar_t* dst = out + so.at(bi, hi);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+}
+
+// ---- argument checks ----------------------------------------------------------------------
+
+// A (B, nh, T, hs) operand: right device/dtype/rank, and unit stride in the head dim (a view with
+// another last-dim stride is copied once; all other strides are used as they are).
+at::Tensor checked_operand(const at::Tensor& t, const char* name, const at::Tensor* like,
+                           const char* like_name) {
+  check_cpu(t, name);
+  check_dim(t, 4, name);
+  check_float_dtype(t, name);
+  if (like != nullptr) {
+    check_same_dtype(t, *like, name, like_name);
+    check_shape(t, like->sizes(), name);
+  }
+  return t.stride(3) == 1 ? t : t.contiguous();
+}
+
+void check_head_dim(const at::Tensor& q, const char* name) {
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D >= kMinHeadDim && D <= kMaxHeadDim, name, ": head dim (size 3) must be in [",
+              kMinHeadDim, ", ", kMaxHeadDim, "], got ", D);
+}
+
+void check_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+}
+
+// (B, T) key bias in acc_t: 0 for a real key, -inf for padding.
+at::Tensor key_bias_from_mask(const c10::optional<at::Tensor>& mask, int64_t B, int64_t T,
+                              at::ScalarType acc_type) {
+  if (!mask.has_value()) return at::Tensor();
+  const at::Tensor& m = *mask;
+  check_cpu(m, "key_padding_mask");
+  TORCH_CHECK(m.scalar_type() == at::kBool, "key_padding_mask: expected dtype bool, got ",
+              m.scalar_type());
+  check_shape(m, {B, T}, "key_padding_mask");
+  auto bias = at::zeros({B, T}, m.options().dtype(acc_type));
+  return bias.masked_fill_(m.logical_not(), -std::numeric_limits<double>::infinity());
+}
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const c10::optional<at::Tensor>& key_padding_mask, double scale) {
+  at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
+  at::Tensor k = checked_operand(k_in, "k", &q_in, "q");
+  at::Tensor v = checked_operand(v_in, "v", &q_in, "q");
+  check_head_dim(q, "q");
+  check_scale(scale);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const auto acc_type = at::toOpMathType(q.scalar_type());
+  at::Tensor key_bias = key_bias_from_mask(key_padding_mask, B, T, acc_type);
+  auto out = at::empty({B, H, T, D}, q.options());
+  auto lse = at::empty({B, H, T}, q.options().dtype(acc_type));
+  if (out.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AttentionArgs<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                     v.data_ptr<scalar_t>(), Strides4(q), Strides4(k),
+                                     Strides4(v),
+                                     key_bias.defined() ? key_bias.data_ptr<acc_t>() : nullptr,
+                                     B, H, T, D, static_cast<acc_t>(scale)};
+    const int64_t tasks = B * H * ((T + kForwardBlockQ - 1) / kForwardBlockQ);
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    const Strides4 so(out);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      ForwardScratch<acc_t> w(D);
+      for (int64_t t = begin; t < end; ++t)
+        causal_attention_forward_tile<scalar_t, acc_t>(a, t, out_ptr, so, lse_ptr, w);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const c10::optional<at::Tensor>& key_padding_mask, double scale) {
+  at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
+  at::Tensor k = checked_operand(k_in, "k", &q_in, "q");
+  at::Tensor v = checked_operand(v_in, "v", &q_in, "q");
+  at::Tensor grad_out = checked_operand(grad_out_in, "grad_out", &q_in, "q");
+  at::Tensor out = checked_operand(out_in, "out", &q_in, "q");
+  check_head_dim(q, "q");
+  check_scale(scale);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const auto acc_type = at::toOpMathType(q.scalar_type());
+  check_cpu(lse_in, "lse");
+  TORCH_CHECK(lse_in.scalar_type() == acc_type, "lse: expected dtype ", acc_type,
+              " (the accumulation type of q), got ", lse_in.scalar_type());
+  check_shape(lse_in, {B, H, T}, "lse");
+  at::Tensor lse = lse_in.contiguous();
+  at::Tensor key_bias = key_bias_from_mask(key_padding_mask, B, T, acc_type);
+  auto grad_q = at::empty({B, H, T, D}, q.options());
+  auto grad_k = at::empty({B, H, T, D}, q.options());
+  auto grad_v = at::empty({B, H, T, D}, q.options());
+  if (grad_q.numel() == 0) return {grad_q, grad_k, grad_v};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AttentionArgs<scalar_t, acc_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                     v.data_ptr<scalar_t>(), Strides4(q), Strides4(k),
+                                     Strides4(v),
+                                     key_bias.defined() ? key_bias.data_ptr<acc_t>() : nullptr,
+                                     B, H, T, D, static_cast<acc_t>(scale)};
+    const Strides4 sgo(grad_out), so(out), sg(grad_q);
+    const scalar_t* go_ptr = grad_out.data_ptr<scalar_t>();
+    const scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gk = grad_k.data_ptr<scalar_t>(),
+             *gv = grad_v.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      BackwardScratch<acc_t> w(T, D, !std::is_same_v<scalar_t, acc_t>);
+      for (int64_t bh = begin; bh < end; ++bh)
+        causal_attention_backward_head<scalar_t, acc_t>(a, bh, go_ptr, sgo, out_ptr, so, lse_ptr,
+                                                        gq, gk, gv, sg, w);
+    });
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+at::Tensor causal_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_in,
+                                       const at::Tensor& v_cache_in,
+                                       const at::Tensor& cache_lengths, double scale) {
+  at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
+  check_head_dim(q, "q");
+  check_scale(scale);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  TORCH_CHECK(q.size(2) == 1, "q: expected one query per sequence (size 2 == 1), got sizes ",
+              q.sizes());
+  at::Tensor k_cache = checked_operand(k_cache_in, "k_cache", nullptr, nullptr);
+  at::Tensor v_cache = checked_operand(v_cache_in, "v_cache", nullptr, nullptr);
+  // Caches share q's dtype for now; the kernel is templated on the cache type for int8 later.
+  check_same_dtype(k_cache, q, "k_cache", "q");
+  check_same_dtype(v_cache, q, "v_cache", "q");
+  const int64_t Tmax = k_cache.size(2);
+  check_shape(k_cache, {B, H, Tmax, D}, "k_cache");
+  check_shape(v_cache, k_cache.sizes(), "v_cache");
+  check_cpu(cache_lengths, "cache_lengths");
+  TORCH_CHECK(cache_lengths.scalar_type() == at::kLong,
+              "cache_lengths: expected dtype int64, got ", cache_lengths.scalar_type());
+  check_shape(cache_lengths, {B}, "cache_lengths");
+  at::Tensor lengths = cache_lengths.contiguous();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(len[b] >= 0 && len[b] <= Tmax, "cache_lengths: entry ", b, " is ", len[b],
+                ", expected a value in [0, ", Tmax, "] (the cache's size 2)");
+  }
+  auto out = at::empty({B, H, 1, D}, q.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_decode", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using cache_t = scalar_t;
+    const Strides4 sq(q), sk(k_cache), sv(v_cache), so(out);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const cache_t* kp = k_cache.data_ptr<cache_t>();
+    const cache_t* vp = v_cache.data_ptr<cache_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Tmax * D));
+    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s(std::max<int64_t>(Tmax, 1)), qa(D), o(D);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t bi = bh / H, hi = bh % H;
+        causal_attention_decode_head<scalar_t, cache_t, acc_t>(
+            qp, sq, kp, sk, vp, sv, len[bi], bi, hi, D, static_cast<acc_t>(scale), op, so,
+            s.data(), qa.data(), o.data());
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
+  m.impl("causal_attention_forward", &causal_attention_forward_cpu);
+  m.impl("causal_attention_backward", &causal_attention_backward_cpu);
+  m.impl("causal_attention_decode", &causal_attention_decode_cpu);
+}
+
+}  // namespace ryzen_llm
