@@ -66,21 +66,24 @@ def test_causal_attention(benchmark, dtype, impl, which):
     except Exception as exc:  # torch.compile may not handle a configuration: say so, loudly
         pytest.skip(f"{impl} {dtype} did not run: {type(exc).__name__}: {exc}")
     benchmark.group = f"causal_attention {which} {str(dtype).removeprefix('torch.')}"
+    setup = None
     if which == "forward":
         def run():
             with torch.no_grad():
                 fn(q, k, v)
     elif which == "backward":
-        out = fn(q, k, v)
+        # A fresh forward before each timed backward (compiled graphs free their buffers).
+        def setup():
+            return (fn(q, k, v),), {}
 
-        def run():
-            torch.autograd.grad(out, (qkv,), grad, retain_graph=True)
+        def run(out):
+            torch.autograd.grad(out, (qkv,), grad)
     else:
         def run():
             qkv.grad = None
             fn(q, k, v).backward(grad)
 
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(run, setup=setup, rounds=10, iterations=1, warmup_rounds=2)
     median = benchmark.stats.stats.median
     benchmark.extra_info["shape"] = f"B={B} nh={NH} T={T} hs={HS}"
     benchmark.extra_info["threads"] = torch.get_num_threads()

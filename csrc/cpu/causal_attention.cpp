@@ -9,6 +9,8 @@
 
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -122,6 +124,43 @@ RYZEN_LLM_ALWAYS_INLINE void gemm(const T* A, int64_t ars, int64_t acs, const T*
     gemm_rows<T, 1>(A + r * ars, ars, acs, B, ldb, C + r * ldc, ldc, N, K, accumulate);
 }
 
+// The same product where each group of rows only needs part of it: bounds(r, rows) gives
+// {n_end, k_begin, k_end} for C rows [r, r + rows). Columns past n_end are left unwritten (the
+// callers mask them); this is how the causal triangle inside a diagonal tile is skipped.
+template <typename T, int R, typename Bounds>
+RYZEN_LLM_ALWAYS_INLINE void gemm_bounded_rows(const T* A, int64_t ars, int64_t acs, const T* B,
+                                               int64_t ldb, T* C, int64_t ldc, int64_t r,
+                                               bool accumulate, const Bounds& bounds) {
+  const auto bd = bounds(r, R);
+  const int64_t n_end = bd[0], k0 = bd[1], k1 = std::max(bd[1], bd[2]);
+  gemm_rows<T, R>(A + r * ars + k0 * acs, ars, acs, B + k0 * ldb, ldb, C + r * ldc, ldc, n_end,
+                  k1 - k0, accumulate);
+}
+
+template <typename T, typename Bounds>
+RYZEN_LLM_ALWAYS_INLINE void gemm_bounded(const T* A, int64_t ars, int64_t acs, const T* B,
+                                          int64_t ldb, T* C, int64_t ldc, int64_t M,
+                                          bool accumulate, const Bounds& bounds) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4)
+    gemm_bounded_rows<T, 4>(A, ars, acs, B, ldb, C, ldc, r, accumulate, bounds);
+  for (; r < M; ++r) gemm_bounded_rows<T, 1>(A, ars, acs, B, ldb, C, ldc, r, accumulate, bounds);
+}
+
+// Rows [r, r + rows) of a tile whose row i is query q0 + i, over keys j0 + c: the columns (or
+// reduction indices) a causal mask allows, rounded up to whole vectors and clamped to [0, lim].
+RYZEN_LLM_ALWAYS_INLINE int64_t causal_end(int64_t q0, int64_t j0, int64_t r, int64_t rows,
+                                           int64_t round, int64_t lim) {
+  const int64_t e = q0 + r + rows - j0;  // keys < q0 + r + rows are allowed for some row
+  return std::max<int64_t>(0, std::min(lim, round_up(e, round)));
+}
+
+// Columns of a score row that must hold valid P / dS values: the row's allowed keys (limit) and
+// the zeros that the row-group products above still read (up to 3 past limit, whole vectors).
+RYZEN_LLM_ALWAYS_INLINE int64_t row_columns(int64_t limit, int64_t npad) {
+  return std::min(npad, round_up(std::max<int64_t>(limit, 0) + 3, kPad));
+}
+
 // rows x cols of src (row stride ld) as acc_t: the tensor itself when it already is acc_t,
 // otherwise widened into buf (row stride cols).
 template <typename scalar_t, typename acc_t>
@@ -211,23 +250,27 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
     const scalar_t* k = a.k + a.sk.at(bi, hi) + j0 * a.sk.t;
     pack_transposed(k, a.sk.t, N, D, npad, w.kt.data());
     acc_t* S = w.s.data();
-    gemm<acc_t>(Q, ldq, 1, w.kt.data(), npad, S, npad, M, npad, D, false);  // (M, npad)
+    gemm_bounded<acc_t>(Q, ldq, 1, w.kt.data(), npad, S, npad, M, false,  // S = Q K^T (M, npad)
+                        [&](int64_t r, int64_t rows) {
+                          return std::array<int64_t, 3>{causal_end(i0, j0, r, rows, kPad, npad), 0, D};
+                        });
     for (int64_t r = 0; r < M; ++r) {
       acc_t* s = S + r * npad;
       const int64_t limit = std::min(N, i0 + r + 1 - j0);  // keys j0 .. i0+r are allowed
+      const int64_t cend = row_columns(limit, npad);
       const acc_t sc = a.scale;
       acc_t mx = neg_inf;
       if (kbias) {
         const acc_t* kb = kbias + j0;
 #pragma omp simd reduction(max : mx)
-        for (int64_t c = 0; c < npad; ++c) {
+        for (int64_t c = 0; c < cend; ++c) {
           acc_t x = c < limit ? s[c] * sc + kb[c] : neg_inf;
           s[c] = x;
           mx = std::max(mx, x);
         }
       } else {
 #pragma omp simd reduction(max : mx)
-        for (int64_t c = 0; c < npad; ++c) {
+        for (int64_t c = 0; c < cend; ++c) {
           acc_t x = c < limit ? s[c] * sc : neg_inf;
           s[c] = x;
           mx = std::max(mx, x);
@@ -235,12 +278,12 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
       }
       const acc_t m_new = std::max(m[r], mx);
       if (m_new == neg_inf) {  // no allowed key yet: this row's P is all zero
-        std::fill(s, s + npad, acc_t(0));
+        std::fill(s, s + cend, acc_t(0));
         continue;
       }
       acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < npad; ++c) {
+      for (int64_t c = 0; c < cend; ++c) {
         acc_t p = softmax_exp(s[c] - m_new);
         s[c] = p;
         sum += p;
@@ -256,7 +299,10 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
     }
     int64_t ldv;
     const acc_t* V = rows_as_acc(a.v + a.sv.at(bi, hi) + j0 * a.sv.t, a.sv.t, N, D, w.v.data(), &ldv);
-    gemm<acc_t>(S, npad, 1, V, ldv, O, D, M, D, N, true);  // O += P V
+    gemm_bounded<acc_t>(S, npad, 1, V, ldv, O, D, M, true,  // O += P V
+                        [&](int64_t r, int64_t rows) {
+                          return std::array<int64_t, 3>{D, 0, causal_end(i0, j0, r, rows, 1, N)};
+                        });
   }
 
   scalar_t* o_out = out + so.at(bi, hi) + i0 * so.t;
@@ -337,38 +383,53 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
       const int64_t i1 = std::min(T, i0 + kBackwardBlockQ), M = i1 - i0;
       acc_t* P = w.s.data();
       acc_t* dP = w.dp.data();
-      gemm<acc_t>(Q + i0 * ldq, ldq, 1, w.kt.data(), npad, P, npad, M, npad, D, false);
+      // Row groups of the query tile (P, dP, dQ): keys up to the diagonal only.
+      const acc_t* GOi = GO + i0 * ldgo;
+      auto by_query = [&](int64_t r, int64_t rows) {
+        return std::array<int64_t, 3>{causal_end(i0, j0, r, rows, kPad, npad), 0, D};
+      };
+      gemm_bounded<acc_t>(Q + i0 * ldq, ldq, 1, w.kt.data(), npad, P, npad, M, false, by_query);
       for (int64_t r = 0; r < M; ++r) {
         acc_t* p = P + r * npad;
         const int64_t limit = std::min(N, i0 + r + 1 - j0);
+        const int64_t cend = row_columns(limit, npad);
         const acc_t lr = L[i0 + r];
         if (lr == neg_inf) {  // fully masked row: P = 0
-          std::fill(p, p + npad, acc_t(0));
+          std::fill(p, p + cend, acc_t(0));
           continue;
         }
         if (kbias) {
           const acc_t* kb = kbias + j0;
 #pragma omp simd
-          for (int64_t c = 0; c < npad; ++c)
+          for (int64_t c = 0; c < cend; ++c)
             p[c] = c < limit ? softmax_exp(p[c] * sc + kb[c] - lr) : acc_t(0);
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < npad; ++c)
+          for (int64_t c = 0; c < cend; ++c)
             p[c] = c < limit ? softmax_exp(p[c] * sc - lr) : acc_t(0);
         }
       }
-      const acc_t* GOi = GO + i0 * ldgo;
-      gemm<acc_t>(P, 1, npad, GOi, ldgo, dV, D, N, D, M, true);             // dV += P^T dO
-      gemm<acc_t>(GOi, ldgo, 1, w.vt.data(), npad, dP, npad, M, npad, D, false);  // dP = dO V^T
+      // Row groups of the key tile (dK, dV): only query rows at or below the diagonal.
+      auto by_key = [&](int64_t c, int64_t) {
+        return std::array<int64_t, 3>{D, std::max<int64_t>(0, std::min(M, j0 + c - i0)), M};
+      };
+      auto by_query_k = [&](int64_t r, int64_t rows) {
+        return std::array<int64_t, 3>{D, 0, causal_end(i0, j0, r, rows, 1, N)};
+      };
+      gemm_bounded<acc_t>(P, 1, npad, GOi, ldgo, dV, D, N, true, by_key);  // dV += P^T dO
+      gemm_bounded<acc_t>(GOi, ldgo, 1, w.vt.data(), npad, dP, npad, M, false, by_query);  // dO V^T
       for (int64_t r = 0; r < M; ++r) {
         acc_t* dp = dP + r * npad;
         const acc_t* p = P + r * npad;
         const acc_t dr = delta[i0 + r];
+        const int64_t limit = std::min(N, i0 + r + 1 - j0);  // dP past it was never written
+        const int64_t cend = row_columns(limit, npad);
 #pragma omp simd
-        for (int64_t c = 0; c < npad; ++c) dp[c] = p[c] * (dp[c] - dr);  // dS (unscaled)
+        for (int64_t c = 0; c < cend; ++c) dp[c] = c < limit ? p[c] * (dp[c] - dr) : acc_t(0);
       }
-      gemm<acc_t>(dP, 1, npad, Q + i0 * ldq, ldq, dK, D, N, D, M, true);  // dK += dS^T Q
-      gemm<acc_t>(dP, npad, 1, K + j0 * ldk, ldk, dQ + i0 * D, D, M, D, N, true);  // dQ += dS K
+      gemm_bounded<acc_t>(dP, 1, npad, Q + i0 * ldq, ldq, dK, D, N, true, by_key);  // dK += dS^T Q
+      gemm_bounded<acc_t>(dP, npad, 1, K + j0 * ldk, ldk, dQ + i0 * D, D, M, true,  // dQ += dS K
+                          by_query_k);
     }
     scalar_t* gk = grad_k + sg.at(bi, hi) + j0 * sg.t;
     scalar_t* gv = grad_v + sg.at(bi, hi) + j0 * sg.t;
@@ -425,6 +486,18 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
   scalar_t* dst = out + so.at(bi, hi);
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+}
+
+// Tasks handed out one at a time from a shared counter: causal tasks differ in cost, and on a
+// shared machine one thread may be descheduled, so a static split would leave the other idle.
+template <typename MakeScratch, typename Body>
+void run_tasks(int64_t n, const MakeScratch& make_scratch, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t, scratch);
+  });
 }
 
 // ---- argument checks ----------------------------------------------------------------------
@@ -491,11 +564,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cpu(
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
     const Strides4 so(out);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      ForwardScratch<acc_t> w(D);
-      for (int64_t t = begin; t < end; ++t)
-        causal_attention_forward_tile<scalar_t, acc_t>(a, t, out_ptr, so, lse_ptr, w);
-    });
+    run_tasks(
+        tasks, [&] { return ForwardScratch<acc_t>(D); },
+        [&](int64_t t, ForwardScratch<acc_t>& w) {
+          causal_attention_forward_tile<scalar_t, acc_t>(a, t, out_ptr, so, lse_ptr, w);
+        });
   });
   return {out, lse};
 }
@@ -536,12 +609,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const acc_t* lse_ptr = lse.data_ptr<acc_t>();
     scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gk = grad_k.data_ptr<scalar_t>(),
              *gv = grad_v.data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      BackwardScratch<acc_t> w(T, D, !std::is_same_v<scalar_t, acc_t>);
-      for (int64_t bh = begin; bh < end; ++bh)
-        causal_attention_backward_head<scalar_t, acc_t>(a, bh, go_ptr, sgo, out_ptr, so, lse_ptr,
-                                                        gq, gk, gv, sg, w);
-    });
+    run_tasks(
+        B * H, [&] { return BackwardScratch<acc_t>(T, D, !std::is_same_v<scalar_t, acc_t>); },
+        [&](int64_t bh, BackwardScratch<acc_t>& w) {
+          causal_attention_backward_head<scalar_t, acc_t>(a, bh, go_ptr, sgo, out_ptr, so,
+                                                          lse_ptr, gq, gk, gv, sg, w);
+        });
   });
   return {grad_q, grad_k, grad_v};
 }
