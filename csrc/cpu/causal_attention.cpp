@@ -12,7 +12,9 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -42,7 +44,9 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 RYZEN_LLM_ALWAYS_INLINE float softmax_exp(float x) {
   const float lo = -87.0f, hi = 88.0f;
   float xc = x < lo ? lo : (x > hi ? hi : x);
-  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  // Round to nearest by the 1.5 * 2^23 trick (floor() and __builtin_bit_cast keep GCC 12 from
+  // vectorising the loop; memcpy does not). Needs IEEE arithmetic: no -ffast-math.
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -53,8 +57,23 @@ RYZEN_LLM_ALWAYS_INLINE float softmax_exp(float x) {
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
   int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float s = __builtin_bit_cast(float, e);
+  float s;
+  std::memcpy(&s, &e, sizeof(s));
   return x < lo ? 0.0f : y * s;
+}
+
+// acc -> storage dtype in a form `#pragma omp simd` vectorises (c10's bf16 conversion does not):
+// round to nearest even, NaN kept as a quiet NaN.
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_ALWAYS_INLINE scalar_t to_storage(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    u = v != v ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+    return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
 }
 RYZEN_LLM_ALWAYS_INLINE double softmax_exp(double x) { return std::exp(x); }
 
@@ -191,6 +210,83 @@ RYZEN_LLM_ALWAYS_INLINE void pack_transposed(const scalar_t* src, int64_t ld, in
     for (int64_t r = rows; r < npad; ++r) dst[c * npad + r] = acc_t(0);
 }
 
+// ---- bf16 scores with AVX512-BF16 dot products ---------------------------------------------
+// For bf16 inputs the products along the head dim (S = Q K^T, dP = dO V^T) take bf16 operands as
+// they are and accumulate in fp32 with vdpbf16ps (2 products per lane per instruction), where the
+// CPU has it; elsewhere the fp32 path above runs. B is packed "VNNI" style: 32-bit word
+// (kk, c) holds the pair (row c, dims 2kk and 2kk+1).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
+    !defined(RYZEN_LLM_NO_MULTIVERSION)
+#define RYZEN_LLM_BF16_DOT 1
+#include <immintrin.h>
+#define RYZEN_LLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool bf16_dot_available() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+template <int R, int NV>
+inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
+    const c10::BFloat16* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+    int64_t K2) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v)
+      b[v] = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(B + kk * ldb + v * 16));
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * kk, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
+}
+
+template <int R>
+inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_rows(
+    const c10::BFloat16* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+    int64_t N, int64_t K2) {
+  int64_t j = 0;
+  for (; j + 32 <= N; j += 32) bf16_dot_block<R, 2>(A, lda, B + j, ldb, C + j, ldc, K2);
+  for (; j < N; j += 16) bf16_dot_block<R, 1>(A, lda, B + j, ldb, C + j, ldc, K2);
+}
+
+// S (M x npad) = A (M x 2*K2, bf16 rows, row stride lda) * packed B, causally trimmed: row r
+// (query q0 + r) needs columns (keys j0 + c) up to the diagonal only, rounded to 16.
+RYZEN_LLM_BF16_TARGET void bf16_scores(const c10::BFloat16* A, int64_t lda, const uint32_t* B,
+                                       int64_t npad, float* S, int64_t M, int64_t K2, int64_t q0,
+                                       int64_t j0) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4)
+    bf16_dot_rows<4>(A + r * lda, lda, B, npad, S + r * npad, npad,
+                     causal_end(q0, j0, r, 4, kPad, npad), K2);
+  for (; r < M; ++r)
+    bf16_dot_rows<1>(A + r * lda, lda, B, npad, S + r * npad, npad,
+                     causal_end(q0, j0, r, 1, kPad, npad), K2);
+}
+#else
+inline bool bf16_dot_available() { return false; }
+#endif
+
+// rows x D bf16 (row stride ld) into the pair-packed B layout (D/2 x npad words), zero columns
+// past rows.
+inline void pack_pairs_transposed(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t D,
+                                  int64_t npad, uint32_t* dst) {
+  const int64_t K2 = D / 2;
+  for (int64_t c = 0; c < rows; ++c) {
+    const c10::BFloat16* row = src + c * ld;
+    for (int64_t kk = 0; kk < K2; ++kk) std::memcpy(dst + kk * npad + c, row + 2 * kk, 4);
+  }
+  for (int64_t kk = 0; kk < K2; ++kk)
+    for (int64_t c = rows; c < npad; ++c) dst[kk * npad + c] = 0;
+}
+
 // Element (b, h, t, d) of a (B, nh, T, hs) tensor with unit stride in d.
 struct Strides4 {
   int64_t b, h, t;
@@ -210,7 +306,10 @@ struct AttentionArgs {
 template <typename acc_t>
 struct ForwardScratch {
   std::vector<acc_t> q, kt, s, v, o, m, l;
-  explicit ForwardScratch(int64_t D) {
+  std::vector<uint32_t> kt_pairs;
+  bool bf16_dot;  // bf16 inputs, even head dim and a CPU with AVX512-BF16
+  ForwardScratch(int64_t D, bool bf16_dot_) : bf16_dot(bf16_dot_) {
+    if (bf16_dot) kt_pairs.resize(D / 2 * kForwardBlockK);
     q.resize(kForwardBlockQ * D);
     kt.resize(D * kForwardBlockK);
     s.resize(kForwardBlockQ * kForwardBlockK);
@@ -248,12 +347,23 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
   for (int64_t j0 = 0; j0 < i1; j0 += kForwardBlockK) {
     const int64_t j1 = std::min(i1, j0 + kForwardBlockK), N = j1 - j0, npad = round_up(N, kPad);
     const scalar_t* k = a.k + a.sk.at(bi, hi) + j0 * a.sk.t;
-    pack_transposed(k, a.sk.t, N, D, npad, w.kt.data());
     acc_t* S = w.s.data();
-    gemm_bounded<acc_t>(Q, ldq, 1, w.kt.data(), npad, S, npad, M, false,  // S = Q K^T (M, npad)
-                        [&](int64_t r, int64_t rows) {
-                          return std::array<int64_t, 3>{causal_end(i0, j0, r, rows, kPad, npad), 0, D};
-                        });
+#ifdef RYZEN_LLM_BF16_DOT
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (w.bf16_dot) {
+        pack_pairs_transposed(k, a.sk.t, N, D, npad, w.kt_pairs.data());
+        bf16_scores(a.q + a.sq.at(bi, hi) + i0 * a.sq.t, a.sq.t, w.kt_pairs.data(), npad, S, M,
+                    D / 2, i0, j0);
+      }
+    }
+#endif
+    if (!w.bf16_dot) {
+      pack_transposed(k, a.sk.t, N, D, npad, w.kt.data());
+      gemm_bounded<acc_t>(Q, ldq, 1, w.kt.data(), npad, S, npad, M, false,  // S = Q K^T
+                          [&](int64_t r, int64_t rows) {
+                            return std::array<int64_t, 3>{causal_end(i0, j0, r, rows, kPad, npad), 0, D};
+                          });
+    }
     for (int64_t r = 0; r < M; ++r) {
       acc_t* s = S + r * npad;
       const int64_t limit = std::min(N, i0 + r + 1 - j0);  // keys j0 .. i0+r are allowed
@@ -312,7 +422,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
     const acc_t* o = O + r * D;
     scalar_t* dst = o_out + r * so.t;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+    for (int64_t d = 0; d < D; ++d) dst[d] = to_storage<scalar_t>(o[d] * inv);
     lse_out[r] = l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
   }
 }
@@ -320,7 +430,13 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
 template <typename acc_t>
 struct BackwardScratch {
   std::vector<acc_t> q, go, k, v, kt, vt, s, dp, dq, dk, dv, delta;
-  BackwardScratch(int64_t T, int64_t D, bool widen) {
+  std::vector<uint32_t> kt_pairs, vt_pairs;
+  bool bf16_dot;
+  BackwardScratch(int64_t T, int64_t D, bool widen, bool bf16_dot_) : bf16_dot(bf16_dot_) {
+    if (bf16_dot) {
+      kt_pairs.resize(D / 2 * kBackwardBlockK);
+      vt_pairs.resize(D / 2 * kBackwardBlockK);
+    }
     if (widen) {
       q.resize(T * D);
       go.resize(T * D);
@@ -373,8 +489,19 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
 
   for (int64_t j0 = 0; j0 < T; j0 += kBackwardBlockK) {
     const int64_t j1 = std::min(T, j0 + kBackwardBlockK), N = j1 - j0, npad = round_up(N, kPad);
-    pack_transposed(K + j0 * ldk, ldk, N, D, npad, w.kt.data());
-    pack_transposed(V + j0 * ldv, ldv, N, D, npad, w.vt.data());
+    if (w.bf16_dot) {
+#ifdef RYZEN_LLM_BF16_DOT
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        pack_pairs_transposed(a.k + a.sk.at(bi, hi) + j0 * a.sk.t, a.sk.t, N, D, npad,
+                              w.kt_pairs.data());
+        pack_pairs_transposed(a.v + a.sv.at(bi, hi) + j0 * a.sv.t, a.sv.t, N, D, npad,
+                              w.vt_pairs.data());
+      }
+#endif
+    } else {
+      pack_transposed(K + j0 * ldk, ldk, N, D, npad, w.kt.data());
+      pack_transposed(V + j0 * ldv, ldv, N, D, npad, w.vt.data());
+    }
     acc_t* dK = w.dk.data();
     acc_t* dV = w.dv.data();
     std::fill(dK, dK + N * D, acc_t(0));
@@ -388,7 +515,15 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
       auto by_query = [&](int64_t r, int64_t rows) {
         return std::array<int64_t, 3>{causal_end(i0, j0, r, rows, kPad, npad), 0, D};
       };
-      gemm_bounded<acc_t>(Q + i0 * ldq, ldq, 1, w.kt.data(), npad, P, npad, M, false, by_query);
+#ifdef RYZEN_LLM_BF16_DOT
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (w.bf16_dot)
+          bf16_scores(a.q + a.sq.at(bi, hi) + i0 * a.sq.t, a.sq.t, w.kt_pairs.data(), npad, P, M,
+                      D / 2, i0, j0);
+      }
+#endif
+      if (!w.bf16_dot)
+        gemm_bounded<acc_t>(Q + i0 * ldq, ldq, 1, w.kt.data(), npad, P, npad, M, false, by_query);
       for (int64_t r = 0; r < M; ++r) {
         acc_t* p = P + r * npad;
         const int64_t limit = std::min(N, i0 + r + 1 - j0);
@@ -417,7 +552,15 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
         return std::array<int64_t, 3>{D, 0, causal_end(i0, j0, r, rows, 1, N)};
       };
       gemm_bounded<acc_t>(P, 1, npad, GOi, ldgo, dV, D, N, true, by_key);  // dV += P^T dO
-      gemm_bounded<acc_t>(GOi, ldgo, 1, w.vt.data(), npad, dP, npad, M, false, by_query);  // dO V^T
+#ifdef RYZEN_LLM_BF16_DOT
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (w.bf16_dot)
+          bf16_scores(grad_out + sgo.at(bi, hi) + i0 * sgo.t, sgo.t, w.vt_pairs.data(), npad, dP,
+                      M, D / 2, i0, j0);
+      }
+#endif
+      if (!w.bf16_dot)  // dP = dO V^T
+        gemm_bounded<acc_t>(GOi, ldgo, 1, w.vt.data(), npad, dP, npad, M, false, by_query);
       for (int64_t r = 0; r < M; ++r) {
         acc_t* dp = dP + r * npad;
         const acc_t* p = P + r * npad;
@@ -436,15 +579,15 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
     for (int64_t r = 0; r < N; ++r) {
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
-        gk[r * sg.t + d] = static_cast<scalar_t>(dK[r * D + d] * sc);
-        gv[r * sg.t + d] = static_cast<scalar_t>(dV[r * D + d]);
+        gk[r * sg.t + d] = to_storage<scalar_t>(dK[r * D + d] * sc);
+        gv[r * sg.t + d] = to_storage<scalar_t>(dV[r * D + d]);
       }
     }
   }
   scalar_t* gq = grad_q + sg.at(bi, hi);
   for (int64_t t = 0; t < T; ++t) {
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) gq[t * sg.t + d] = static_cast<scalar_t>(dQ[t * D + d] * sc);
+    for (int64_t d = 0; d < D; ++d) gq[t * sg.t + d] = to_storage<scalar_t>(dQ[t * D + d] * sc);
   }
 }
 
@@ -485,7 +628,22 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
   const acc_t inv = len > 0 ? acc_t(1) / sum : acc_t(0);
   scalar_t* dst = out + so.at(bi, hi);
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_storage<scalar_t>(o[d] * inv);
+}
+
+// The AVX512-BF16 score products apply to bf16 inputs with an even head dim; RYZEN_LLM_BF16_DOT=0
+// in the environment turns them off (for comparing against the widened fp32 path).
+template <typename scalar_t>
+bool bf16_dot_path(int64_t D) {
+  if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+    return false;
+  } else {
+    static const bool allowed = [] {
+      const char* env = std::getenv("RYZEN_LLM_BF16_DOT");
+      return env == nullptr || std::string(env) != "0";
+    }();
+    return allowed && D % 2 == 0 && bf16_dot_available();
+  }
 }
 
 // Tasks handed out one at a time from a shared counter: causal tasks differ in cost, and on a
@@ -561,11 +719,12 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cpu(
                                      key_bias.defined() ? key_bias.data_ptr<acc_t>() : nullptr,
                                      B, H, T, D, static_cast<acc_t>(scale)};
     const int64_t tasks = B * H * ((T + kForwardBlockQ - 1) / kForwardBlockQ);
+    const bool use_bf16_dot = bf16_dot_path<scalar_t>(D);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
     const Strides4 so(out);
     run_tasks(
-        tasks, [&] { return ForwardScratch<acc_t>(D); },
+        tasks, [&] { return ForwardScratch<acc_t>(D, use_bf16_dot); },
         [&](int64_t t, ForwardScratch<acc_t>& w) {
           causal_attention_forward_tile<scalar_t, acc_t>(a, t, out_ptr, so, lse_ptr, w);
         });
@@ -610,7 +769,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gk = grad_k.data_ptr<scalar_t>(),
              *gv = grad_v.data_ptr<scalar_t>();
     run_tasks(
-        B * H, [&] { return BackwardScratch<acc_t>(T, D, !std::is_same_v<scalar_t, acc_t>); },
+        B * H,
+        [&] {
+          return BackwardScratch<acc_t>(T, D, !std::is_same_v<scalar_t, acc_t>,
+                                        bf16_dot_path<scalar_t>(D));
+        },
         [&](int64_t bh, BackwardScratch<acc_t>& w) {
           causal_attention_backward_head<scalar_t, acc_t>(a, bh, go_ptr, sgo, out_ptr, so,
                                                           lse_ptr, gq, gk, gv, sg, w);
