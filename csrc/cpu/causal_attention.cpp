@@ -202,9 +202,16 @@ RYZEN_LLM_ALWAYS_INLINE const acc_t* rows_as_acc(const scalar_t* src, int64_t ld
 template <typename scalar_t, typename acc_t>
 RYZEN_LLM_ALWAYS_INLINE void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows,
                                              int64_t cols, int64_t npad, acc_t* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src + r * ld;
-    for (int64_t c = 0; c < cols; ++c) dst[c * npad + r] = static_cast<acc_t>(s[c]);
+  // 16 source rows at a time: their lines stay in L1 while each destination row gets 16
+  // contiguous values (one scalar store per element was the bottleneck).
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t rn = std::min<int64_t>(16, rows - r0);
+    const scalar_t* s = src + r0 * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      acc_t* d = dst + c * npad + r0;
+#pragma omp simd
+      for (int64_t rr = 0; rr < rn; ++rr) d[rr] = static_cast<acc_t>(s[rr * ld + c]);
+    }
   }
   for (int64_t c = 0; c < cols; ++c)
     for (int64_t r = rows; r < npad; ++r) dst[c * npad + r] = acc_t(0);
@@ -279,9 +286,13 @@ inline bool bf16_dot_available() { return false; }
 inline void pack_pairs_transposed(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t D,
                                   int64_t npad, uint32_t* dst) {
   const int64_t K2 = D / 2;
-  for (int64_t c = 0; c < rows; ++c) {
-    const c10::BFloat16* row = src + c * ld;
-    for (int64_t kk = 0; kk < K2; ++kk) std::memcpy(dst + kk * npad + c, row + 2 * kk, 4);
+  for (int64_t c0 = 0; c0 < rows; c0 += 16) {  // blocked as in pack_transposed
+    const int64_t cn = std::min<int64_t>(16, rows - c0);
+    const c10::BFloat16* s = src + c0 * ld;
+    for (int64_t kk = 0; kk < K2; ++kk) {
+      uint32_t* d = dst + kk * npad + c0;
+      for (int64_t cc = 0; cc < cn; ++cc) std::memcpy(d + cc, s + cc * ld + 2 * kk, 4);
+    }
   }
   for (int64_t kk = 0; kk < K2; ++kk)
     for (int64_t c = rows; c < npad; ++c) dst[kk * npad + c] = 0;
