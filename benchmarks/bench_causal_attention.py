@@ -48,6 +48,19 @@ def _compiled_reference(q, k, v):
     return _compiled["fn"](q, k, v)
 
 
+def _saved_bytes(fn, q, k, v) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (the input qkv included)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(q, k, v)
+    return sum(storages.values())
+
+
 IMPLS = {"fused": _fused, "reference": _reference, "sdpa": _sdpa, "compiled_reference": _compiled_reference}
 
 
@@ -89,3 +102,5 @@ def test_causal_attention(benchmark, dtype, impl, which):
     benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark.extra_info["gflop"] = PASS_FLOP[which] / 1e9
     benchmark.extra_info["gflop_per_s"] = PASS_FLOP[which] / median / 1e9
+    if which == "forward_backward" and impl != "compiled_reference":  # hooks would recompile
+        benchmark.extra_info["saved_for_backward_mib"] = _saved_bytes(fn, q, k, v) / 2**20

@@ -11,9 +11,18 @@ from tests.ops.conftest import DEVICES, assert_within_pytorch_error, requires_ex
 
 pytestmark = requires_extension
 
-# (B, T, nh, hs), awkward on purpose: T = 1, 97 and 200 (two forward query tiles plus a ragged
-# one), head dims 48 and 80, batch 1 and 3.
-SHAPES = [(1, 1, 2, 48), (3, 97, 2, 80), (1, 128, 2, 64), (3, 200, 2, 48), (1, 97, 3, 64)]
+# (B, T, nh, hs), awkward on purpose: T = 1, 97 and 200 (ragged query/key tiles), T = 300 (more
+# than one forward key tile, so the online-softmax rescaling runs), head dims 48, 64, 80 and an
+# odd 33 (column tails; no bf16 pair products), batch 1 and 3.
+SHAPES = [
+    (1, 1, 2, 48),
+    (3, 97, 2, 80),
+    (1, 128, 2, 64),
+    (3, 200, 2, 48),
+    (1, 97, 3, 64),
+    (2, 300, 1, 48),
+    (2, 33, 1, 33),
+]
 
 
 def fused(q, k, v, key_padding_mask, scale):
@@ -69,6 +78,14 @@ def test_matches_reference_within_pytorch_error(device, with_mask, shape, dtype)
         assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
         assert torch.isfinite(a).all(), f"{name}: non-finite values"
         assert_within_pytorch_error(f"{name} {dtype} {shape} mask={with_mask}", a, b, c)
+
+
+def test_head_dim_not_unit_stride_is_accepted():
+    """A view whose last dim is not contiguous is copied inside the op; the result is the same."""
+    q, k, v = (torch.randn(2, 2, 24, 13).transpose(-1, -2) for _ in range(3))  # (B, nh, 13, 24)
+    torch.testing.assert_close(
+        fused(q, k, v, None, 0.3), reference.causal_attention(q, k, v, None, 0.3)
+    )
 
 
 def test_fully_masked_rows_are_zero():
@@ -139,8 +156,9 @@ def test_decode_equals_last_row_of_forward(dtype):
     B, nh, Tmax, hs = 3, 2, 40, 80
     lengths = torch.tensor([40, 1, 23])
     g = torch.Generator().manual_seed(3)
-    k_cache = torch.randn(B, nh, Tmax, hs, generator=g).to(dtype)
-    v_cache = torch.randn(B, nh, Tmax, hs, generator=g).to(dtype)
+    # Caches as strided views of (B, Tmax, nh, hs) buffers: read in place.
+    k_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(dtype).transpose(1, 2)
+    v_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(dtype).transpose(1, 2)
     q_all = torch.randn(B, nh, Tmax, hs, generator=g).to(dtype)
     scale = 1 / math.sqrt(hs)
     from ryzen_llm.ops.causal_attention import causal_attention_decode
