@@ -175,9 +175,10 @@ RYZEN_LLM_ALWAYS_INLINE int64_t causal_end(int64_t q0, int64_t j0, int64_t r, in
 }
 
 // Columns of a score row that must hold valid P / dS values: the row's allowed keys (limit) and
-// the zeros that the row-group products above still read (up to 3 past limit, whole vectors).
+// the zeros that the row-group products still read (up to 3 past limit, one more when the
+// reduction runs over key pairs), in whole vectors.
 RYZEN_LLM_ALWAYS_INLINE int64_t row_columns(int64_t limit, int64_t npad) {
-  return std::min(npad, round_up(std::max<int64_t>(limit, 0) + 3, kPad));
+  return std::min(npad, round_up(std::max<int64_t>(limit, 0) + 4, kPad));
 }
 
 // rows x cols of src (row stride ld) as acc_t: the tensor itself when it already is acc_t,
@@ -233,13 +234,14 @@ bool bf16_dot_available() {
   return ok;
 }
 
-template <int R, int NV>
+template <int R, int NV, bool kAccumulate = false>
 inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
     const c10::BFloat16* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
     int64_t K2) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = kAccumulate ? _mm512_loadu_ps(C + r * ldc + v * 16) : _mm512_setzero_ps();
   for (int64_t kk = 0; kk < K2; ++kk) {
     __m512bh b[NV];
     for (int v = 0; v < NV; ++v)
@@ -255,13 +257,28 @@ inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
 }
 
-template <int R>
+template <int R, bool kAccumulate = false>
 inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_rows(
     const c10::BFloat16* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
     int64_t N, int64_t K2) {
   int64_t j = 0;
-  for (; j + 32 <= N; j += 32) bf16_dot_block<R, 2>(A, lda, B + j, ldb, C + j, ldc, K2);
-  for (; j < N; j += 16) bf16_dot_block<R, 1>(A, lda, B + j, ldb, C + j, ldc, K2);
+  for (; j + 32 <= N; j += 32)
+    bf16_dot_block<R, 2, kAccumulate>(A, lda, B + j, ldb, C + j, ldc, K2);
+  for (; j < N; j += 16) bf16_dot_block<R, 1, kAccumulate>(A, lda, B + j, ldb, C + j, ldc, K2);
+}
+
+// O (M x D, fp32) += P (M x N as bf16, row stride ldp) * V (pair-packed along keys, D words per
+// key pair); row r only reads the key pairs up to its diagonal. D is a multiple of 16.
+RYZEN_LLM_BF16_TARGET void bf16_probs_values(const c10::BFloat16* P, int64_t ldp,
+                                             const uint32_t* Vp, int64_t D, float* O, int64_t M,
+                                             int64_t N, int64_t q0, int64_t j0) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4)
+    bf16_dot_rows<4, true>(P + r * ldp, ldp, Vp, D, O + r * D, D, D,
+                           (causal_end(q0, j0, r, 4, 1, N) + 1) / 2);
+  for (; r < M; ++r)
+    bf16_dot_rows<1, true>(P + r * ldp, ldp, Vp, D, O + r * D, D, D,
+                           (causal_end(q0, j0, r, 1, 1, N) + 1) / 2);
 }
 
 // S (M x npad) = A (M x 2*K2, bf16 rows, row stride lda) * packed B, causally trimmed: row r
@@ -298,6 +315,24 @@ inline void pack_pairs_transposed(const c10::BFloat16* src, int64_t ld, int64_t 
     for (int64_t c = rows; c < npad; ++c) dst[kk * npad + c] = 0;
 }
 
+// rows x D bf16 (row stride ld) into pairs along the rows: word (cc, d) = (row 2cc, row 2cc+1)
+// at column d; an odd last row is paired with zero.
+inline void pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t D,
+                           uint32_t* dst) {
+  for (int64_t cc = 0; cc < (rows + 1) / 2; ++cc) {
+    const uint16_t* r0 = reinterpret_cast<const uint16_t*>(src + 2 * cc * ld);
+    const uint16_t* r1 = reinterpret_cast<const uint16_t*>(src + (2 * cc + 1) * ld);
+    uint32_t* d = dst + cc * D;
+    if (2 * cc + 1 < rows) {
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) d[j] = uint32_t(r0[j]) | (uint32_t(r1[j]) << 16);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) d[j] = uint32_t(r0[j]);
+    }
+  }
+}
+
 // Element (b, h, t, d) of a (B, nh, T, hs) tensor with unit stride in d.
 struct Strides4 {
   int64_t b, h, t;
@@ -317,10 +352,16 @@ struct AttentionArgs {
 template <typename acc_t>
 struct ForwardScratch {
   std::vector<acc_t> q, kt, s, v, o, m, l;
-  std::vector<uint32_t> kt_pairs;
+  std::vector<uint32_t> kt_pairs, v_pairs;
+  std::vector<c10::BFloat16> p_bf16;
   bool bf16_dot;  // bf16 inputs, even head dim and a CPU with AVX512-BF16
-  ForwardScratch(int64_t D, bool bf16_dot_) : bf16_dot(bf16_dot_) {
+  bool bf16_pv;   // ... and a head dim that is a multiple of 16: P V in bf16 too
+  ForwardScratch(int64_t D, bool bf16_dot_) : bf16_dot(bf16_dot_), bf16_pv(bf16_dot_ && D % 16 == 0) {
     if (bf16_dot) kt_pairs.resize(D / 2 * kForwardBlockK);
+    if (bf16_pv) {
+      v_pairs.resize(kForwardBlockK / 2 * D);
+      p_bf16.resize(kForwardBlockQ * kForwardBlockK);
+    }
     q.resize(kForwardBlockQ * D);
     kt.resize(D * kForwardBlockK);
     s.resize(kForwardBlockQ * kForwardBlockK);
@@ -400,6 +441,10 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
       const acc_t m_new = std::max(m[r], mx);
       if (m_new == neg_inf) {  // no allowed key yet: this row's P is all zero
         std::fill(s, s + cend, acc_t(0));
+        if (w.bf16_pv) {
+          c10::BFloat16* pb = w.p_bf16.data() + r * npad;
+          std::fill(pb, pb + cend, c10::BFloat16(0.0f));
+        }
         continue;
       }
       acc_t sum = 0;
@@ -408,6 +453,11 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
         acc_t p = softmax_exp(s[c] - m_new);
         s[c] = p;
         sum += p;
+      }
+      if (w.bf16_pv) {  // P for the bf16 product (the normaliser keeps the unrounded sum)
+        c10::BFloat16* pb = w.p_bf16.data() + r * npad;
+#pragma omp simd
+        for (int64_t c = 0; c < cend; ++c) pb[c] = to_storage<c10::BFloat16>(s[c]);
       }
       const acc_t alpha = softmax_exp(m[r] - m_new);  // 0 when m[r] was -inf
       if (alpha != acc_t(1)) {
@@ -418,6 +468,15 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
     }
+#ifdef RYZEN_LLM_BF16_DOT
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (w.bf16_pv) {
+        pack_row_pairs(a.v + a.sv.at(bi, hi) + j0 * a.sv.t, a.sv.t, N, D, w.v_pairs.data());
+        bf16_probs_values(w.p_bf16.data(), npad, w.v_pairs.data(), D, O, M, N, i0, j0);
+        continue;
+      }
+    }
+#endif
     int64_t ldv;
     const acc_t* V = rows_as_acc(a.v + a.sv.at(bi, hi) + j0 * a.sv.t, a.sv.t, N, D, w.v.data(), &ldv);
     gemm_bounded<acc_t>(S, npad, 1, V, ldv, O, D, M, true,  // O += P V
