@@ -234,10 +234,12 @@ bool bf16_dot_available() {
   return ok;
 }
 
+// A's bf16 pair (r, kk) is the 4 bytes at byte offset r * ars + kk * acs: rows of a tensor
+// (ars = 2 * row stride, acs = 4) or a grid of packed pairs.
 template <int R, int NV, bool kAccumulate = false>
 inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
-    const c10::BFloat16* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
-    int64_t K2) {
+    const char* A, int64_t ars, int64_t acs, const uint32_t* B, int64_t ldb, float* C,
+    int64_t ldc, int64_t K2) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v)
@@ -248,7 +250,7 @@ inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
       b[v] = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(B + kk * ldb + v * 16));
     for (int r = 0; r < R; ++r) {
       uint32_t pair;
-      std::memcpy(&pair, A + r * lda + 2 * kk, sizeof(pair));
+      std::memcpy(&pair, A + r * ars + kk * acs, sizeof(pair));
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
@@ -259,12 +261,18 @@ inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
 
 template <int R, bool kAccumulate = false>
 inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_rows(
-    const c10::BFloat16* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
-    int64_t N, int64_t K2) {
+    const char* A, int64_t ars, int64_t acs, const uint32_t* B, int64_t ldb, float* C,
+    int64_t ldc, int64_t N, int64_t K2) {
   int64_t j = 0;
   for (; j + 32 <= N; j += 32)
-    bf16_dot_block<R, 2, kAccumulate>(A, lda, B + j, ldb, C + j, ldc, K2);
-  for (; j < N; j += 16) bf16_dot_block<R, 1, kAccumulate>(A, lda, B + j, ldb, C + j, ldc, K2);
+    bf16_dot_block<R, 2, kAccumulate>(A, ars, acs, B + j, ldb, C + j, ldc, K2);
+  for (; j < N; j += 16)
+    bf16_dot_block<R, 1, kAccumulate>(A, ars, acs, B + j, ldb, C + j, ldc, K2);
+}
+
+// Rows of a bf16 matrix with row stride ld (elements), as an A operand.
+inline const char* bf16_rows(const c10::BFloat16* A, int64_t r, int64_t ld) {
+  return reinterpret_cast<const char*>(A + r * ld);
 }
 
 // O (M x D, fp32) += P (M x N as bf16, row stride ldp) * V (pair-packed along keys, D words per
@@ -274,10 +282,10 @@ RYZEN_LLM_BF16_TARGET void bf16_probs_values(const c10::BFloat16* P, int64_t ldp
                                              int64_t N, int64_t q0, int64_t j0) {
   int64_t r = 0;
   for (; r + 4 <= M; r += 4)
-    bf16_dot_rows<4, true>(P + r * ldp, ldp, Vp, D, O + r * D, D, D,
+    bf16_dot_rows<4, true>(bf16_rows(P, r, ldp), 2 * ldp, 4, Vp, D, O + r * D, D, D,
                            (causal_end(q0, j0, r, 4, 1, N) + 1) / 2);
   for (; r < M; ++r)
-    bf16_dot_rows<1, true>(P + r * ldp, ldp, Vp, D, O + r * D, D, D,
+    bf16_dot_rows<1, true>(bf16_rows(P, r, ldp), 2 * ldp, 4, Vp, D, O + r * D, D, D,
                            (causal_end(q0, j0, r, 1, 1, N) + 1) / 2);
 }
 
@@ -288,15 +296,62 @@ RYZEN_LLM_BF16_TARGET void bf16_scores(const c10::BFloat16* A, int64_t lda, cons
                                        int64_t j0) {
   int64_t r = 0;
   for (; r + 4 <= M; r += 4)
-    bf16_dot_rows<4>(A + r * lda, lda, B, npad, S + r * npad, npad,
+    bf16_dot_rows<4>(bf16_rows(A, r, lda), 2 * lda, 4, B, npad, S + r * npad, npad,
                      causal_end(q0, j0, r, 4, kPad, npad), K2);
   for (; r < M; ++r)
-    bf16_dot_rows<1>(A + r * lda, lda, B, npad, S + r * npad, npad,
+    bf16_dot_rows<1>(bf16_rows(A, r, lda), 2 * lda, 4, B, npad, S + r * npad, npad,
                      causal_end(q0, j0, r, 1, kPad, npad), K2);
+}
+// C (N key rows x D, fp32) += X^T Y for dK / dV: X (M query rows x N keys) given as query-row
+// pairs, word (qq, c) = (X[2qq][c], X[2qq+1][c]) at Xp[qq * ldx + c]; Bp (query-row pairs x D
+// words). Key row c only sees query rows at or below the diagonal, so its reduction starts at
+// the pair holding query row j0 + c.
+RYZEN_LLM_BF16_TARGET void bf16_key_grads(const uint32_t* Xp, int64_t ldx,
+                                          const uint32_t* Bp, int64_t D, float* C, int64_t N,
+                                          int64_t M, int64_t q0, int64_t j0) {
+  const char* X = reinterpret_cast<const char*>(Xp);
+  const int64_t pairs = (M + 1) / 2;
+  auto kk0_of = [&](int64_t c) {
+    return std::max<int64_t>(0, std::min<int64_t>(M, j0 + c - q0)) / 2;
+  };
+  int64_t c = 0;
+  for (; c + 4 <= N; c += 4) {
+    const int64_t kk0 = kk0_of(c);
+    bf16_dot_rows<4, true>(X + 4 * (kk0 * ldx + c), 4, 4 * ldx, Bp + kk0 * D, D, C + c * D, D,
+                           D, pairs - kk0);
+  }
+  for (; c < N; ++c) {
+    const int64_t kk0 = kk0_of(c);
+    bf16_dot_rows<1, true>(X + 4 * (kk0 * ldx + c), 4, 4 * ldx, Bp + kk0 * D, D, C + c * D, D,
+                           D, pairs - kk0);
+  }
 }
 #else
 inline bool bf16_dot_available() { return false; }
 #endif
+
+// Query-row pairs of an M x N fp32 tile (row stride lds) as bf16: word (qq, c) of dst (row
+// stride ldw) = (src[2qq][c], src[2qq+1][c]), zero past each row's causal limit (key j0 + c
+// later than query q0 + r) and for the missing row when M is odd.
+inline void interleave_rows_bf16(const float* src, int64_t lds, int64_t M, int64_t N, int64_t q0,
+                                 int64_t j0, uint32_t* dst, int64_t ldw) {
+  for (int64_t qq = 0; qq < (M + 1) / 2; ++qq) {
+    const int64_t r = 2 * qq;
+    const float* s0 = src + r * lds;
+    const float* s1 = src + (r + 1) * lds;
+    const int64_t lim0 = std::min(N, q0 + r + 1 - j0);
+    const int64_t lim1 = r + 1 < M ? std::min(N, q0 + r + 2 - j0) : 0;
+    uint32_t* d = dst + qq * ldw;
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) {
+      const float v0 = c < lim0 ? s0[c] : 0.0f;
+      const float v1 = c < lim1 ? s1[c] : 0.0f;
+      const uint16_t b0 = to_storage<c10::BFloat16>(v0).x;
+      const uint16_t b1 = to_storage<c10::BFloat16>(v1).x;
+      d[c] = uint32_t(b0) | (uint32_t(b1) << 16);
+    }
+  }
+}
 
 // rows x D bf16 (row stride ld) into the pair-packed B layout (D/2 x npad words), zero columns
 // past rows.
@@ -500,12 +555,23 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
 template <typename acc_t>
 struct BackwardScratch {
   std::vector<acc_t> q, go, k, v, kt, vt, s, dp, dq, dk, dv, delta;
-  std::vector<uint32_t> kt_pairs, vt_pairs;
-  bool bf16_dot;
-  BackwardScratch(int64_t T, int64_t D, bool widen, bool bf16_dot_) : bf16_dot(bf16_dot_) {
+  std::vector<uint32_t> kt_pairs, vt_pairs, q_pairs, go_pairs, k_pairs;
+  std::vector<uint32_t> interleaved;
+  std::vector<c10::BFloat16> ds_bf16;
+  bool bf16_dot;  // bf16 score products (S, dP)
+  bool bf16_all;  // ... and bf16 dV, dK, dQ products (head dim a multiple of 16)
+  BackwardScratch(int64_t T, int64_t D, bool widen, bool bf16_dot_)
+      : bf16_dot(bf16_dot_), bf16_all(bf16_dot_ && D % 16 == 0) {
     if (bf16_dot) {
       kt_pairs.resize(D / 2 * kBackwardBlockK);
       vt_pairs.resize(D / 2 * kBackwardBlockK);
+    }
+    if (bf16_all) {
+      q_pairs.resize((T + 1) / 2 * D);
+      go_pairs.resize((T + 1) / 2 * D);
+      k_pairs.resize((T + 1) / 2 * D);
+      interleaved.resize((kBackwardBlockQ + 1) / 2 * kBackwardBlockK);
+      ds_bf16.resize(kBackwardBlockQ * kBackwardBlockK);
     }
     if (widen) {
       q.resize(T * D);
@@ -556,6 +622,15 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
   }
   acc_t* dQ = w.dq.data();
   std::fill(dQ, dQ + T * D, acc_t(0));
+#ifdef RYZEN_LLM_BF16_DOT
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (w.bf16_all) {  // pairs along T; tiles start at even rows, so one packing serves all
+      pack_row_pairs(a.q + a.sq.at(bi, hi), a.sq.t, T, D, w.q_pairs.data());
+      pack_row_pairs(grad_out + sgo.at(bi, hi), sgo.t, T, D, w.go_pairs.data());
+      pack_row_pairs(a.k + a.sk.at(bi, hi), a.sk.t, T, D, w.k_pairs.data());
+    }
+  }
+#endif
 
   for (int64_t j0 = 0; j0 < T; j0 += kBackwardBlockK) {
     const int64_t j1 = std::min(T, j0 + kBackwardBlockK), N = j1 - j0, npad = round_up(N, kPad);
@@ -621,7 +696,17 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
       auto by_query_k = [&](int64_t r, int64_t rows) {
         return std::array<int64_t, 3>{D, 0, causal_end(i0, j0, r, rows, 1, N)};
       };
-      gemm_bounded<acc_t>(P, 1, npad, GOi, ldgo, dV, D, N, true, by_key);  // dV += P^T dO
+#ifdef RYZEN_LLM_BF16_DOT
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (w.bf16_all) {  // dV += P^T dO
+          interleave_rows_bf16(P, npad, M, N, i0, j0, w.interleaved.data(), npad);
+          bf16_key_grads(w.interleaved.data(), npad, w.go_pairs.data() + i0 / 2 * D, D, dV, N,
+                         M, i0, j0);
+        }
+      }
+#endif
+      if (!w.bf16_all)
+        gemm_bounded<acc_t>(P, 1, npad, GOi, ldgo, dV, D, N, true, by_key);  // dV += P^T dO
 #ifdef RYZEN_LLM_BF16_DOT
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (w.bf16_dot)
@@ -640,9 +725,30 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
 #pragma omp simd
         for (int64_t c = 0; c < cend; ++c) dp[c] = c < limit ? p[c] * (dp[c] - dr) : acc_t(0);
       }
-      gemm_bounded<acc_t>(dP, 1, npad, Q + i0 * ldq, ldq, dK, D, N, true, by_key);  // dK += dS^T Q
-      gemm_bounded<acc_t>(dP, npad, 1, K + j0 * ldk, ldk, dQ + i0 * D, D, M, true,  // dQ += dS K
-                          by_query_k);
+#ifdef RYZEN_LLM_BF16_DOT
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (w.bf16_all) {
+          interleave_rows_bf16(dP, npad, M, N, i0, j0, w.interleaved.data(), npad);  // dS^T Q
+          bf16_key_grads(w.interleaved.data(), npad, w.q_pairs.data() + i0 / 2 * D, D, dK, N,
+                         M, i0, j0);
+          c10::BFloat16* dsb = w.ds_bf16.data();  // dQ += dS K
+          for (int64_t r = 0; r < M; ++r) {
+            const int64_t cend = row_columns(std::min(N, i0 + r + 1 - j0), npad);
+            const acc_t* dp = dP + r * npad;
+            c10::BFloat16* d = dsb + r * npad;
+#pragma omp simd
+            for (int64_t c = 0; c < cend; ++c) d[c] = to_storage<c10::BFloat16>(dp[c]);
+          }
+          bf16_probs_values(dsb, npad, w.k_pairs.data() + j0 / 2 * D, D, dQ + i0 * D, M, N, i0,
+                            j0);
+        }
+      }
+#endif
+      if (!w.bf16_all) {
+        gemm_bounded<acc_t>(dP, 1, npad, Q + i0 * ldq, ldq, dK, D, N, true, by_key);  // dS^T Q
+        gemm_bounded<acc_t>(dP, npad, 1, K + j0 * ldk, ldk, dQ + i0 * D, D, M, true,  // dS K
+                            by_query_k);
+      }
     }
     scalar_t* gk = grad_k + sg.at(bi, hi) + j0 * sg.t;
     scalar_t* gv = grad_v + sg.at(bi, hi) + j0 * sg.t;
