@@ -3,8 +3,10 @@
 // diagonal are skipped and only out and the per-row log-sum-exp are written. Backward
 // (flash-attention-2) recomputes P = exp(S - lse) tile by tile, one task per (batch, head) so no
 // two threads write the same dQ/dK/dV rows. Traffic: q, k, v read once per query tile, out once.
-// Tile products run in a register-blocked GEMM below (fp32 accumulation; bf16 tiles are widened
-// to fp32 when loaded), softmax and masking in auto-vectorised loops with a polynomial exp.
+// Tile products: fp32/fp64 in a register-blocked GEMM (auto-vectorised, multiversioned); bf16 on
+// CPUs with AVX512-BF16 in a vdpbf16ps kernel on the bf16 operands (P and dS rounded to bf16,
+// fp32 accumulation), else widened to fp32. Softmax and masking run in auto-vectorised loops with
+// a polynomial exp; products stop at the diagonal in 4-row groups.
 #include "common.h"
 
 #include <torch/library.h>
