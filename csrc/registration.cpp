@@ -24,4 +24,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // ceil(numel/2) bytes), scales float32 per block; stochastic rounding hashes (seed, offset + i).
   m.def("quantize_blockwise(Tensor x, int block_size, int bits, bool stochastic, int seed, int offset) -> (Tensor data, Tensor scales)");
   m.def("dequantize_blockwise(Tensor data, Tensor scales, int[] shape, int block_size, int bits, ScalarType dtype) -> Tensor");
+  // Causal attention over q, k, v (B, nh, T, hs); mask (B, T) True = real key; lse (B, nh, T) in the accumulation type (fp32; fp64 for fp64).
+  m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // One new query (B, nh, 1, hs) against the first cache_lengths[b] rows of k/v caches (B, nh, Tmax, hs).
+  m.def("causal_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, float scale) -> Tensor");
 }

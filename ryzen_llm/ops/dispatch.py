@@ -43,6 +43,7 @@ def _fused_registry() -> dict[str, Callable]:
     from ryzen_llm.ops.adamw import FusedAdamW
     from ryzen_llm.ops.add_layer_norm import add_layer_norm
     from ryzen_llm.ops.bias_gelu import bias_gelu
+    from ryzen_llm.ops.causal_attention import causal_attention
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -50,6 +51,7 @@ def _fused_registry() -> dict[str, Callable]:
         "add_layer_norm": add_layer_norm,
         "bias_gelu": bias_gelu,
         "linear_cross_entropy": linear_cross_entropy,
+        "causal_attention": causal_attention,
         "gelu_feed_forward": gelu_feed_forward,
         "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
     }

@@ -1,0 +1,222 @@
+"""Fused causal attention against its plain-PyTorch reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ryzen_llm.ops import reference
+from tests.ops.conftest import DEVICES, assert_within_pytorch_error, requires_extension
+
+pytestmark = requires_extension
+
+# (B, T, nh, hs), awkward on purpose: T = 1, 97 and 200 (ragged query/key tiles), T = 300 (more
+# than one forward key tile, so the online-softmax rescaling runs), head dims 48, 64, 80 and an
+# odd 33 (column tails; no bf16 pair products), batch 1 and 3.
+SHAPES = [
+    (1, 1, 2, 48),
+    (3, 97, 2, 80),
+    (1, 128, 2, 64),
+    (3, 200, 2, 48),
+    (1, 97, 3, 64),
+    (2, 300, 1, 48),
+    (2, 33, 1, 33),
+]
+
+
+def fused(q, k, v, key_padding_mask, scale):
+    from ryzen_llm.ops.causal_attention import causal_attention
+
+    return causal_attention(q, k, v, key_padding_mask, scale)
+
+
+def padding_mask(B, T, seed=0):
+    """(B, T) bool, True = real token: left padding of a different length per sequence, so the
+    first query rows of a padded sequence see no key at all; the first sequence has none."""
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.randint(0, max(1, T // 2), (B,), generator=g)
+    pad[0] = 0
+    if B > 1 and T > 1:
+        pad[1] = T - 1  # only the last token is real
+    return torch.arange(T)[None, :] >= pad[:, None]
+
+
+def make_inputs(B, T, nh, hs, dtype, device, seed=0):
+    """q, k, v as the model makes them: strided views of one (B, T, 3, nh, hs) projection."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, 3, nh, hs, generator=g, dtype=torch.float64)
+    qkv = qkv.to(device=device, dtype=dtype).requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs), not contiguous
+    return qkv, (q, k, v)
+
+
+def run_with_grads(fn, qkv, qkv_views, mask, scale, grad):
+    out = fn(*qkv_views, mask, scale)
+    out.backward(grad)
+    g = qkv.grad.detach().clone()
+    qkv.grad = None
+    return [out.detach(), g[:, :, 0].transpose(1, 2), g[:, :, 1].transpose(1, 2), g[:, :, 2].transpose(1, 2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_within_pytorch_error(device, with_mask, shape, dtype):
+    B, T, nh, hs = shape
+    scale = 1.0 / math.sqrt(hs)
+    mask = padding_mask(B, T).to(device) if with_mask else None
+    qkv64, views64 = make_inputs(B, T, nh, hs, torch.float64, device)
+    qkv, views = make_inputs(B, T, nh, hs, dtype, device)
+    grad64 = torch.randn(B, nh, T, hs, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad64 = grad64.to(device)
+    ref64 = run_with_grads(reference.causal_attention, qkv64, views64, mask, scale, grad64)
+    plain = run_with_grads(reference.causal_attention, qkv, views, mask, scale, grad64.to(dtype))
+    got = run_with_grads(fused, qkv, views, mask, scale, grad64.to(dtype))
+    for name, a, b, c in zip(["out", "grad_q", "grad_k", "grad_v"], got, plain, ref64):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        assert_within_pytorch_error(f"{name} {dtype} {shape} mask={with_mask}", a, b, c)
+
+
+def test_head_dim_not_unit_stride_is_accepted():
+    """A view whose last dim is not contiguous is copied inside the op; the result is the same."""
+    q, k, v = (torch.randn(2, 2, 24, 13).transpose(-1, -2) for _ in range(3))  # (B, nh, 13, 24)
+    torch.testing.assert_close(
+        fused(q, k, v, None, 0.3), reference.causal_attention(q, k, v, None, 0.3)
+    )
+
+
+def test_fully_masked_rows_are_zero():
+    qkv, (q, k, v) = make_inputs(2, 9, 2, 48, torch.float32, "cpu")
+    mask = padding_mask(2, 9)  # sequence 1: only the last token is real
+    out = fused(q, k, v, mask, 0.2)
+    assert (out[1, :, :-1] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(qkv.grad).all()
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gradcheck_fp64(with_mask):
+    qkv, (q, k, v) = make_inputs(2, 6, 1, 8, torch.float64, "cpu")
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    mask = padding_mask(2, 6) if with_mask else None
+    assert torch.autograd.gradcheck(lambda q, k, v: fused(q, k, v, mask, 0.4), (q, k, v))
+
+
+def test_opcheck():
+    _, (q, k, v) = make_inputs(2, 11, 2, 16, torch.float32, "cpu")
+    mask = padding_mask(2, 11)
+    for m in (None, mask):
+        torch.library.opcheck(torch.ops.ryzen_llm.causal_attention_forward, (q, k, v, m, 0.25))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.ryzen_llm.causal_attention_forward(q, k, v, mask, 0.25)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.ryzen_llm.causal_attention_backward, (grad, q, k, v, out, lse, mask, 0.25)
+    )
+    k_cache, v_cache = torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 16)
+    torch.library.opcheck(
+        torch.ops.ryzen_llm.causal_attention_decode,
+        (q[:, :, :1], k_cache, v_cache, torch.tensor([13, 4]), 0.25),
+    )
+
+
+def test_torch_compile_fullgraph():
+    qkv, (q, k, v) = make_inputs(2, 19, 2, 32, torch.float32, "cpu")
+    mask = padding_mask(2, 19)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, mask, 0.3)
+    out.sum().backward()
+    g_compiled, qkv.grad = qkv.grad, None
+    expected = fused(q, k, v, mask, 0.3)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(g_compiled, qkv.grad)
+
+
+def test_bf16_autocast_model_path():
+    """Under CPU bf16 autocast the Linear hands over bf16 q/k/v; the op runs in bf16."""
+    B, T, nh, hs = 2, 17, 2, 32
+    x = torch.randn(B, T, nh * hs)
+    lin = torch.nn.Linear(nh * hs, 3 * nh * hs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = lin(x).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
+        out = fused(q, k, v, None, 1 / math.sqrt(hs))
+        ref = reference.causal_attention(q, k, v, None, 1 / math.sqrt(hs))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_equals_last_row_of_forward(dtype):
+    B, nh, Tmax, hs = 3, 2, 40, 80
+    lengths = torch.tensor([40, 1, 23])
+    g = torch.Generator().manual_seed(3)
+    # Caches as strided views of (B, Tmax, nh, hs) buffers: read in place.
+    k_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(dtype).transpose(1, 2)
+    v_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(dtype).transpose(1, 2)
+    q_all = torch.randn(B, nh, Tmax, hs, generator=g).to(dtype)
+    scale = 1 / math.sqrt(hs)
+    from ryzen_llm.ops.causal_attention import causal_attention_decode
+
+    q_new = torch.stack([q_all[b, :, lengths[b] - 1] for b in range(B)])[:, :, None]  # (B, nh, 1, hs)
+    got = causal_attention_decode(q_new, k_cache, v_cache, lengths, scale)
+    assert got.shape == (B, nh, 1, hs)
+    for b in range(B):
+        L = int(lengths[b])
+        full = fused(q_all[b : b + 1, :, :L], k_cache[b : b + 1, :, :L], v_cache[b : b + 1, :, :L], None, scale)
+        torch.testing.assert_close(got[b, :, 0], full[0, :, -1], atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def test_decode_zero_length_gives_zeros():
+    q = torch.randn(1, 2, 1, 32)
+    cache = torch.randn(1, 2, 5, 32)
+    out = torch.ops.ryzen_llm.causal_attention_decode(q, cache, cache, torch.tensor([0]), 0.1)
+    assert (out == 0).all()
+
+
+def _bad_forward_cases():
+    q = torch.randn(2, 2, 5, 16)
+    m = torch.ones(2, 5, dtype=torch.bool)
+    return [
+        ((q.int(), q, q, None, 0.1), "q: expected float32, float64 or bfloat16"),
+        ((q[0], q[0], q[0], None, 0.1), "q: expected a 4-D tensor"),
+        ((q, q.double(), q, None, 0.1), "k: expected dtype"),
+        ((q, q, q[:, :, :4], None, 0.1), "v: expected sizes"),
+        ((q, q, q, m.int(), 0.1), "key_padding_mask: expected dtype bool"),
+        ((q, q, q, m[:, :4], 0.1), "key_padding_mask: expected sizes"),
+        ((q[..., :4], q[..., :4], q[..., :4], None, 0.1), r"q: head dim \(size 3\) must be in"),
+        ((q, q, q, None, float("nan")), "scale: expected a finite number"),
+    ]
+
+
+@pytest.mark.parametrize("args, message", _bad_forward_cases())
+def test_bad_input_raises_named_error(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.causal_attention_forward(*args)
+
+
+def test_bad_backward_and_decode_input_raise_named_errors():
+    q = torch.randn(2, 2, 5, 16)
+    out, lse = torch.ops.ryzen_llm.causal_attention_forward(q, q, q, None, 0.1)
+    with pytest.raises(RuntimeError, match="lse: expected sizes"):
+        torch.ops.ryzen_llm.causal_attention_backward(out, q, q, q, out, lse[:, :, :4], None, 0.1)
+    with pytest.raises(RuntimeError, match="grad_out: expected dtype"):
+        torch.ops.ryzen_llm.causal_attention_backward(out.double(), q, q, q, out, lse, None, 0.1)
+    cache = torch.randn(2, 2, 7, 16)
+    lengths = torch.tensor([7, 3])
+    decode = torch.ops.ryzen_llm.causal_attention_decode
+    with pytest.raises(RuntimeError, match="cache_lengths: entry 1 is 8"):
+        decode(q[:, :, :1], cache, cache, torch.tensor([7, 8]), 0.1)
+    with pytest.raises(RuntimeError, match="cache_lengths: expected dtype int64"):
+        decode(q[:, :, :1], cache, cache, lengths.int(), 0.1)
+    with pytest.raises(RuntimeError, match="q: expected one query per sequence"):
+        decode(q, cache, cache, lengths, 0.1)
+    with pytest.raises(RuntimeError, match="v_cache: expected sizes"):
+        decode(q[:, :, :1], cache, cache[:, :, :6], lengths, 0.1)
+    with pytest.raises(RuntimeError, match="k_cache: expected dtype"):
+        decode(q[:, :, :1], cache.double(), cache, lengths, 0.1)
