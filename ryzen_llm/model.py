@@ -256,7 +256,8 @@ class ScaledTransformerModel(nn.Module):
         prompt keeps positions 0..len-1, exactly as if it ran alone.
 
         Decode (T == 1): idx (B, 1) is the next token of each row, at position cache.lengths[r];
-        it is written there and attends to positions 0..lengths[r] of its own row only.
+        it is written there and attends to positions 0..lengths[r] of its own row only. A
+        one-token prompt is a decode step on a row whose length was set to 0.
         """
         B, T = idx.shape
         if cache.batch < B:
