@@ -67,6 +67,7 @@ class InferBody(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)  # candidates per prompt; best mean log-prob returned
+    ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks)
     use_cache: bool = True
 
 
@@ -78,6 +79,7 @@ class CompletionBody(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)  # an extension, as in vLLM
+    ignore_eos: bool = False  # an extension, as in vLLM
     n: int = Field(1, ge=1, le=16)
     best_of: int | None = Field(None, ge=1, le=16)
     stream: bool = False
@@ -306,12 +308,13 @@ def create_app(
     started = time.time()
 
     # -- running prompts --------------------------------------------------------------------
-    def sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, n) -> SamplingParams:
+    def sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, n,
+                 ignore_eos) -> SamplingParams:
         try:
             return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed,
                                   stop=tuple([stop] if isinstance(stop, str) else stop or ()),
-                                  n=n)
+                                  n=n, ignore_eos=ignore_eos)
         except ValueError as exc:
             raise APIError(400, str(exc), str(exc).split(":")[0]) from None
 
@@ -406,7 +409,7 @@ def create_app(
         if not engine.ready.is_set():
             raise APIError(503, "warming up", None, "unavailable")
         params = sampling(body.max_new_tokens, body.temperature, body.top_k, body.top_p,
-                          body.seed, body.stop, body.n)
+                          body.seed, body.stop, body.n, body.ignore_eos)
         t0 = time.perf_counter()
         results, hits = await run_prompts(request, body.inputs, params, "inputs", body.use_cache)
         outputs = []
@@ -443,7 +446,7 @@ def create_app(
         if not prompts or len(prompts) > 64:
             raise APIError(400, "prompt: expected a string or a list of 1 to 64 strings", "prompt")
         params = sampling(body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed,
-                          body.stop, best_of)
+                          body.stop, best_of, body.ignore_eos)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return StreamingResponse(stream_completion(request, prompts, params, body, cid,

@@ -356,14 +356,18 @@ def test_sigterm_drains_in_flight_requests_then_exits(ckpt):
         results = {}
 
         def client(i):
-            r = httpx.post(url + "/infer", json={"inputs": [PROMPTS[i]], "max_new_tokens": 30,
+            r = httpx.post(url + "/infer", json={"inputs": [PROMPTS[i]], "max_new_tokens": 60,
                                                  "use_cache": False}, timeout=30)
             results[i] = r
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.25)  # all six are in flight (30 steps x 20 ms each)
+        for _ in range(500):  # until all six are in flight (60 steps x 20 ms each)
+            m = httpx.get(url + "/metrics").text
+            if metric(m, "ryzen_llm_running_sequences") + metric(m, "ryzen_llm_queue_depth") >= 6:
+                break
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         assert httpx.get(url + "/ready").status_code == 503
@@ -373,7 +377,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(ckpt):
             t.join(30)
         assert all(results[i].status_code == 200 for i in range(6)), \
             [results[i].status_code for i in range(6)]
-        assert all(results[i].json()["outputs"][0]["completion_tokens"] == 30 for i in range(6))
+        assert all(results[i].json()["outputs"][0]["completion_tokens"] == 60 for i in range(6))
         assert proc.wait(20) == 0
         rest = proc.stdout.read()
         assert "draining" in rest and "stopped" in rest

@@ -35,6 +35,8 @@ LEVEL_OF_OP: dict[str, int] = {
     "adamw": 3,
 }
 OPS = tuple(LEVEL_OF_OP)
+# Ops only generation calls (ryzen_llm.engine); a training run reports them as not called.
+INFERENCE_OPS = frozenset({"causal_attention_decode"})
 
 
 def _fused_registry() -> dict[str, Callable]:
