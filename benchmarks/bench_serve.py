@@ -110,9 +110,9 @@ async def load(url: str, prompts: list[str], concurrency: int, n_requests: int):
             "tokens_per_s": tokens / wall, "requests_per_s": len(ms) / wall}
 
 
-def engine_direct(path: Path, prompts: list[str], reps: int) -> dict:
+def engine_direct(path: Path, prompts: list[str], reps: int, exact: bool) -> dict:
     """The same generation called in-process: what HTTP costs on top."""
-    e = Engine.from_checkpoint(path)
+    e = Engine.from_checkpoint(path, exact=exact)
     e.wait_ready()
     p = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     out = {}
@@ -162,7 +162,13 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     ap.add_argument("--reps", type=int, default=12, help="repetitions of the in-process peers")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the server and the peers (0: torch's default)")
+    ap.add_argument("--no-exact-batching", action="store_true",
+                    help="serve without the dummy decode rows (see ryzen_llm/engine.py)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve-"))
     path, prompts = make_checkpoint(tmp)
@@ -170,8 +176,11 @@ def main(argv=None) -> int:
             "cpu": platform.processor() or platform.machine(),
             "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    extra += ["--no-exact-batching"] if args.no_exact_batching else []
+    info["exact_batching"] = not args.no_exact_batching
     server = subprocess.Popen([sys.executable, "-m", "ryzen_llm.serve", "--checkpoint", str(path),
-                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env)
     results: dict = {"info": info, "targets": TARGETS}
     try:
@@ -194,7 +203,8 @@ def main(argv=None) -> int:
     finally:
         server.terminate()
         server.wait(30)
-    results["engine_in_process"] = engine_direct(path, prompts, args.reps)
+    results["engine_in_process"] = engine_direct(path, prompts, args.reps,
+                                                 not args.no_exact_batching)
     for b, r in results["engine_in_process"].items():
         print(f"engine  batch {b:>2} (no HTTP): {r['median_ms']:7.1f} ms  "
               f"{r['tokens_per_s']:7.0f} tok/s")

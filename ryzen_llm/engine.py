@@ -15,8 +15,11 @@ Why greedy output is bit-identical alone or batched (tests/test_engine.py checks
     does the same arithmetic whatever the other rows hold;
   * MKL's sgemm picks its kernel by the row count M: below 16 rows a row's result depends on M,
     from 16 rows on it does not (measured on torch 2.13 / MKL 2024.2, 1 and 2 threads). Decode
-    steps therefore run at least MIN_DECODE_ROWS rows, the spare rows being dummies. At batch 1
-    this costs a 16-row GEMM instead of a GEMV: the weights are read once either way.
+    steps therefore run at least MIN_DECODE_ROWS rows, the spare rows being dummies. The price
+    is paid at small batches: a 16-row step instead of a 1-row GEMV (about 2-3x the time of a
+    batch-1 step on a 2-core machine). exact=False (serve --no-exact-batching) drops the dummy
+    rows: faster at batch 1-15, and a greedy token may then differ between alone and batched
+    where two logits tie to ~1e-6.
 """
 from __future__ import annotations
 
@@ -221,6 +224,7 @@ class Engine:
         self.warmup_steps = inf.warmup_steps if warmup_steps is None else warmup_steps
         self.default_max_new_tokens = inf.max_new_tokens
         self.exact = exact
+        self.min_rows = MIN_DECODE_ROWS if exact else 1
         self.step_delay_s = step_delay_s  # a pause per decode step: load tests and demos only
         self.on_step = on_step
         self.max_len = model.config.max_seq_len
@@ -371,14 +375,14 @@ class Engine:
 
     def _warmup(self) -> None:
         """Prefills of a few lengths, then warmup_steps decode steps cycling over the row
-        counts the engine will run (MIN_DECODE_ROWS .. cache rows)."""
+        counts the engine will run (min_rows .. cache rows)."""
         if self.warmup_steps <= 0:
             return
         V, cache = self.model.config.vocab_size, self.cache
         g = torch.Generator().manual_seed(0)
         for T in sorted({1, min(8, self.max_len - 1), min(32, self.max_len - 1)}):
             self.model.forward_with_cache(torch.randint(0, V, (1, T), generator=g), cache)
-        sizes = list(range(MIN_DECODE_ROWS, cache.batch + 1)) or [cache.batch]
+        sizes = list(range(min(self.min_rows, cache.batch), cache.batch + 1))
         cache.lengths.zero_()
         for i in range(self.warmup_steps):
             m = sizes[i % len(sizes)]
@@ -406,7 +410,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         n = len(self._live)
-        m = max(n, MIN_DECODE_ROWS)
+        m = max(n, self.min_rows)
         tokens = self._tokens
         tokens[:n, 0] = torch.tensor([c.tokens[-1] for _, c in self._live], dtype=torch.int64)
         if m > n:
