@@ -13,13 +13,14 @@ Why greedy output is bit-identical alone or batched (tests/test_engine.py checks
     ragged prefill (tested to a tolerance); the engine uses it only with exact=False.
   * decode attention always spans the whole cache (Tmax keys, masked by length), so each row
     does the same arithmetic whatever the other rows hold;
-  * MKL's sgemm picks its kernel by the row count M: below 16 rows a row's result depends on M,
-    from 16 rows on it does not (measured on torch 2.13 / MKL 2024.2, 1 and 2 threads). Decode
-    steps therefore run at least MIN_DECODE_ROWS rows, the spare rows being dummies. The price
-    is paid at small batches: a 16-row step instead of a 1-row GEMV (about 2-3x the time of a
-    batch-1 step on a 2-core machine). exact=False (serve --no-exact-batching) drops the dummy
-    rows: faster at batch 1-15, and a greedy token may then differ between alone and batched
-    where two logits tie to ~1e-6.
+  * MKL's sgemm picks its kernel by the row count M, and a row's result depends on that
+    choice: rows computed at M = 1, 2 or 3, or 9-11, differ in the last bits from the same rows
+    at M = 4, 8 or any M >= 12, which all agree with each other (measured on torch 2.13 / MKL
+    2024.2 at 1 and 2 threads, for every batch size 1..40; tests/test_engine.py re-checks it).
+    Decode steps therefore run decode_rows(n) rows, padding with dummy rows: 1-4 live
+    sequences run as 4 rows, 5-8 as 8, 9-11 as 12. At batch 1 that is 4x the FLOPs of a GEMV.
+    exact=False (serve --no-exact-batching) drops the dummy rows; a greedy token may then
+    differ between alone and batched where two logits tie to ~1e-6.
 """
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ from ryzen_llm.model import KVCache, ScaledTransformerModel
 from ryzen_llm.ops.dispatch import KernelOptimizer
 from ryzen_llm.tokenizer import Tokenizer
 
-MIN_DECODE_ROWS = 16
+
+def decode_rows(n: int, exact: bool = True) -> int:
+    """Rows a decode step of n live sequences runs (see the module docstring)."""
+    if not exact:
+        return n
+    return 4 if n <= 4 else 8 if n <= 8 else max(n, 12)
 
 
 class QueueFull(RuntimeError):
@@ -224,11 +230,10 @@ class Engine:
         self.warmup_steps = inf.warmup_steps if warmup_steps is None else warmup_steps
         self.default_max_new_tokens = inf.max_new_tokens
         self.exact = exact
-        self.min_rows = MIN_DECODE_ROWS if exact else 1
         self.step_delay_s = step_delay_s  # a pause per decode step: load tests and demos only
         self.on_step = on_step
         self.max_len = model.config.max_seq_len
-        self.cache = KVCache(model.config, max(self.max_batch_size, MIN_DECODE_ROWS))
+        self.cache = KVCache(model.config, decode_rows(self.max_batch_size, exact))
         self._tokens = torch.zeros(self.cache.batch, 1, dtype=torch.int64)
         self._pending: deque[Request] = deque()
         self._live: list[tuple[Request, Candidate]] = []  # index = cache row
@@ -375,14 +380,14 @@ class Engine:
 
     def _warmup(self) -> None:
         """Prefills of a few lengths, then warmup_steps decode steps cycling over the row
-        counts the engine will run (min_rows .. cache rows)."""
+        counts the engine will run (decode_rows of 1 .. max_batch_size)."""
         if self.warmup_steps <= 0:
             return
         V, cache = self.model.config.vocab_size, self.cache
         g = torch.Generator().manual_seed(0)
         for T in sorted({1, min(8, self.max_len - 1), min(32, self.max_len - 1)}):
             self.model.forward_with_cache(torch.randint(0, V, (1, T), generator=g), cache)
-        sizes = list(range(min(self.min_rows, cache.batch), cache.batch + 1))
+        sizes = sorted({decode_rows(n, self.exact) for n in range(1, self.max_batch_size + 1)})
         cache.lengths.zero_()
         for i in range(self.warmup_steps):
             m = sizes[i % len(sizes)]
@@ -410,7 +415,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         n = len(self._live)
-        m = max(n, self.min_rows)
+        m = decode_rows(n, self.exact)
         tokens = self._tokens
         tokens[:n, 0] = torch.tensor([c.tokens[-1] for _, c in self._live], dtype=torch.int64)
         if m > n:

@@ -8,7 +8,7 @@ import torch
 from ryzen_llm import Engine
 from ryzen_llm.checkpoint import CheckpointError, save_checkpoint
 from ryzen_llm.config import ModelConfig
-from ryzen_llm.engine import QueueFull, RequestCancelled, SamplingParams
+from ryzen_llm.engine import QueueFull, RequestCancelled, SamplingParams, decode_rows
 from ryzen_llm.model import KVCache, ScaledTransformerModel
 from ryzen_llm.ops import reference
 from ryzen_llm.ops.dispatch import LEVEL_OF_OP, KernelSet
@@ -108,6 +108,37 @@ def test_causal_attention_decode_reference_ignores_keys_past_length():
     ks = KernelSet(0)
     ks.causal_attention_decode(q, k, v, lengths, 0.3)
     assert ks.calls[("causal_attention_decode", "reference")] == 1
+
+
+@pytest.mark.parametrize("config", [ODD, ModelConfig(vocab_size=320, d_model=64, n_layers=2,
+                                                    n_heads=4, d_ff=128, max_seq_len=64)])
+def test_decode_rows_are_bitwise_independent_of_the_batch(config):
+    """The premise of exact batching: at decode_rows(n) rows, each row's logits are the same
+    bits for every batch size n (the BLAS's kernel choice by M does not leak into a row)."""
+    torch.manual_seed(4)
+    model = ScaledTransformerModel(config).eval()
+    N = 14
+    with torch.inference_mode():
+        filled = KVCache(config, N)
+        for i in range(N):
+            model.forward_with_cache(torch.randint(0, config.vocab_size, (1, 2 + 3 * i)),
+                                     filled.rows(i, i + 1))
+        tok = torch.randint(0, config.vocab_size, (N, 1))
+
+        def step(rows):
+            n, m = len(rows), decode_rows(len(rows))
+            cache = KVCache(config, m)
+            for layer in range(config.n_layers):
+                cache.k[layer][:n], cache.v[layer][:n] = filled.k[layer][rows], filled.v[layer][rows]
+            cache.lengths[:n] = filled.lengths[rows]
+            t = torch.zeros(m, 1, dtype=torch.long)
+            t[:n] = tok[rows]
+            return model.forward_with_cache(t, cache)[:n]
+
+        alone = [step([i])[0] for i in range(N)]
+        for n in range(2, N + 1):
+            out = step(list(range(n)))
+            assert all(torch.equal(out[i], alone[i]) for i in range(n)), f"batch {n}"
 
 
 # -- engine -------------------------------------------------------------------------------------
@@ -238,3 +269,20 @@ def test_checkpoint_without_tokenizer_is_refused(tmp_path):
     path = save_checkpoint(tmp_path / "ck", model, {"model": vars(ODD)})
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         Engine.from_checkpoint(path)
+
+
+def test_inexact_mode_decodes_without_dummy_rows(ckpt):
+    e = Engine.from_checkpoint(ckpt, exact=False, warmup_steps=3)
+    try:
+        assert not e.exact and e.wait_ready(30)
+        exact = Engine.from_checkpoint(ckpt, warmup_steps=0)
+        a = e.generate(PROMPTS[2], SamplingParams(max_new_tokens=8))
+        b = exact.generate(PROMPTS[2], SamplingParams(max_new_tokens=8))
+        exact.stop()
+        assert len(a["token_ids"]) == 8
+        # same model, other GEMM shapes: log-probs agree to rounding
+        n = min(len(a["token_ids"]), len(b["token_ids"]))
+        if a["token_ids"][:n] == b["token_ids"][:n]:
+            torch.testing.assert_close(a["logprobs"], b["logprobs"], atol=1e-4, rtol=1e-4)
+    finally:
+        e.stop()
