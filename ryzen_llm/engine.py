@@ -436,6 +436,9 @@ class Engine:
         logp = torch.log_softmax(logits, dim=-1)  # (n, V)
         chosen = logits.argmax(dim=-1)  # greedy rows; sampled rows overwritten below
         sampled = [i for i, (req, _) in enumerate(live) if not req.params.greedy]
+        # Each request draws from its own generator in candidate order, whatever rows the
+        # candidates occupy after other sequences left: a seed gives the same output in any batch.
+        sampled.sort(key=lambda i: (live[i][0].id, live[i][1].index))
         if sampled:
             idx = torch.tensor(sampled)
             sub = logits[idx]

@@ -195,6 +195,11 @@ def test_sampling_seed_topk_topp_and_best_of_n(engine):
     # seeded sampling is also unaffected by batching
     together = engine.generate([PROMPTS[1], PROMPTS[2], PROMPTS[5]], p)
     assert together[0]["candidates"] == a["candidates"]
+    # ... and by rows moving when a sequence in front of them leaves the batch
+    short = engine.submit(PROMPTS[4], SamplingParams(max_new_tokens=2))
+    moved = engine.submit(PROMPTS[1], p)
+    short.result(30)
+    assert moved.result(30)["candidates"] == a["candidates"]
 
 
 def test_stop_strings_and_max_new_tokens(engine):
