@@ -297,8 +297,9 @@ class Engine:
         params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(ids)
-        if params.n > self.cache.batch:
-            raise ValueError(f"n: at most {self.cache.batch} candidates fit the batch")
+        if params.n > self.max_batch_size:
+            raise ValueError(f"n: at most {self.max_batch_size} candidates fit the batch "
+                             "(max_batch_size)")
         req = Request(ids, params, on_token)
         with self._cv:
             if self._stopping:

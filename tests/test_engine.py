@@ -246,6 +246,8 @@ def test_cancel_and_queue_full(ckpt):
         queued = [e.submit(PROMPTS[i], SamplingParams(max_new_tokens=80)) for i in range(2)]
         with pytest.raises(QueueFull):
             e.submit(PROMPTS[0])
+        with pytest.raises(ValueError, match="^n: at most 2"):
+            e.submit(PROMPTS[0], SamplingParams(n=3))  # could never be admitted
         for r in running + queued:
             r.cancel()
         for r in running + queued:
