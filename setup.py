@@ -63,6 +63,11 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "psutil>=5.9",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus_client>=0.20",
+        "cachetools>=5.3",
+        "httpx>=0.25",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "expecttest", "httpx>=0.25"],

@@ -12,6 +12,8 @@ _EXPORTS = {
     "KernelOptimizer": "ryzen_llm.ops.dispatch",
     "KernelSet": "ryzen_llm.ops.dispatch",
     "TrainStep": "ryzen_llm.train_step",
+    "Engine": "ryzen_llm.engine",
+    "SamplingParams": "ryzen_llm.engine",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -49,6 +49,23 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dropout(self.proj(y))
 
+    def forward_cached(self, x, k_cache, v_cache, step: "_CacheStep") -> torch.Tensor:
+        """Attention of new tokens x (B, T, C) that also writes their keys and values into
+        k_cache, v_cache (B, nh, Tmax, hs). T > 1: prefill from position 0; T == 1: decode."""
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if T == 1:
+            k_cache[step.rows, :, step.write_pos] = k[:, :, 0]  # (B, nh, hs) at each row's position
+            v_cache[step.rows, :, step.write_pos] = v[:, :, 0]
+            y = self.kernels.causal_attention_decode(q, k_cache, v_cache, step.lengths, scale)
+        else:
+            k_cache[:, :, :T] = k
+            v_cache[:, :, :T] = v
+            y = self.kernels.causal_attention(q, k, v, step.key_padding_mask, scale)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
 
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig, kernels: KernelSet):
@@ -91,6 +108,64 @@ class Block(nn.Module):
         x, h = k.add_layer_norm(x, a, self.ln2.weight, self.ln2.bias, self.ln2.eps)
         m = self.mlp(h)
         return k.add_layer_norm(x, m, next_ln.weight, next_ln.bias, next_ln.eps)
+
+    def forward_cached(self, x, h, k_cache, v_cache, step: "_CacheStep", next_ln: LayerNorm):
+        k = self.kernels
+        a = self.attn.forward_cached(h, k_cache, v_cache, step)
+        x, h = k.add_layer_norm(x, a, self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        m = self.mlp(h)
+        return k.add_layer_norm(x, m, next_ln.weight, next_ln.bias, next_ln.eps)
+
+
+class KVCache:
+    """Keys and values of every layer for up to `batch` sequences of up to `max_len` tokens.
+
+    Preallocated once: k[layer], v[layer] are (batch, nh, max_len, hs). Row r holds one sequence
+    from position 0; lengths[r] is how many positions of row r are valid. The engine keeps its
+    running sequences in rows 0..n-1 and passes `cache.rows(n)` views to the model, so a decode
+    step touches only the live rows and never copies the cache.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.batch = batch
+        self.max_len = max_len or config.max_seq_len
+        shape = (batch, config.n_heads, self.max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.int64)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows start..stop-1 (shares storage; lengths is a view too)."""
+        view = KVCache.__new__(KVCache)
+        view.config, view.batch, view.max_len = self.config, stop - start, self.max_len
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.lengths = self.lengths[start:stop]
+        return view
+
+    def copy_row(self, src: int, dst: int | slice) -> None:
+        """Row dst becomes a copy of row src (dst may be a slice: n candidates of one prompt)."""
+        if isinstance(dst, int) and dst == src:
+            return
+        n = self.lengths[src].item()
+        for t in (*self.k, *self.v):
+            t[dst, :, :n] = t[src, :, :n]
+        self.lengths[dst] = n
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+@dataclasses.dataclass
+class _CacheStep:
+    """Per-call indices shared by every layer of one cached forward."""
+
+    rows: torch.Tensor | None  # (B,) 0..B-1, for writing one position per row (decode)
+    write_pos: torch.Tensor | None  # (B,) position of the new token per row (decode)
+    lengths: torch.Tensor | None  # (B,) valid keys per row after the write (decode)
+    key_padding_mask: torch.Tensor | None  # (B, T) bool (prefill)
 
 
 class ScaledTransformerModel(nn.Module):
@@ -172,6 +247,73 @@ class ScaledTransformerModel(nn.Module):
         if targets is not None:
             return self.loss(idx, targets, attention_mask)
         return self.lm_head(self.hidden_states(idx, attention_mask))
+
+    def forward_with_cache(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Incremental forward for generation; returns logits (B, vocab_size) of each row's last
+        real token, and updates the cache (rows 0..B-1 of `cache`; use cache.rows() for others).
+
+        Prefill (T > 1): idx (B, T) are whole prompts, right-padded, each starting at position 0;
+        attention_mask (B, T) marks real tokens (1) and must be a prefix of ones per row. Their
+        keys and values fill cache positions 0..T-1 and cache.lengths becomes the real lengths.
+        Because padding sits after the real tokens, causal attention never reaches it and each
+        prompt keeps positions 0..len-1, exactly as if it ran alone.
+
+        Decode (T == 1): idx (B, 1) is the next token of each row, at position cache.lengths[r];
+        it is written there and attends to positions 0..lengths[r] of its own row only. A
+        one-token prompt is a decode step on a row whose length was set to 0.
+        """
+        B, T = idx.shape
+        if cache.batch < B:
+            raise ValueError(f"cache: has {cache.batch} rows, idx has {B}")
+        if T == 1:
+            positions = cache.lengths[:B]  # (B,)
+            if not torch.compiler.is_compiling() and int(positions.max()) >= cache.max_len:
+                raise ValueError(
+                    f"idx: a sequence would exceed the cache length {cache.max_len} "
+                    f"(max_seq_len {self.config.max_seq_len})"
+                )
+            lengths = positions + 1
+            step = _CacheStep(torch.arange(B), positions, lengths, None)
+            x = self.tok_emb(idx.long()) + self.pos_emb[positions][:, None]  # (B, 1, C)
+            last = None
+        else:
+            self._check_input(idx, attention_mask)
+            if T > cache.max_len:
+                raise ValueError(f"idx: prompt length {T} exceeds the cache length {cache.max_len}")
+            if attention_mask is None:
+                mask = None
+                lengths = torch.full((B,), T, dtype=torch.int64)
+            else:
+                mask = attention_mask.bool()
+                lengths = mask.sum(dim=1)
+                if bool((lengths == 0).any()) or not bool(
+                    (mask == (torch.arange(T) < lengths[:, None])).all()
+                ):
+                    raise ValueError(
+                        "attention_mask: each row must be ones then zeros (right padding) with "
+                        "at least one real token"
+                    )
+            step = _CacheStep(None, None, None, mask)
+            x = self.tok_emb(idx.long()) + self.pos_emb[:T]  # (B, T, C)
+            last = lengths - 1
+        first = self.blocks[0].ln1 if len(self.blocks) else self.ln_f
+        x, h = self.kernels.add_layer_norm(x, None, first.weight, first.bias, first.eps)
+        for i, block in enumerate(self.blocks):
+            next_ln = self.blocks[i + 1].ln1 if i + 1 < len(self.blocks) else self.ln_f
+            kc, vc = cache.k[i][:B], cache.v[i][:B]
+            x, h = block.forward_cached(x, h, kc, vc, step, next_ln)
+        if last is None:
+            h = h[:, 0]  # (B, C)
+            cache.lengths[:B] += 1
+        else:
+            h = h[torch.arange(B), last]  # (B, C): each row's last real token
+            cache.lengths[:B] = lengths
+        return self.lm_head(h)  # (B, V)
 
     def loss(
         self,

@@ -30,10 +30,13 @@ LEVEL_OF_OP: dict[str, int] = {
     "bias_gelu": 1,
     "linear_cross_entropy": 1,
     "causal_attention": 2,
+    "causal_attention_decode": 2,
     "gelu_feed_forward": 3,
     "adamw": 3,
 }
 OPS = tuple(LEVEL_OF_OP)
+# Ops only generation calls (ryzen_llm.engine); a training run reports them as not called.
+INFERENCE_OPS = frozenset({"causal_attention_decode"})
 
 
 def _fused_registry() -> dict[str, Callable]:
@@ -47,7 +50,7 @@ def _fused_registry() -> dict[str, Callable]:
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
 
-    return {
+    fused = {
         "add_layer_norm": add_layer_norm,
         "bias_gelu": bias_gelu,
         "linear_cross_entropy": linear_cross_entropy,
@@ -55,6 +58,11 @@ def _fused_registry() -> dict[str, Callable]:
         "gelu_feed_forward": gelu_feed_forward,
         "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
     }
+    # Inference-only kernels registered by builds that have them (no autograd, no Python face).
+    for op in ("causal_attention_decode",):
+        if hasattr(torch.ops.ryzen_llm, op):
+            fused[op] = getattr(torch.ops.ryzen_llm, op)
+    return fused
 
 
 class FusedOpUnavailable(RuntimeError):
@@ -152,6 +160,11 @@ class KernelSet:
     def causal_attention(self, q, k, v, key_padding_mask, scale):
         """q, k, v: (B, nh, T, hs); key_padding_mask: (B, T) bool, True = real token, or None."""
         return self._run("causal_attention", q, k, v, key_padding_mask, scale)
+
+    def causal_attention_decode(self, q, k_cache, v_cache, cache_lengths, scale):
+        """q: (B, nh, 1, hs); caches: (B, nh, Tmax, hs); cache_lengths: (B,) int64 valid keys
+        per row, the new token included. Returns (B, nh, 1, hs)."""
+        return self._run("causal_attention_decode", q, k_cache, v_cache, cache_lengths, scale)
 
     def gelu_feed_forward(self, x, w1, b1, w2, b2):
         if self.choices["gelu_feed_forward"].impl == "fused":

@@ -61,6 +61,30 @@ def causal_attention(
     return att @ v  # (B, nh, T, hs)
 
 
+def causal_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step of attention against a KV cache.
+
+    q: (B, nh, 1, hs); k_cache, v_cache: (B, nh, Tmax, hs); cache_lengths: (B,) int64, the valid
+    positions of each row including the new token (which must already be written to the cache).
+    Keys at positions >= length are ignored, whatever the cache holds there. Each row's result
+    depends only on its own q, cache and length, never on the other rows of the batch: the
+    scores always span all Tmax positions, so a row computes the same arithmetic alone or batched.
+    Returns (B, nh, 1, hs).
+    """
+    Tmax = k_cache.shape[-2]
+    att = (q @ k_cache.transpose(-2, -1)) * scale  # (B, nh, 1, Tmax)
+    ignored = torch.arange(Tmax, device=q.device) >= cache_lengths[:, None]  # (B, Tmax)
+    att = att.masked_fill(ignored[:, None, None, :], float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    return att @ v_cache  # (B, nh, 1, hs)
+
+
 def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,

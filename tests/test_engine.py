@@ -1,0 +1,295 @@
+"""The KV-cache path of the model and the continuous-batching Engine."""
+import threading
+import time
+
+import pytest
+import torch
+
+from ryzen_llm import Engine
+from ryzen_llm.checkpoint import CheckpointError, save_checkpoint
+from ryzen_llm.config import ModelConfig
+from ryzen_llm.engine import QueueFull, RequestCancelled, SamplingParams, decode_rows
+from ryzen_llm.model import KVCache, ScaledTransformerModel
+from ryzen_llm.ops import reference
+from ryzen_llm.ops.dispatch import LEVEL_OF_OP, KernelSet
+from tests.serve_fixtures import PROMPTS, make_checkpoint
+
+ODD = ModelConfig(vocab_size=301, d_model=80, n_layers=2, n_heads=2, d_ff=96, max_seq_len=97)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    e = Engine.from_checkpoint(ckpt)
+    assert e.wait_ready(30)
+    yield e
+    e.stop()
+
+
+# -- model: the cached path against the plain forward ------------------------------------------
+@pytest.mark.parametrize("level", [0, 2])
+def test_prefill_then_decode_matches_full_forward(level):
+    torch.manual_seed(0)
+    model = ScaledTransformerModel(ODD).eval()
+    from ryzen_llm import KernelOptimizer
+
+    with pytest.warns(UserWarning) if level else _nullcontext():
+        KernelOptimizer(level).apply(model)
+    idx = torch.randint(0, ODD.vocab_size, (1, 60))
+    with torch.inference_mode():
+        full = model(idx)[0]  # (T, V)
+        cache = KVCache(ODD, 1)
+        got = [model.forward_with_cache(idx[:, :23], cache)[0]]
+        for t in range(23, 60):
+            got.append(model.forward_with_cache(idx[:, t : t + 1], cache)[0])
+    got = torch.stack(got[:-1])
+    err = (got - full[22:59]).abs().max().item()
+    print(f"cached vs full forward: max abs error {err:.2e}")
+    torch.testing.assert_close(got, full[22:59], atol=1e-4, rtol=1e-4)
+    assert int(cache.lengths[0]) == 60
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_ragged_right_padded_prefill_matches_each_prompt_alone():
+    torch.manual_seed(1)
+    model = ScaledTransformerModel(ODD).eval()
+    lens = [5, 31, 1, 17]
+    prompts = [torch.randint(0, ODD.vocab_size, (n,)) for n in lens]
+    T = max(lens)
+    idx = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros(len(lens), T)
+    for i, p in enumerate(prompts):
+        idx[i, : len(p)], mask[i, : len(p)] = p, 1
+    with torch.inference_mode():
+        cache = KVCache(ODD, 4)
+        batched = model.forward_with_cache(idx, cache, mask)
+        for i, p in enumerate(prompts):
+            alone = model.forward_with_cache(p[None], KVCache(ODD, 1))[0] if len(p) > 1 else \
+                model(p[None])[0, -1]
+            torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-4)
+        assert cache.lengths.tolist() == lens
+        # one decode step of the batch continues each prompt at its own position
+        nxt = torch.randint(0, ODD.vocab_size, (4, 1))
+        step = model.forward_with_cache(nxt, cache)
+        for i, p in enumerate(prompts):
+            ref = model(torch.cat([p, nxt[i]])[None])[0, -1]
+            torch.testing.assert_close(step[i], ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="attention_mask"):
+        bad = mask.clone()
+        bad[0, 0] = 0  # left padding is not what the cache layout expects
+        model.forward_with_cache(idx, KVCache(ODD, 4), bad)
+
+
+def test_causal_attention_decode_reference_ignores_keys_past_length():
+    torch.manual_seed(2)
+    B, nh, Tmax, hs = 3, 2, 13, 48
+    q = torch.randn(B, nh, 1, hs)
+    k, v = torch.randn(B, nh, Tmax, hs), torch.randn(B, nh, Tmax, hs)
+    lengths = torch.tensor([1, 7, 13])
+    out = reference.causal_attention_decode(q, k, v, lengths, 0.3)
+    for b, n in enumerate(lengths.tolist()):
+        att = torch.softmax((q[b] @ k[b, :, :n].transpose(-2, -1)) * 0.3, -1)
+        torch.testing.assert_close(out[b], att @ v[b, :, :n])
+    k2 = k.clone()
+    k2[0, :, 1:] = float("nan")  # garbage past the length must not leak in
+    v2 = v.clone()
+    v2[0, :, 1:] = 1e30
+    torch.testing.assert_close(reference.causal_attention_decode(q, k2, v2, lengths, 0.3)[0], out[0])
+    assert LEVEL_OF_OP["causal_attention_decode"] == 2
+    ks = KernelSet(0)
+    ks.causal_attention_decode(q, k, v, lengths, 0.3)
+    assert ks.calls[("causal_attention_decode", "reference")] == 1
+
+
+@pytest.mark.parametrize("config", [ODD, ModelConfig(vocab_size=320, d_model=64, n_layers=2,
+                                                    n_heads=4, d_ff=128, max_seq_len=64)])
+def test_decode_rows_are_bitwise_independent_of_the_batch(config):
+    """The premise of exact batching: at decode_rows(n) rows, each row's logits are the same
+    bits for every batch size n (the BLAS's kernel choice by M does not leak into a row)."""
+    torch.manual_seed(4)
+    model = ScaledTransformerModel(config).eval()
+    N = 14
+    with torch.inference_mode():
+        filled = KVCache(config, N)
+        for i in range(N):
+            model.forward_with_cache(torch.randint(0, config.vocab_size, (1, 2 + 3 * i)),
+                                     filled.rows(i, i + 1))
+        tok = torch.randint(0, config.vocab_size, (N, 1))
+
+        def step(rows):
+            n, m = len(rows), decode_rows(len(rows))
+            cache = KVCache(config, m)
+            for layer in range(config.n_layers):
+                cache.k[layer][:n], cache.v[layer][:n] = filled.k[layer][rows], filled.v[layer][rows]
+            cache.lengths[:n] = filled.lengths[rows]
+            t = torch.zeros(m, 1, dtype=torch.long)
+            t[:n] = tok[rows]
+            return model.forward_with_cache(t, cache)[:n]
+
+        alone = [step([i])[0] for i in range(N)]
+        for n in range(2, N + 1):
+            out = step(list(range(n)))
+            assert all(torch.equal(out[i], alone[i]) for i in range(n)), f"batch {n}"
+
+
+# -- engine -------------------------------------------------------------------------------------
+def test_greedy_alone_equals_batched_bitwise(engine):
+    params = SamplingParams(max_new_tokens=24)
+    alone = [engine.generate(p, params) for p in PROMPTS]
+    batched = engine.generate(PROMPTS, params)
+    assert engine.stats["max_batch_seen"] >= len(PROMPTS)
+    for a, b in zip(alone, batched):
+        assert a["token_ids"] == b["token_ids"]
+        assert a["logprobs"] == b["logprobs"]  # exact: the rows do the same arithmetic
+        assert a["text"] == b["text"]
+
+
+def test_requests_join_and_leave_the_running_batch(engine):
+    params_long = SamplingParams(max_new_tokens=60)
+    ref_long = engine.generate(PROMPTS[3], params_long)
+    ref_short = [engine.generate(p, SamplingParams(max_new_tokens=3)) for p in PROMPTS[:4]]
+    engine.step_delay_s = 0.002
+    try:
+        long_req = engine.submit(PROMPTS[3], params_long)
+        while len(long_req.candidates[0].tokens) < 10:
+            time.sleep(0.001)
+        shorts = [engine.submit(p, SamplingParams(max_new_tokens=3)) for p in PROMPTS[:4]]
+        short_results = [r.result(30) for r in shorts]
+        assert not long_req.future.done()  # the short ones left while the long one runs
+        long_result = long_req.result(30)
+    finally:
+        engine.step_delay_s = 0.0
+    assert long_result["token_ids"] == ref_long["token_ids"]
+    assert [r["token_ids"] for r in short_results] == [r["token_ids"] for r in ref_short]
+    assert all(r.t_done < long_req.t_done for r in shorts)
+
+
+def test_sampling_seed_topk_topp_and_best_of_n(engine):
+    greedy = engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=12))
+    top1 = engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=1.5, top_k=1))
+    assert top1["token_ids"] == greedy["token_ids"]
+    tiny_p = engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=1.0,
+                                                          top_p=1e-6, seed=5))
+    assert tiny_p["token_ids"] == greedy["token_ids"]
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, n=4)
+    a, b = engine.generate(PROMPTS[1], p), engine.generate(PROMPTS[1], p)
+    assert a["candidates"] == b["candidates"]  # the seed fixes every draw
+    c = engine.generate(PROMPTS[1], SamplingParams(max_new_tokens=12, temperature=1.0, seed=8, n=4))
+    assert c["candidates"] != a["candidates"]
+    means = [cand["mean_logprob"] for cand in a["candidates"]]
+    assert means == sorted(means, reverse=True) and len(means) == 4
+    assert a["token_ids"] == a["candidates"][0]["token_ids"]
+    assert len({tuple(cand["token_ids"]) for cand in a["candidates"]}) > 1
+    for cand in a["candidates"]:
+        assert len(cand["logprobs"]) == len(cand["token_ids"]) == 12
+        assert all(lp <= 0 for lp in cand["logprobs"])
+    # seeded sampling is also unaffected by batching
+    together = engine.generate([PROMPTS[1], PROMPTS[2], PROMPTS[5]], p)
+    assert together[0]["candidates"] == a["candidates"]
+    # ... and by rows moving when a sequence in front of them leaves the batch
+    short = engine.submit(PROMPTS[4], SamplingParams(max_new_tokens=2))
+    moved = engine.submit(PROMPTS[1], p)
+    short.result(30)
+    assert moved.result(30)["candidates"] == a["candidates"]
+
+
+def test_stop_strings_and_max_new_tokens(engine):
+    full = engine.generate(PROMPTS[6], SamplingParams(max_new_tokens=30))
+    assert len(full["token_ids"]) == 30 and full["finish_reason"] == "length"
+    text = full["text"]
+    stop = next((text[i : i + 2] for i in range(4, len(text) - 2) if "\ufffd" not in text[i : i + 2]),
+                None)
+    if stop is None:
+        pytest.skip("generated text has no clean 2-char window")
+    cut = engine.generate(PROMPTS[6], SamplingParams(max_new_tokens=30, stop=[stop, "zzzz"]))
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == text[: text.find(stop)]
+    assert stop not in cut["text"]
+
+
+def test_context_limit_finishes_with_length(engine):
+    ids = engine.encode(PROMPTS[6])
+    long_prompt = (ids * 20)[: engine.max_len - 3]
+    r = engine.generate(long_prompt, SamplingParams(max_new_tokens=50))
+    assert r["finish_reason"] == "length"
+    assert r["prompt_tokens"] + r["completion_tokens"] == engine.max_len + 1  # last one unfed
+    with pytest.raises(ValueError, match="inputs: the prompt is"):
+        engine.submit(ids * 100)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit("")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")), ("top_k", -2),
+    ("top_p", 0.0), ("seed", -1), ("n", 0), ("stop", [""]),
+])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        SamplingParams(**{field: value})
+
+
+def test_cancel_and_queue_full(ckpt):
+    e = Engine.from_checkpoint(ckpt, max_batch_size=2, max_queue=2, warmup_steps=0,
+                               step_delay_s=0.01)
+    try:
+        running = [e.submit(PROMPTS[i], SamplingParams(max_new_tokens=80)) for i in range(2)]
+        time.sleep(0.1)
+        queued = [e.submit(PROMPTS[i], SamplingParams(max_new_tokens=80)) for i in range(2)]
+        with pytest.raises(QueueFull):
+            e.submit(PROMPTS[0])
+        with pytest.raises(ValueError, match="^n: at most 2"):
+            e.submit(PROMPTS[0], SamplingParams(n=3))  # could never be admitted
+        for r in running + queued:
+            r.cancel()
+        for r in running + queued:
+            with pytest.raises(RequestCancelled):
+                r.result(5)
+        assert max(len(r.candidates[0].tokens) for r in running) < 80
+        time.sleep(0.05)
+        assert e.batch_size == 0 and e.queue_depth == 0
+        assert e.generate(PROMPTS[0], SamplingParams(max_new_tokens=2))["completion_tokens"] == 2
+    finally:
+        e.stop()
+
+
+def test_warmup_runs_before_ready(ckpt):
+    e = Engine.from_checkpoint(ckpt, warmup_steps=40, start=False)
+    assert not e.ready.is_set()
+    e._thread.start()
+    assert e.wait_ready(30)
+    assert e.model.kernels.calls[("causal_attention_decode", "reference")] >= 40 * 2  # 2 layers
+    assert int(e.cache.lengths.max()) == 0
+    e.stop()
+
+
+def test_checkpoint_without_tokenizer_is_refused(tmp_path):
+    model = ScaledTransformerModel(ODD)
+    path = save_checkpoint(tmp_path / "ck", model, {"model": vars(ODD)})
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        Engine.from_checkpoint(path)
+
+
+def test_inexact_mode_decodes_without_dummy_rows(ckpt):
+    e = Engine.from_checkpoint(ckpt, exact=False, warmup_steps=3)
+    try:
+        assert not e.exact and e.wait_ready(30)
+        exact = Engine.from_checkpoint(ckpt, warmup_steps=0)
+        a = e.generate(PROMPTS[2], SamplingParams(max_new_tokens=8))
+        b = exact.generate(PROMPTS[2], SamplingParams(max_new_tokens=8))
+        exact.stop()
+        assert len(a["token_ids"]) == 8
+        # same model, other GEMM shapes: log-probs agree to rounding
+        n = min(len(a["token_ids"]), len(b["token_ids"]))
+        if a["token_ids"][:n] == b["token_ids"][:n]:
+            torch.testing.assert_close(a["logprobs"], b["logprobs"], atol=1e-4, rtol=1e-4)
+    finally:
+        e.stop()
