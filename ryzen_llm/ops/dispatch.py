@@ -46,23 +46,19 @@ def _fused_registry() -> dict[str, Callable]:
     from ryzen_llm.ops.adamw import FusedAdamW
     from ryzen_llm.ops.add_layer_norm import add_layer_norm
     from ryzen_llm.ops.bias_gelu import bias_gelu
-    from ryzen_llm.ops.causal_attention import causal_attention
+    from ryzen_llm.ops.causal_attention import causal_attention, causal_attention_decode
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
 
-    fused = {
+    return {
         "add_layer_norm": add_layer_norm,
         "bias_gelu": bias_gelu,
         "linear_cross_entropy": linear_cross_entropy,
         "causal_attention": causal_attention,
+        "causal_attention_decode": causal_attention_decode,
         "gelu_feed_forward": gelu_feed_forward,
         "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
     }
-    # Inference-only kernels registered by builds that have them (no autograd, no Python face).
-    for op in ("causal_attention_decode",):
-        if hasattr(torch.ops.ryzen_llm, op):
-            fused[op] = getattr(torch.ops.ryzen_llm, op)
-    return fused
 
 
 class FusedOpUnavailable(RuntimeError):
