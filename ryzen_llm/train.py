@@ -205,12 +205,16 @@ def train_run(
                     _prune_epoch_checkpoints(ckpt_dir, tc.keep_checkpoints)
                 epoch_start_time, epoch_train_time = time.perf_counter(), 0.0
     except KeyboardInterrupt:
+        # A second Ctrl-C (or the parent forwarding the first) must not abort the save below.
+        previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         interrupted = True
         bar.write(f"[{which}] interrupted: saving a checkpoint at step {state['step']}")
     finally:
         bar.close()
     if interrupted and state["nonfinite"] is None:
         checkpoint("last")
+    if interrupted and "previous_handler" in locals():
+        signal.signal(signal.SIGINT, previous_handler)
 
     completed = state["step"] >= total and state["nonfinite"] is None
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -278,7 +282,11 @@ def _run_in_child(config: Config, which: str, run_dir: Path, progress: bool, max
     try:
         proc.join()
     except KeyboardInterrupt:
-        proc.join()  # the child got the same SIGINT and is saving its checkpoint
+        # A terminal's Ctrl-C reaches the child too; a SIGINT sent to this process alone does
+        # not, so pass it on. The child saves a checkpoint and exits.
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGINT)
+        proc.join()
         raise
     if proc.exitcode == 130 or proc.exitcode == -signal.SIGINT:
         raise KeyboardInterrupt

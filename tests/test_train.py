@@ -152,3 +152,38 @@ def test_corrupt_checkpoint_is_named_on_resume(tmp_path, capsys):
 def test_unknown_config_key_on_the_command_line(tmp_path, capsys):
     assert train_mod.main(smoke(tmp_path, "training.lr=1")) == 2
     assert "training.lr: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("only", [["--only", "baseline"], []], ids=["in-process", "child-process"])
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, only):
+    """SIGINT to the trainer alone (as `kill -INT` sends it; a terminal's Ctrl-C reaches the
+    run's child process as well): a checkpoint is saved, and --resume continues from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "runs" / "sig"
+    env = {**os.environ, "RYZEN_LLM_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "ryzen_llm.train", "--preset", "smoke", "--output-dir",
+           str(tmp_path / "runs"), "--name", "sig", "--no-progress", *only,
+           "training.epochs=400", "training.steps_per_epoch=1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    last = run / "baseline" / "checkpoints" / "last"
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), "no checkpoint appeared before the interrupt"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted: saving a checkpoint" in out
+    step = load_checkpoint(last).trainer_state["step"]
+    assert 1 <= step < 400
+    resume = subprocess.run(
+        [sys.executable, "-m", "ryzen_llm.train", "--resume", str(run), "--no-progress",
+         "--max-steps", "2"], env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    assert load_checkpoint(last).trainer_state["step"] == step + 2
