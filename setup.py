@@ -43,7 +43,12 @@ def _extension():
     )
     if _want_cuda():
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-DRYZEN_LLM_CUDA"]
+        # Ampere and Hopper unless TORCH_CUDA_ARCH_LIST says otherwise; torch's build turns the
+        # list into -gencode flags (without it, it would build only for the GPUs it can see).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # No --use_fast_math: quantize_blockwise must round bit for bit like the CPU kernel (no
+        # flush to zero, IEEE division), and GELU/softmax use the accurate erfc/exp.
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DRYZEN_LLM_CUDA"]
         extra["cxx"] = cxx + ["-DRYZEN_LLM_CUDA"]
         return CUDAExtension(extra_compile_args=extra, **kwargs)
     return CppExtension(extra_compile_args=extra, **kwargs)

@@ -73,8 +73,11 @@ class TrainingConfig:
     seed: int = 42
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     keep_checkpoints: int = 2  # per-epoch checkpoints kept besides `best` and `last`
+    device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when available, else cpu)
 
     def __post_init__(self):
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"training.device: must be cpu, cuda or auto, got {self.device!r}")
         for name in ("batch_size", "gradient_accumulation_steps", "epochs", "steps_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name}: must be >= 1, got {getattr(self, name)}")

@@ -32,7 +32,7 @@ from ryzen_llm.config import Config, ConfigError, config_from_dict, load_config
 from ryzen_llm.distributed import init_from_env
 from ryzen_llm.data import BatchSampler, PreparedData, eval_batches, prepare_data
 from ryzen_llm.model import ScaledTransformerModel
-from ryzen_llm.train_step import NonFiniteError, TrainStep, warmup_cosine
+from ryzen_llm.train_step import NonFiniteError, TrainStep, resolve_device, warmup_cosine
 
 RUNS = ("baseline", "optimized")
 CONFIG_FILE = "config.json"
@@ -104,8 +104,11 @@ def train_run(
     if data.tokenizer is not None and not tokenizer_file.exists():
         data.tokenizer.save(tokenizer_file)
 
-    torch.manual_seed(tc.seed)  # identical initial weights in both runs
-    model = ScaledTransformerModel(mc)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)  # identical initial weights in both runs (drawn on the CPU)
+    model = ScaledTransformerModel(mc).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     schedule = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.min_lr_ratio)
     # Compression (activations; gradients across processes) is part of the optimized run at
     # level 3; compression_ratio 0 turns it off.
@@ -226,6 +229,7 @@ def train_run(
     metrics = {
         "which": which,
         "level": level,
+        "device": str(device),
         "bf16_autocast": step.bf16,
         "completed": completed,
         "interrupted": interrupted,
@@ -247,6 +251,9 @@ def train_run(
             "saved_activations_per_micro_batch": saved,
             "tensor_total": 2 * params + opt_bytes + saved,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_cuda_allocated": (
+                torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            ),
         },
         "ops": step.kernels.summary(),
         "world_size": world,

@@ -38,6 +38,19 @@ def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, min_ratio: flo
     return schedule
 
 
+def resolve_device(name: str) -> torch.device:
+    """training.device -> torch.device: "auto" is cuda when available, else cpu; "cuda" without a
+    usable GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"training.device={name} but CUDA is unavailable (torch {torch.__version__}, built "
+            f"with CUDA {torch.version.cuda}); use training.device=cpu or auto"
+        )
+    return torch.device(name)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, as in GPT-2: not on biases, LayerNorms or embeddings' norms."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -80,9 +93,15 @@ class TrainStep:
         self.model = model
         self.level = level
         self.kernels = KernelOptimizer(level, kernel_overrides).apply(model).kernels
-        # bf16 mixed precision is part of level 3 where the CPU computes bf16 natively;
-        # elsewhere it would be slower than fp32.
-        self.bf16 = (level >= 3 and has_native_bf16()) if bf16 is None else bf16
+        # Where the model lives is where the step runs: batches are moved there.
+        self.device = next(model.parameters()).device
+        # bf16 mixed precision is part of level 3 where the device computes bf16 natively
+        # (CPUs with AVX512-BF16/AMX, GPUs from Ampere on); elsewhere it would be slower than fp32.
+        if bf16 is None:
+            native = (torch.cuda.is_bf16_supported() if self.device.type == "cuda"
+                      else has_native_bf16())
+            bf16 = level >= 3 and native
+        self.bf16 = bf16
         self.max_grad_norm = max_grad_norm
         self.grad_accum_steps = grad_accum_steps
         self.lr_schedule = lr_schedule or (lambda step: lr)
@@ -109,7 +128,7 @@ class TrainStep:
 
     def autocast(self):
         if self.bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
@@ -121,6 +140,8 @@ class TrainStep:
                 f"{self.grad_accum_steps}"
             )
         self.model.train()
+        idx = idx.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
         total = 0.0
         micro_batches = list(zip(idx.chunk(self.grad_accum_steps), targets.chunk(self.grad_accum_steps)))
         for i, (micro_idx, micro_targets) in enumerate(micro_batches):
@@ -191,6 +212,7 @@ class TrainStep:
         self.model.eval()
         losses = []
         for idx, targets in batches:
+            idx, targets = idx.to(self.device), targets.to(self.device)
             with self.autocast():
                 losses.append(self.model.loss(idx, targets).item())
         self.model.train(was_training)

@@ -58,9 +58,11 @@ def gelu_feed_forward(
 
     Saves the pre-activation (N, F) for backward, and the activation too unless recompute=True
     (then backward recomputes it in the dGELU pass: N*F elements less memory, one GELU more).
-    Under CPU autocast every input is cast to the autocast dtype, as F.linear would do."""
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
+    Under autocast (for x's device type) every input is cast to the autocast dtype, as F.linear
+    would do."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
     else:
         dtype = x.dtype
     x, w1, b1, w2, b2 = (t.to(dtype).contiguous() for t in (x, w1, b1, w2, b2))

@@ -51,9 +51,10 @@ def linear_cross_entropy(
     calling backward twice on the same loss is not supported. The loss is float32 (float64 for
     float64 inputs). When every target is ignore_index the loss is nan (0/0, like
     F.cross_entropy) and the gradients are zero. A target outside [0, V) that is not
-    ignore_index raises a RuntimeError naming targets. Under CPU autocast h and weight are cast
-    to the autocast dtype, as F.linear would do; the loss stays float32."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else h.dtype
+    ignore_index raises a RuntimeError naming targets. Under autocast (for h's device type) h and
+    weight are cast to the autocast dtype, as F.linear would do; the loss stays float32."""
+    kind = h.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
     h = h.to(dtype).contiguous()
     weight = weight.to(dtype).contiguous()
     grad_on = torch.is_grad_enabled()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ryzen_llm.ops import reference
-from tests.ops.conftest import requires_extension
+from tests.ops.conftest import DEVICES, requires_extension
 
 pytestmark = requires_extension
 
@@ -22,16 +22,16 @@ def FusedAdamW(*args, **kwargs):
     return cls(*args, **kwargs)
 
 
-def make_params(dtype=torch.float32, seed=0):
+def make_params(dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in SHAPES]
 
 
 def run_steps(params, opt, steps=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
         opt.step()
 
 
@@ -41,9 +41,10 @@ def max_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs() / scale).max().item()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["single", "foreach", "fused"])
-def test_five_steps_match_torch_adamw(mode):
-    ours, theirs = make_params(), make_params()
+def test_five_steps_match_torch_adamw(mode, device):
+    ours, theirs = make_params(device=device), make_params(device=device)
     kw = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
     run_steps(ours, FusedAdamW(ours, **HYPER))
     run_steps(theirs, torch.optim.AdamW(theirs, **HYPER, **kw[mode]))
@@ -53,15 +54,16 @@ def test_five_steps_match_torch_adamw(mode):
         assert err <= 8, f"{tuple(a.shape)}: {err:.1f} ulp from torch.optim.AdamW ({mode})"
 
 
-def test_matches_reference_adamw_step_fp64():
-    ours = make_params(torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_adamw_step_fp64(device):
+    ours = make_params(torch.float64, device=device)
     ref = [p.detach().clone() for p in ours]
     m = [torch.zeros_like(p) for p in ref]
     v = [torch.zeros_like(p) for p in ref]
     opt = FusedAdamW(ours, **HYPER)
     g = torch.Generator().manual_seed(1)
     for step in range(1, 6):
-        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ours]
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(device) for p in ours]
         for p, gr in zip(ours, grads):
             p.grad = gr
         opt.step()
@@ -71,16 +73,17 @@ def test_matches_reference_adamw_step_fp64():
         torch.testing.assert_close(a.detach(), b, rtol=1e-13, atol=1e-15)
 
 
-def test_bf16_params_follow_fp32_master():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_params_follow_fp32_master(device):
     """bfloat16 params: the update runs on a float32 master copy, the param is its rounding."""
-    ours = make_params(torch.bfloat16)
+    ours = make_params(torch.bfloat16, device=device)
     master = [torch.nn.Parameter(p.detach().float()) for p in ours]
     opt_ours = FusedAdamW(ours, **HYPER)
     opt_master = torch.optim.AdamW(master, **HYPER, foreach=False)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         for p, q in zip(ours, master):
-            grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            grad = torch.randn(p.shape, generator=g).to(device, torch.bfloat16)
             p.grad, q.grad = grad, grad.float()
         opt_ours.step()
         opt_master.step()
@@ -119,8 +122,9 @@ def test_state_dict_round_trip_and_torch_compatible():
         assert max_ulps(a.detach(), b.detach()) <= 8
 
 
-def test_opcheck():
-    params = [torch.randn(5), torch.randn(3, 4)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    params = [torch.randn(5, device=device), torch.randn(3, 4, device=device)]
     grads = [torch.randn_like(p) for p in params]
     m = [torch.randn_like(p) for p in params]
     v = [torch.rand_like(p) for p in params]
@@ -162,8 +166,9 @@ def test_torch_compile_fullgraph():
         (0, lambda ts: [t.int() for t in ts], "params\\[0\\]: expected float32 or float64"),
     ],
 )
-def test_bad_input_raises_named_error(index, mutate, message):
-    lists = [[torch.randn(5), torch.randn(3, 4)] for _ in range(4)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_raises_named_error(index, mutate, message, device):
+    lists = [[torch.randn(5, device=device), torch.randn(3, 4, device=device)] for _ in range(4)]
     lists[index] = mutate(lists[index])
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ryzen_llm.adamw_step_(*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)

@@ -88,20 +88,22 @@ def test_head_dim_not_unit_stride_is_accepted():
     )
 
 
-def test_fully_masked_rows_are_zero():
-    qkv, (q, k, v) = make_inputs(2, 9, 2, 48, torch.float32, "cpu")
-    mask = padding_mask(2, 9)  # sequence 1: only the last token is real
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_rows_are_zero(device):
+    qkv, (q, k, v) = make_inputs(2, 9, 2, 48, torch.float32, device)
+    mask = padding_mask(2, 9).to(device)  # sequence 1: only the last token is real
     out = fused(q, k, v, mask, 0.2)
     assert (out[1, :, :-1] == 0).all()
     out.sum().backward()
     assert torch.isfinite(qkv.grad).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_gradcheck_fp64(with_mask):
-    qkv, (q, k, v) = make_inputs(2, 6, 1, 8, torch.float64, "cpu")
+def test_gradcheck_fp64(with_mask, device):
+    qkv, (q, k, v) = make_inputs(2, 6, 1, 8, torch.float64, device)
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    mask = padding_mask(2, 6) if with_mask else None
+    mask = padding_mask(2, 6).to(device) if with_mask else None
     assert torch.autograd.gradcheck(lambda q, k, v: fused(q, k, v, mask, 0.4), (q, k, v))
 
 
@@ -151,20 +153,21 @@ def test_bf16_autocast_model_path():
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_equals_last_row_of_forward(dtype):
+def test_decode_equals_last_row_of_forward(dtype, device):
     B, nh, Tmax, hs = 3, 2, 40, 80
     lengths = torch.tensor([40, 1, 23])
     g = torch.Generator().manual_seed(3)
     # Caches as strided views of (B, Tmax, nh, hs) buffers: read in place.
-    k_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(dtype).transpose(1, 2)
-    v_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(dtype).transpose(1, 2)
-    q_all = torch.randn(B, nh, Tmax, hs, generator=g).to(dtype)
+    k_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(device, dtype).transpose(1, 2)
+    v_cache = torch.randn(B, Tmax, nh, hs, generator=g).to(device, dtype).transpose(1, 2)
+    q_all = torch.randn(B, nh, Tmax, hs, generator=g).to(device, dtype)
     scale = 1 / math.sqrt(hs)
     from ryzen_llm.ops.causal_attention import causal_attention_decode
 
     q_new = torch.stack([q_all[b, :, lengths[b] - 1] for b in range(B)])[:, :, None]  # (B, nh, 1, hs)
-    got = causal_attention_decode(q_new, k_cache, v_cache, lengths, scale)
+    got = causal_attention_decode(q_new, k_cache, v_cache, lengths.to(device), scale)
     assert got.shape == (B, nh, 1, hs)
     for b in range(B):
         L = int(lengths[b])
@@ -172,10 +175,11 @@ def test_decode_equals_last_row_of_forward(dtype):
         torch.testing.assert_close(got[b, :, 0], full[0, :, -1], atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
-def test_decode_zero_length_gives_zeros():
-    q = torch.randn(1, 2, 1, 32)
-    cache = torch.randn(1, 2, 5, 32)
-    out = torch.ops.ryzen_llm.causal_attention_decode(q, cache, cache, torch.tensor([0]), 0.1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_zero_length_gives_zeros(device):
+    q = torch.randn(1, 2, 1, 32, device=device)
+    cache = torch.randn(1, 2, 5, 32, device=device)
+    out = torch.ops.ryzen_llm.causal_attention_decode(q, cache, cache, torch.tensor([0], device=device), 0.1)
     assert (out == 0).all()
 
 

@@ -7,7 +7,7 @@ import torch
 
 from ryzen_llm.ops import reference
 from ryzen_llm.ops.quantize import QuantizedTensor, compressed_ratio, quantize_blockwise
-from tests.ops.conftest import requires_extension
+from tests.ops.conftest import DEVICES, requires_extension
 
 pytestmark = requires_extension
 
@@ -35,8 +35,9 @@ def block_view(t: torch.Tensor, block_size: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits, block_size", [(8, 64), (8, 48), (8, 1), (4, 64), (4, 32)])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference_bit_for_bit(dtype, shape, bits, block_size, stochastic):
-    x = make_x(shape, dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_bit_for_bit(device, dtype, shape, bits, block_size, stochastic):
+    x = make_x(shape, dtype).to(device)
     qt = quantize_blockwise(x, block_size, bits, stochastic, seed=7)
     data, scales = reference.quantize_blockwise(x, block_size, bits, stochastic, 7, 0)
     assert qt.data.dtype == torch.uint8 and qt.scales.dtype == torch.float32
@@ -113,9 +114,10 @@ def test_offset_continues_the_random_stream():
     assert torch.equal(whole.data[2 * 128:], second.data)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_nan_and_inf_poison_only_their_block(bits):
-    x = make_x((5, 64), torch.float32)
+def test_nan_and_inf_poison_only_their_block(bits, device):
+    x = make_x((5, 64), torch.float32).to(device)
     x[1, 3] = float("nan")
     x[3, 60] = float("inf")
     x[4, 0] = float("-inf")
@@ -132,27 +134,30 @@ def test_nan_and_inf_poison_only_their_block(bits):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_empty_tensor(bits, dtype):
-    x = torch.empty(0, 7, dtype=dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_tensor(device, bits, dtype):
+    x = torch.empty(0, 7, dtype=dtype, device=device)
     qt = quantize_blockwise(x, 64, bits)
     assert qt.data.numel() == 0 and qt.scales.numel() == 0 and qt.nbytes == 0
     y = qt.dequantize()
     assert y.shape == (0, 7) and y.dtype == dtype
 
 
-def test_zero_and_tiny_blocks_restore_to_zero():
-    x = torch.zeros(3, 64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_and_tiny_blocks_restore_to_zero(device):
+    x = torch.zeros(3, 64, device=device)
     x[1] = 1e-40  # subnormal: 1 / scale would overflow, so the block flushes to 0
     x[2, 5] = 2.0
     qt = quantize_blockwise(x, 64)
     assert qt.scales[0] == 0 and qt.scales[1] == 0
     y = qt.dequantize()
-    assert torch.equal(y[:2], torch.zeros(2, 64)) and y[2, 5] == 2.0
+    assert torch.equal(y[:2], torch.zeros(2, 64, device=device)) and y[2, 5] == 2.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_short_last_block_and_odd_numel(bits):
-    x = make_x((7, 13), torch.float32)  # 91 values: blocks of 64 and 27; odd bytes at 4 bits
+def test_short_last_block_and_odd_numel(bits, device):
+    x = make_x((7, 13), torch.float32).to(device)  # 91 values: blocks of 64 and 27; odd bytes at 4 bits
     qt = quantize_blockwise(x, 64, bits)
     assert qt.scales.numel() == 2
     assert qt.data.numel() == (91 if bits == 8 else 46)
@@ -201,8 +206,9 @@ def test_kv_cache_per_row_and_head_block():
     assert (err <= scales / 2 + cache.float().abs().amax(dim=-1) * 2.0**-8).all()
 
 
-def test_opcheck():
-    x = make_x((5, 97), torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = make_x((5, 97), torch.float32).to(device)
     for bits in (8, 4):
         for stochastic in (False, True):
             torch.library.opcheck(torch.ops.ryzen_llm.quantize_blockwise, (x, 64, bits, stochastic, 3, 0))

@@ -1,0 +1,180 @@
+// Mean cross-entropy of h @ weight.T on CUDA without holding the (N, V) logits: rows in chunks;
+// per chunk at::mm (cuBLAS) gives the logits, one thread block per row reads its logits three
+// times (max, sum of exp, gradient; the row stays in L2) and turns them in place into
+// d(loss)/d(logits) = (softmax - onehot) / n_valid while writing the row's loss term, and two
+// more GEMMs give the chunk's grad_h rows and add its share of grad_weight (Liger-Kernel's scheme).
+// Target validation and n_valid cost one device-to-host copy per call (the CPU op raises on a bad
+// target too, so the check cannot be skipped).
+#include "cuda_common.cuh"
+#include "common.h"
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace ryzen_llm {
+namespace cuda {
+namespace {
+
+// Rows per chunk: about 8 M logits (32 MiB in float32), at least 64 rows for GEMM efficiency.
+int64_t rows_per_chunk(int64_t N, int64_t V) {
+  return std::max<int64_t>(1, std::min<int64_t>(N, std::max<int64_t>(64, (int64_t(1) << 23) / V)));
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+// One block per row of the chunk. loss_rows (float64) gets lse - logit[target], 0 when ignored.
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_nll_rows_kernel(scalar_t* __restrict__ logits,
+                                        const int64_t* __restrict__ targets, int64_t ignore_index,
+                                        double scale, bool need_grad,
+                                        double* __restrict__ loss_rows, int64_t V) {
+  __shared__ acc_t shared[32];
+  const int64_t r = blockIdx.x;
+  scalar_t* l = logits + r * V;
+  const int64_t t = targets[r];
+  const bool valid = t != ignore_index;
+  const acc_t target_logit = valid ? static_cast<acc_t>(l[t]) : acc_t(0);  // read before any write
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const acc_t x = static_cast<acc_t>(l[v]);
+    m = x > m ? x : m;
+  }
+  // Block max through the sum helper's shared buffer: negate-free, via warp_max then shared.
+  m = warp_max(m);
+  {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = m;
+    __syncthreads();
+    const int warps = (blockDim.x + 31) >> 5;
+    acc_t mm = threadIdx.x < warps ? shared[threadIdx.x] : -std::numeric_limits<acc_t>::infinity();
+    if (warp == 0) mm = warp_max(mm);
+    if (threadIdx.x == 0) shared[0] = mm;
+    __syncthreads();
+    m = shared[0];
+  }
+  acc_t s = 0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp_acc(static_cast<acc_t>(l[v]) - m);
+  s = block_sum(s, shared);
+  const double lse = static_cast<double>(m) + log_acc(static_cast<double>(s));
+  if (threadIdx.x == 0) loss_rows[r] = valid ? lse - static_cast<double>(target_logit) : 0.0;
+  if (!need_grad) return;
+  // softmax = exp(l - m) / s; grad = (softmax - onehot) * scale, 0 for an ignored row.
+  const acc_t row_scale = valid ? static_cast<acc_t>(scale / static_cast<double>(s)) : acc_t(0);
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    acc_t g = exp_acc(static_cast<acc_t>(l[v]) - m) * row_scale;
+    if (valid && v == t) g -= static_cast<acc_t>(scale);
+    l[v] = static_cast<scalar_t>(g);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda(
+    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t ignore_index, bool need_grad_h, bool need_grad_weight) {
+  check_cuda(h, "h");
+  check_float_dtype_cuda(h, "h");
+  check_dim(h, 2, "h");
+  check_contiguous(h, "h");
+  const int64_t N = h.size(0), C = h.size(1);
+  check_same_device(weight, h, "weight", "h");
+  check_same_dtype(weight, h, "weight", "h");
+  check_dim(weight, 2, "weight");
+  check_contiguous(weight, "weight");
+  const int64_t V = weight.size(0);
+  TORCH_CHECK(V > 0, "weight: expected at least one vocabulary row, got sizes ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == C, "weight: expected sizes [V, ", C, "] (C from h), got ",
+              weight.sizes());
+  check_same_device(targets, h, "targets", "h");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected int64, got ",
+              targets.scalar_type());
+  check_shape(targets, {N}, "targets");
+  check_contiguous(targets, "targets");
+  const c10::cuda::CUDAGuard guard(h.device());
+
+  // One sync: the number of out-of-range targets and of valid ones.
+  const at::Tensor valid = targets.ne(ignore_index);
+  const at::Tensor bad = valid.logical_and(targets.lt(0).logical_or(targets.ge(V)));
+  const at::Tensor counts = at::stack({bad.sum(), valid.sum()}).cpu();
+  const int64_t n_bad = counts[0].item<int64_t>(), n_valid = counts[1].item<int64_t>();
+  if (n_bad > 0) {
+    const int64_t i = bad.to(at::kInt).argmax().item<int64_t>();
+    TORCH_CHECK(false, "targets: id ", targets[i].item<int64_t>(), " at position ", i,
+                " is out of range [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+  }
+  // Mean over zero targets is 0/0 = nan, as in F.cross_entropy; the gradients are then zero.
+  const double scale = n_valid > 0 ? 1.0 / static_cast<double>(n_valid) : 0.0;
+
+  at::Tensor grad_h = need_grad_h ? at::empty({N, C}, h.options()) : at::empty({0}, h.options());
+  const bool low_precision = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
+  // Low precision: per-chunk grad_weight products are summed in float32, rounded once at the end.
+  at::Tensor grad_weight_acc;
+  if (need_grad_weight) {
+    grad_weight_acc = at::empty({V, C}, h.options().dtype(low_precision ? at::kFloat : h.scalar_type()));
+  }
+  at::Tensor loss_rows = at::zeros({N}, h.options().dtype(at::kDouble));
+  const bool need_grad = need_grad_h || need_grad_weight;
+  const int64_t chunk = rows_per_chunk(N, V);
+  const at::Tensor weight_t = weight.t();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    const at::Tensor hc = h.narrow(0, r0, rows);
+    at::Tensor logits = at::mm(hc, weight_t);  // (rows, V), becomes d(loss)/d(logits)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "linear_cross_entropy_cuda", [&] {
+      using acc_t = at::acc_type<scalar_t, true>;
+      softmax_nll_rows_kernel<scalar_t, acc_t><<<rows, threads_for_row(V), 0, stream>>>(
+          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>() + r0, ignore_index, scale,
+          need_grad, loss_rows.data_ptr<double>() + r0, V);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (need_grad_h) {
+      at::Tensor out = grad_h.narrow(0, r0, rows);
+      at::mm_out(out, logits, weight);  // (rows, C)
+    }
+    if (need_grad_weight) {
+      if (low_precision) {
+        if (r0 == 0) {
+          grad_weight_acc.copy_(at::mm(logits.t(), hc));
+        } else {
+          grad_weight_acc.add_(at::mm(logits.t(), hc));
+        }
+      } else if (r0 == 0) {
+        at::mm_out(grad_weight_acc, logits.t(), hc);  // (V, C)
+      } else {
+        grad_weight_acc.addmm_(logits.t(), hc);
+      }
+    }
+  }
+  // float32 loss (as the reference, which takes the loss of logits.float()); float64 inputs get
+  // a float64 loss so that gradcheck sees full precision.
+  const auto loss_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = n_valid > 0
+                        ? loss_rows.sum().div_(static_cast<double>(n_valid)).to(loss_dtype)
+                        : at::full({}, std::numeric_limits<double>::quiet_NaN(),
+                                   h.options().dtype(loss_dtype));
+  at::Tensor grad_weight;
+  if (!need_grad_weight) {
+    grad_weight = at::empty({0}, weight.options());
+  } else if (N == 0) {
+    grad_weight = at::zeros_like(weight);
+  } else if (low_precision) {
+    grad_weight = grad_weight_acc.to(weight.scalar_type());
+  } else {
+    grad_weight = grad_weight_acc;
+  }
+  return {loss, grad_h, grad_weight};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CUDA, m) {
+  m.impl("linear_cross_entropy_forward", &cuda::linear_cross_entropy_forward_cuda);
+}
+
+}  // namespace ryzen_llm
