@@ -19,12 +19,16 @@ includes=$(python -c 'import torch.utils.cpp_extension as c; print(" ".join("-I"
 pyinc=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 out=build/cuda-check
 mkdir -p "$out"
-for src in "${sources[@]}"; do
-  echo "nvcc $src"
-  "$NVCC" -c "$src" -o "$out/$(basename "$src" .cu).o" -std=c++17 -O2 \
+compile_one() {  # one .cu -> build/cuda-check/<name>.o; nvcc's --threads splits the two targets
+  echo "nvcc $1"
+  "$NVCC" -c "$1" -o "$out/$(basename "$1" .cu).o" -std=c++17 -O2 --threads 2 \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -Icsrc $includes -I"$pyinc" -Iscripts/cuda_check_shim -DRYZEN_LLM_CUDA --expt-relaxed-constexpr \
     -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
-done
+}
+export -f compile_one
+export NVCC includes pyinc out
+# Two files at a time (the machines here have 2 cores); any failure fails the script.
+printf '%s\0' "${sources[@]}" | xargs -0 -n 1 -P 2 bash -c 'compile_one "$0"'
 echo "compiled ${#sources[@]} CUDA file(s) for sm_80 and sm_90"
