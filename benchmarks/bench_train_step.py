@@ -140,17 +140,22 @@ def test_peer_micro_step(benchmark, name, matmul_peak):
            opts["bf16"])
 
 
-@pytest.mark.parametrize("level", [0, 1, 2, 3])
-def test_level_micro_step(benchmark, level, matmul_peak):
+@pytest.mark.parametrize("level, compression", [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (3, 0.3)])
+def test_level_micro_step(benchmark, level, compression, matmul_peak):
+    """Level 3 with and without activation compression (the trainer's level 3 compresses at
+    optimization.compression_ratio, 0.3 by default)."""
     benchmark.group = "train micro-step (16 x 128)"
     torch.manual_seed(0)
     config = ModelConfig()
     model = ScaledTransformerModel(config)
-    step = TrainStep(model, level=level, lr=1e-4, weight_decay=0.01, max_grad_norm=1.0)
+    step = TrainStep(model, level=level, lr=1e-4, weight_decay=0.01, max_grad_norm=1.0,
+                     compression_ratio=compression)
     idx, targets = batch(config)
     times = time_steps(benchmark, step, idx, targets)
     fell_back = [op for op, c in step.kernels.choices.items() if c.reason.startswith("FELL BACK")]
     name = f"ryzen_llm level {level}" + (", bf16" if step.bf16 else "")
+    if compression:
+        name += ", int8 activations"
     record(benchmark, name, "candidate", times, config, model.count_parameters(), matmul_peak,
            step.bf16)
     RESULTS[name]["fell_back_to_reference"] = fell_back
