@@ -11,7 +11,10 @@ minutes) asserts only on errors and on the server's RSS growth.
 
     pytest benchmarks/bench_serve.py --benchmark-only              # the scenarios
     pytest benchmarks/bench_serve.py --benchmark-only -m slow      # the soak
-    PYTHONPATH=. python benchmarks/bench_serve.py [--json out.json] [--threads 1]  # standalone
+    PYTHONPATH=. python benchmarks/bench_serve.py [--json out.json] [--threads 1] [--infer]
+
+The standalone script runs the same scenarios, then times the in-process peers (the engine
+without HTTP and HF generate(), batch 1, 8, 32) in the same run.
 """
 from __future__ import annotations
 
@@ -43,15 +46,48 @@ SOAK_S = float(os.environ.get("RYZEN_LLM_SOAK_SECONDS", 600))  # shorten only to
 RESULTS: dict[str, dict] = {}  # read by benchmarks/conftest.py for the summary
 
 
-def measure(url: str, pid: int, prompts: list[str], **load) -> tuple[dict, ResourceMonitor]:
+def measure(url: str, pid: int, prompts: list[str], stream: bool = True,
+            **load) -> tuple[dict, ResourceMonitor]:
     """Warms the connections, then runs one scenario while monitoring the server process."""
     asyncio.run(run_load(url, concurrency=load.get("concurrency", 1), duration=30,
                          max_requests=load.get("concurrency", 1), prompts=prompts,
-                         max_new_tokens=1, stream=True))
+                         max_new_tokens=1, stream=stream))
     with ResourceMonitor(pid) as monitor:
-        res = asyncio.run(run_load(url, prompts=prompts, max_new_tokens=NEW_TOKENS, stream=True,
-                                   **load))
+        res = asyncio.run(run_load(url, prompts=prompts, max_new_tokens=NEW_TOKENS,
+                                   stream=stream, **load))
     return res, monitor
+
+
+def in_process_peers(path: Path, prompts: list[str], reps: int, exact: bool) -> dict:
+    """Median ms of one batch of generation without HTTP: the engine, and HF generate()."""
+    import statistics
+    import time
+
+    from benchmarks._serving import hf_generate, hf_gpt2
+    from ryzen_llm.engine import Engine, SamplingParams
+
+    def median_ms(fn, n):
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    e = Engine.from_checkpoint(path, exact=exact)
+    e.wait_ready()
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    hf, note = hf_gpt2()
+    out = {"hf_transformers": note}
+    for batch in (1, 8, 32):
+        group = [prompts[j % len(prompts)] for j in range(batch)]
+        n = reps if batch == 1 else max(3, reps // 4)
+        out[f"engine batch {batch}"] = median_ms(lambda: e.generate(group, params), n)
+        if hf is not None:
+            out[f"HF generate() batch {batch}"] = median_ms(hf_generate(hf, batch), n)
+    e.stop()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +145,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write every scenario's results here")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the server")
     ap.add_argument("--no-exact-batching", action="store_true")
+    ap.add_argument("--infer", action="store_true",
+                    help="POST /infer without streaming (no time to first token) instead of "
+                         "streaming /v1/completions")
+    ap.add_argument("--reps", type=int, default=12,
+                    help="repetitions of the in-process peers at batch 1 (0: skip them)")
     args = ap.parse_args(argv)
     extra = ["--threads", str(args.threads)] if args.threads else []
     extra += ["--no-exact-batching"] if args.no_exact_batching else []
@@ -117,13 +158,16 @@ def main(argv=None) -> int:
     with server_process(path, *extra) as (url, proc, banner):
         print(banner)
         for name, load in SCENARIOS.items():
-            res, monitor = measure(url, proc.pid, prompts, **load)
+            res, monitor = measure(url, proc.pid, prompts, stream=not args.infer, **load)
             d = {**res.to_dict(with_samples=False), **monitor.result()}
             results[name] = d
             print(f"{name}: {format_result(d)}\n  server CPU {d['cpu_percent']:.0f}% "
                   f"(of one core), peak RSS {d['peak_rss_mb']:.0f} MB")
-    print("in-process peers (the engine without HTTP, HF generate()): "
-          "pytest benchmarks/bench_generate.py --benchmark-only")
+    if args.reps:
+        results["in_process_median_ms"] = peers = in_process_peers(
+            path, prompts, args.reps, not args.no_exact_batching)
+        for k, v in peers.items():
+            print(f"{k}: {v:.1f} ms" if isinstance(v, float) else f"{k}: {v}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -53,10 +53,11 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict], list[str]]:
                                 "_machine": data.get("machine_info", {})})
         elif isinstance(data, dict) and data.get("kind") == "loadtest":
             loadtests.append({**data, "name": data.get("name") or Path(path).stem})
-        elif isinstance(data, dict) and data and all(
+        elif isinstance(data, dict) and any(
                 isinstance(v, dict) and "latency_ms" in v for v in data.values()):
             for name, v in data.items():  # benchmarks/bench_serve.py --json: scenario -> result
-                loadtests.append({**v, "name": f"{Path(path).stem}: {name}"})
+                if isinstance(v, dict) and "latency_ms" in v:
+                    loadtests.append({**v, "name": f"{Path(path).stem}: {name}"})
         else:
             notes.append(f"{path}: neither a pytest-benchmark nor a loadtest JSON; ignored")
     return benches, loadtests, notes
