@@ -4,6 +4,8 @@ skipped unless asked for (-m slow), the folder of --benchmark-json created, and 
 printed after the session from what the benchmarks recorded."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks._common import ResourceMonitor
@@ -13,8 +15,9 @@ def pytest_collection_modifyitems(config, items):
     if "slow" in (config.getoption("markexpr") or ""):
         return  # -m slow, -m "not slow": the marker expression decides
     skip = pytest.mark.skip(reason="slow scenario: run it with -m slow")
+    here = Path(__file__).parent
     for item in items:
-        if "slow" in item.keywords:
+        if "slow" in item.keywords and here in item.path.parents:
             item.add_marker(skip)
 
 
