@@ -73,20 +73,23 @@ def _median_ms(b: dict) -> float | None:
 
 
 # -- sections --------------------------------------------------------------------------------
-def op_rows(benches: list[dict]) -> dict[str, dict[str, float | None]]:
-    """group -> {fused, reference, torch.compile: median ms or None} for the op benchmarks."""
-    groups: dict[str, dict[str, float | None]] = {}
+def op_rows(benches: list[dict]) -> dict[str, dict]:
+    """group -> {fused, reference, torch.compile: median ms or None; "other": {impl: ms}} for
+    the op benchmarks (those recording an impl), other peers (SDPA, torch's AdamW) aside."""
+    groups: dict[str, dict] = {}
     for b in benches:
         info = _info(b)
         impl = info.get("impl") or (b.get("params") or {}).get("impl")
         if impl is None or info.get("scenario") in SCENARIO_KINDS or "kind" in info:
             continue
+        row = groups.setdefault(b.get("group") or b["name"],
+                                {**dict.fromkeys(OP_COLUMNS), "other": {}})
         col = next((c for c, names in OP_COLUMNS.items() if impl in names), None)
         if col is None:
-            continue
-        row = groups.setdefault(b.get("group") or b["name"], dict.fromkeys(OP_COLUMNS))
-        row[col] = _median_ms(b)
-    return {g: r for g, r in groups.items() if any(v is not None for v in r.values())}
+            row["other"][str(impl)] = _median_ms(b)
+        else:
+            row[col] = _median_ms(b)
+    return {g: r for g, r in groups.items() if any(r[c] is not None for c in OP_COLUMNS)}
 
 
 def ops_section(benches, out: Path, plt) -> list[str]:
@@ -102,10 +105,12 @@ def ops_section(benches, out: Path, plt) -> list[str]:
     for g, r in sorted(rows.items()):
         table.append([g, *(_fmt(r[c], ",.3f") for c in OP_COLUMNS),
                       _fmt(ratio(r["reference"], r["fused"]), ".2f", "x"),
-                      _fmt(ratio(r["torch.compile"], r["fused"]), ".2f", "x")])
+                      _fmt(ratio(r["torch.compile"], r["fused"]), ".2f", "x"),
+                      ", ".join(f"{k} {v:,.3f}" for k, v in r["other"].items()) or "-"])
     lines += ["Median ms per call; speedup = the other's time / fused time (> 1: fused faster).",
               "", *_table(["benchmark", "fused ms", "reference ms", "torch.compile ms",
-                           "fused vs reference", "fused vs torch.compile"], table), ""]
+                           "fused vs reference", "fused vs torch.compile", "other peers, ms"],
+                          table), ""]
     names = sorted(rows)
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.5))
     ys = range(len(names))

@@ -24,6 +24,7 @@ def synthetic() -> dict:
         # an op whose fused kernel was skipped (extension missing): no fused row
         bench("test_bias_gelu[reference-bf16-bwd]", "bias_gelu bf16 bwd", 0.003,
               impl="reference"),
+        bench("test_bias_gelu[sdpa-bf16-bwd]", "bias_gelu bf16 bwd", 0.0015, impl="sdpa"),
         bench("test_peer_micro_step[eager]", "train micro-step (16 x 128)", 0.8,
               name="eager fp32 (written attention)", kind="peer", ms_per_step=800.0,
               tokens_per_s=2560.0, mfu_vs_matmul_peak=0.7, peak_rss_mb=900.0),
@@ -64,9 +65,9 @@ def test_report_tables_and_plots(tmp_path, capsys):
     lines = md.splitlines()
     assert "Machine: Test CPU, 2 logical CPUs" in md
     # ops: reference / fused = 4x, compile / fused = 2x; a missing fused kernel reads so
-    assert "| add_layer_norm fp32 fwd | 1.000 | 4.000 | 2.000 | 4.00x | 2.00x |" in lines
+    assert "| add_layer_norm fp32 fwd | 1.000 | 4.000 | 2.000 | 4.00x | 2.00x | - |" in lines
     assert ("| bias_gelu bf16 bwd | not measured | 3.000 | not measured | not measured "
-            "| not measured |") in lines
+            "| not measured | sdpa 1.500 |") in lines
     # training: level 2 is 2x the only peer
     assert ("| ryzen_llm level 2 | candidate | 400.0 | 5,120 | 90% | 2.00x | not measured "
             "|  |") in lines
