@@ -111,17 +111,21 @@ def ops_section(benches, out: Path, plt) -> list[str]:
               "", *_table(["benchmark", "fused ms", "reference ms", "torch.compile ms",
                            "fused vs reference", "fused vs torch.compile", "other peers, ms"],
                           table), ""]
-    names = sorted(rows)
+    names = sorted(n for n in rows if rows[n]["reference"] is not None)
+    if not names:
+        return lines + [f"Speedup plot: {NOT_MEASURED} (no reference timings).", ""]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.5))
-    ys = range(len(names))
     for k, (col, color) in enumerate((("fused", "tab:green"), ("torch.compile", "tab:orange"))):
-        speed = [ratio(rows[n]["reference"], rows[n][col]) or 0.0 for n in names]
-        ax.barh([y + 0.4 * k for y in ys], speed, height=0.4, color=color,
-                label=f"{col} (0 = not measured)")
+        pts = [(y + 0.4 * k, ratio(rows[n]["reference"], rows[n][col]))
+               for y, n in enumerate(names)]
+        pts = [(y, v) for y, v in pts if v is not None]  # no bar: not measured
+        ax.barh([y for y, _ in pts], [v for _, v in pts], height=0.4, color=color,
+                label=f"{col} (no bar: not measured)")
+    ax.set_xscale("log")
     ax.axvline(1.0, color="gray", lw=1)
-    ax.set_yticks([y + 0.2 for y in ys], names, fontsize=7)
+    ax.set_yticks([y + 0.2 for y in range(len(names))], names, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup over the plain-PyTorch reference")
+    ax.set_xlabel("speedup over the plain-PyTorch reference (log scale; > 1: faster)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ops_speedup.png", dpi=110)
