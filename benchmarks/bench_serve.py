@@ -1,18 +1,20 @@
-"""Serving latency and throughput of `python -m ryzen_llm.serve`, beside Hugging Face generate().
+"""The server as a real subprocess on loopback (`python -m ryzen_llm.serve`, 127.0.0.1, an
+ephemeral port), loaded by ryzen_llm.loadtest: streaming /v1/completions, greedy, 32-token
+prompts, 16 new tokens (ignore_eos), at fixed concurrency 1, 8 and 32 (closed loop) and at a
+Poisson arrival rate (open loop).
 
-    PYTHONPATH=. python benchmarks/bench_serve.py [--requests 40] [--json out.json]
+Each scenario records in extra_info: p50/p95/p99 end-to-end latency, time to first token,
+requests/s and generated tokens/s, errors by status, and the server process's CPU utilisation
+and peak RSS over the scenario. The in-process peers (the engine without HTTP, and Hugging Face
+generate()) are in bench_generate.py. Nothing asserts on time; the soak scenario (`slow`, 10
+minutes) asserts only on errors and on the server's RSS growth.
 
-The seed-size model (d_model 512, 4 layers, 8 heads, FFN 1024, vocab 2048, context 128; random
-weights, a byte-level BPE trained here) is saved as a checkpoint and served by a real server
-process. POST /infer with a 32-token prompt and 16 new tokens, greedy, ignore_eos (always 16),
-response cache off: latency percentiles at concurrency 1, 8 and 32 (closed loop: each client
-sends its next request when the previous one returns) and generated tokens/s.
+    pytest benchmarks/bench_serve.py --benchmark-only              # the scenarios
+    pytest benchmarks/bench_serve.py --benchmark-only -m slow      # the soak
+    PYTHONPATH=. python benchmarks/bench_serve.py [--json out.json] [--threads 1] [--infer]
 
-Peers, measured in this run while the server is idle: the engine called in-process (no HTTP),
-and transformers' GPT2LMHeadModel of the same shape (n_embd 512, 4 layers, 8 heads, n_inner
-1024, vocab 2048, n_positions 128), greedy generate() of 16 tokens after 32, at batch 1, 8, 32
-in fp32. When transformers is not installed the peer reads "not measured". A benchmark, not a
-test: nothing asserts on time; targets are printed beside the numbers.
+The standalone script runs the same scenarios, then times the in-process peers (the engine
+without HTTP and HF generate(), batch 1, 8, 32) in the same run.
 """
 from __future__ import annotations
 
@@ -20,206 +22,154 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # standalone: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ryzen_llm.checkpoint import save_checkpoint  # noqa: E402
-from ryzen_llm.config import Config  # noqa: E402
-from ryzen_llm.engine import Engine, SamplingParams  # noqa: E402
-from ryzen_llm.model import ScaledTransformerModel  # noqa: E402
-from ryzen_llm.tokenizer import Tokenizer  # noqa: E402
+from benchmarks._common import ResourceMonitor  # noqa: E402
+from benchmarks._serving import NEW_TOKENS, make_checkpoint, server_process  # noqa: E402
+from ryzen_llm.loadtest import format_result, run_load  # noqa: E402
 
-PROMPT_TOKENS, NEW_TOKENS = 32, 16
-TARGETS = {"p50_c1_ms": 15.0, "p95_c8_ms": 50.0}
-
-
-def corpus(max_bytes: int = 3_000_000) -> list[str]:
-    texts, total = [], 0
-    for f in sorted(Path(os.__file__).parent.glob("*.py")):
-        t = f.read_text(errors="ignore")
-        texts.append(t)
-        total += len(t)
-        if total > max_bytes:
-            break
-    return texts
+# name -> run_load arguments; each bounded in requests and in time
+SCENARIOS = {
+    "concurrency 1": dict(concurrency=1, max_requests=24, duration=30),
+    "concurrency 8": dict(concurrency=8, max_requests=48, duration=30),
+    "concurrency 32": dict(concurrency=32, max_requests=96, duration=30),
+    "Poisson 8/s": dict(rate=8.0, concurrency=64, duration=10),
+}
+SOAK_S = float(os.environ.get("RYZEN_LLM_SOAK_SECONDS", 600))  # shorten only to try it out
+RESULTS: dict[str, dict] = {}  # read by benchmarks/conftest.py for the summary
 
 
-def make_checkpoint(root: Path) -> tuple[Path, list[str]]:
-    texts = corpus()
-    tok = Tokenizer.train(texts, vocab_size=2048)
-    config = Config()
-    config.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    model = ScaledTransformerModel(config.model)
-    path = save_checkpoint(root / "ckpt", model, config.to_dict(), tokenizer_file=tok.save(root))
-    # prompts of exactly 32 tokens that survive decode -> encode unchanged
-    prompts, ids = [], tok.encode("\n".join(texts[1:4]))
-    for start in range(0, len(ids) - PROMPT_TOKENS, 97):
-        text = tok.decode(ids[start : start + PROMPT_TOKENS])
-        if len(tok.encode(text)) == PROMPT_TOKENS:
-            prompts.append(text)
-        if len(prompts) == 64:
-            break
-    return path, prompts
+def measure(url: str, pid: int, prompts: list[str], stream: bool = True,
+            **load) -> tuple[dict, ResourceMonitor]:
+    """Warms the connections, then runs one scenario while monitoring the server process."""
+    asyncio.run(run_load(url, concurrency=load.get("concurrency", 1), duration=30,
+                         max_requests=load.get("concurrency", 1), prompts=prompts,
+                         max_new_tokens=1, stream=stream))
+    with ResourceMonitor(pid) as monitor:
+        res = asyncio.run(run_load(url, prompts=prompts, max_new_tokens=NEW_TOKENS,
+                                   stream=stream, **load))
+    return res, monitor
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+def in_process_peers(path: Path, prompts: list[str], reps: int, exact: bool) -> dict:
+    """Median ms of one batch of generation without HTTP: the engine, and HF generate()."""
+    import statistics
+    import time
 
+    from benchmarks._serving import hf_generate, hf_gpt2
+    from ryzen_llm.engine import Engine, SamplingParams
 
-async def load(url: str, prompts: list[str], concurrency: int, n_requests: int):
-    import httpx
-
-    body = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
-            "use_cache": False}
-    latencies: list[float] = []
-    tokens = 0
-    counter = iter(range(n_requests))
-
-    async def worker(client):
-        nonlocal tokens
-        for i in counter:
+    def median_ms(fn, n):
+        fn()
+        times = []
+        for _ in range(n):
             t0 = time.perf_counter()
-            r = await client.post("/infer", json={**body, "inputs": [prompts[i % len(prompts)]]})
-            latencies.append(time.perf_counter() - t0)
-            r.raise_for_status()
-            tokens += r.json()["outputs"][0]["completion_tokens"]
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        for p in prompts[:concurrency]:  # warm connections
-            await client.post("/infer", json={**body, "inputs": [p], "max_new_tokens": 1})
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker(client) for _ in range(concurrency)])
-        wall = time.perf_counter() - t0
-    ms = [x * 1e3 for x in latencies]
-    return {"concurrency": concurrency, "requests": len(ms), "p50_ms": pct(ms, 50),
-            "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99), "mean_ms": statistics.mean(ms),
-            "tokens_per_s": tokens / wall, "requests_per_s": len(ms) / wall}
-
-
-def engine_direct(path: Path, prompts: list[str], reps: int, exact: bool) -> dict:
-    """The same generation called in-process: what HTTP costs on top."""
     e = Engine.from_checkpoint(path, exact=exact)
     e.wait_ready()
-    p = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    out = {}
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    hf, note = hf_gpt2()
+    out = {"hf_transformers": note}
     for batch in (1, 8, 32):
-        times = []
-        for r in range(reps if batch == 1 else max(3, reps // 4)):
-            group = [prompts[(r * batch + j) % len(prompts)] for j in range(batch)]
-            t0 = time.perf_counter()
-            e.generate(group, p)
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        out[batch] = {"median_ms": med * 1e3, "tokens_per_s": batch * NEW_TOKENS / med}
+        group = [prompts[j % len(prompts)] for j in range(batch)]
+        n = reps if batch == 1 else max(3, reps // 4)
+        out[f"engine batch {batch}"] = median_ms(lambda: e.generate(group, params), n)
+        if hf is not None:
+            out[f"HF generate() batch {batch}"] = median_ms(hf_generate(hf, batch), n)
     e.stop()
     return out
 
 
-def hf_peer(reps: int) -> dict | str:
-    try:
-        import transformers
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        return "not measured (transformers is not installed)"
-    transformers.logging.set_verbosity_error()
-    cfg = GPT2Config(n_embd=512, n_layer=4, n_head=8, n_inner=1024, vocab_size=2048,
-                     n_positions=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg).eval()
-    out = {"transformers": transformers.__version__}
-    with torch.inference_mode():
-        for batch in (1, 8, 32):
-            idx = torch.randint(1, 2048, (batch, PROMPT_TOKENS))
-            kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                      attention_mask=torch.ones_like(idx), pad_token_id=0)
-            model.generate(idx, **kw)
-            times = []
-            for _ in range(reps if batch == 1 else max(3, reps // 4)):
-                t0 = time.perf_counter()
-                model.generate(idx, **kw)
-                times.append(time.perf_counter() - t0)
-            med = statistics.median(times)
-            out[batch] = {"median_ms": med * 1e3, "tokens_per_s": batch * NEW_TOKENS / med}
-    return out
+@pytest.fixture(scope="module")
+def server(seed_checkpoint):
+    path, _ = seed_checkpoint
+    with server_process(path) as (url, proc, banner):
+        yield url, proc, banner
+
+
+def record(benchmark, name: str, res, monitor, banner: str) -> dict:
+    d = res.to_dict(with_samples=False)
+    info = {"scenario": "serve", "name": name, **d, **monitor.result(), "server": banner}
+    benchmark.extra_info.update(info)
+    RESULTS[name] = info
+    return info
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_serve(benchmark, server, seed_checkpoint, name):
+    url, proc, banner = server
+    _, prompts = seed_checkpoint
+    benchmark.group = "serve (subprocess, streaming /v1/completions)"
+    res, monitor = benchmark.pedantic(measure, args=(url, proc.pid, prompts),
+                                      kwargs=SCENARIOS[name], rounds=1, iterations=1)
+    record(benchmark, name, res, monitor, banner)
+
+
+@pytest.mark.slow
+def test_serve_soak(benchmark, server, seed_checkpoint):
+    """Closed loop at concurrency 8 for SOAK_S seconds: no errors, the server's RSS grows less
+    than 5% from the end of the first minute (allocator and caches warm) to the end; p95 of the
+    first and the last minute recorded (not asserted: a time)."""
+    url, proc, banner = server
+    _, prompts = seed_checkpoint
+    minute = min(60.0, SOAK_S / 3)
+    benchmark.group = "serve soak"
+    res, monitor = benchmark.pedantic(
+        measure, args=(url, proc.pid, prompts),
+        kwargs=dict(concurrency=8, duration=SOAK_S), rounds=1, iterations=1)
+    info = record(benchmark, f"soak {SOAK_S:g} s, concurrency 8", res, monitor, banner)
+    rss_base, rss_end = monitor.rss_at(minute), monitor.samples[-1][1]
+    growth = (rss_end - rss_base) / rss_base
+    first, last = res.window(0, minute), res.window(SOAK_S - minute, SOAK_S)
+    benchmark.extra_info.update(
+        rss_after_first_minute_mb=round(rss_base / 2**20, 1),
+        rss_growth=round(growth, 4), p95_first_minute_ms=first["p95_ms"],
+        p95_last_minute_ms=last["p95_ms"], window_s=minute)
+    assert info["error_count"] == 0, info["errors"]
+    assert growth < 0.05, f"server RSS grew {growth:.1%} ({rss_base} -> {rss_end} bytes)"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
-    ap.add_argument("--reps", type=int, default=12, help="repetitions of the in-process peers")
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads for the server and the peers (0: torch's default)")
-    ap.add_argument("--no-exact-batching", action="store_true",
-                    help="serve without the dummy decode rows (see ryzen_llm/engine.py)")
+    ap = argparse.ArgumentParser(description="Serving scenarios without pytest: "
+                                 + __doc__.splitlines()[0])
+    ap.add_argument("--json", help="write every scenario's results here")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the server")
+    ap.add_argument("--no-exact-batching", action="store_true")
+    ap.add_argument("--infer", action="store_true",
+                    help="POST /infer without streaming (no time to first token) instead of "
+                         "streaming /v1/completions")
+    ap.add_argument("--reps", type=int, default=12,
+                    help="repetitions of the in-process peers at batch 1 (0: skip them)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serve-"))
-    path, prompts = make_checkpoint(tmp)
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     extra = ["--threads", str(args.threads)] if args.threads else []
     extra += ["--no-exact-batching"] if args.no_exact_batching else []
-    info["exact_batching"] = not args.no_exact_batching
-    server = subprocess.Popen([sys.executable, "-m", "ryzen_llm.serve", "--checkpoint", str(path),
-                               "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env)
-    results: dict = {"info": info, "targets": TARGETS}
-    try:
-        url = None
-        for line in server.stdout:
-            print("server:", line.rstrip())
-            m = re.search(r"on (http://[\d.]+:\d+);", line)
-            url = m.group(1) if m else url
-            if line.startswith("ready"):
-                break
-        results["level"] = line
-        server_runs = []
-        for c in (1, 8, 32):
-            r = asyncio.run(load(url, prompts, c, max(args.requests, 2 * c)))
-            server_runs.append(r)
-            print(f"server  c={c:>2}: p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  "
-                  f"p99 {r['p99_ms']:7.1f} ms  {r['tokens_per_s']:7.0f} tok/s  "
-                  f"({r['requests']} requests)")
-        results["server"] = server_runs
-    finally:
-        server.terminate()
-        server.wait(30)
-    results["engine_in_process"] = engine_direct(path, prompts, args.reps,
-                                                 not args.no_exact_batching)
-    for b, r in results["engine_in_process"].items():
-        print(f"engine  batch {b:>2} (no HTTP): {r['median_ms']:7.1f} ms  "
-              f"{r['tokens_per_s']:7.0f} tok/s")
-    results["hf_generate"] = hf = hf_peer(args.reps)
-    if isinstance(hf, str):
-        print("HF transformers generate():", hf)
-    else:
-        for b in (1, 8, 32):
-            print(f"HF generate() batch {b:>2}: {hf[b]['median_ms']:7.1f} ms  "
-                  f"{hf[b]['tokens_per_s']:7.0f} tok/s  (transformers {hf['transformers']})")
-    c1, c8 = results["server"][0], results["server"][1]
-    print(f"targets: p50 at c=1 {c1['p50_ms']:.1f} ms (target <= {TARGETS['p50_c1_ms']:g}), "
-          f"p95 at c=8 {c8['p95_ms']:.1f} ms (target <= {TARGETS['p95_c8_ms']:g})")
+    path, prompts = make_checkpoint(Path(tempfile.mkdtemp(prefix="bench_serve-")))
+    results = {}
+    with server_process(path, *extra) as (url, proc, banner):
+        print(banner)
+        for name, load in SCENARIOS.items():
+            res, monitor = measure(url, proc.pid, prompts, stream=not args.infer, **load)
+            d = {**res.to_dict(with_samples=False), **monitor.result()}
+            results[name] = d
+            print(f"{name}: {format_result(d)}\n  server CPU {d['cpu_percent']:.0f}% "
+                  f"(of one core), peak RSS {d['peak_rss_mb']:.0f} MB")
+    if args.reps:
+        results["in_process_median_ms"] = peers = in_process_peers(
+            path, prompts, args.reps, not args.no_exact_batching)
+        for k, v in peers.items():
+            print(f"{k}: {v:.1f} ms" if isinstance(v, float) else f"{k}: {v}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -113,6 +113,7 @@ def record(benchmark, name: str, kind: str, times: list[float], config, params, 
     flops = model_flops_per_step(config, params)
     peak_gflops = peak["bf16" if bf16 else "fp32"]
     info = {
+        "name": name,
         "kind": kind,
         "ms_per_step": median * 1e3,
         "spread_ms": (max(times) - min(times)) * 1e3,

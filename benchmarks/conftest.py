@@ -1,8 +1,55 @@
-"""Summary tables printed after a benchmark session, from what the benchmarks recorded."""
+"""Benchmark session plumbing: the seed-size checkpoint shared by the generation and serving
+benchmarks, CPU utilisation and peak RSS recorded for every benchmark, scenarios marked `slow`
+skipped unless asked for (-m slow), the folder of --benchmark-json created, and summary tables
+printed after the session from what the benchmarks recorded."""
 from __future__ import annotations
 
+from pathlib import Path
 
-def pytest_terminal_summary(terminalreporter):
+import pytest
+
+from benchmarks._common import ResourceMonitor
+
+
+def pytest_collection_modifyitems(config, items):
+    if "slow" in (config.getoption("markexpr") or ""):
+        return  # -m slow, -m "not slow": the marker expression decides
+    skip = pytest.mark.skip(reason="slow scenario: run it with -m slow")
+    here = Path(__file__).parent
+    for item in items:
+        if "slow" in item.keywords and here in item.path.parents:
+            item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    path = session.config.getoption("benchmark_json", None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def seed_checkpoint(tmp_path_factory):
+    """(checkpoint path, 32-token prompts) of the seed-size model with random weights."""
+    from benchmarks._serving import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("seed_checkpoint"))
+
+
+@pytest.fixture(autouse=True)
+def _resources(request):
+    """CPU utilisation and peak RSS of this process during each benchmark, in extra_info
+    (a scenario that measured another process, the server, has already recorded its own)."""
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    with ResourceMonitor() as monitor:
+        yield
+    for k, v in monitor.result().items():
+        benchmark.extra_info.setdefault(k, v)
+
+
+def _train_step_summary(w):
     try:
         from benchmarks.bench_train_step import RESULTS
     except ImportError:
@@ -12,7 +59,6 @@ def pytest_terminal_summary(terminalreporter):
         return
     peers = {k: v for k, v in rows.items() if v["kind"] == "peer"}
     best_peer = min(peers, key=lambda k: peers[k]["ms_per_step"]) if peers else None
-    w = terminalreporter
     w.section("training micro-step, seed model, batch 16 x 128 (medians, same process)")
     peak = RESULTS.get("_matmul_peak_gflops", {})
     w.write_line(
@@ -32,3 +78,57 @@ def pytest_terminal_summary(terminalreporter):
         )
     if best_peer:
         w.write_line(f"best peer: {best_peer}")
+
+
+def _generate_summary(w):
+    try:
+        from benchmarks.bench_generate import BATCHES, RESULTS
+    except ImportError:
+        return
+    if not RESULTS:
+        return
+    w.section("generation, seed-size model, 32-token prompts + 16 new tokens (medians)")
+    w.write_line(f"{'batch':>5} {'ryzen_llm tok/s':>16} {'ms/token':>9} "
+                 f"{'HF generate() tok/s':>20} {'ms/token':>9}")
+
+    def cells(r):
+        if r is None or "not_measured" in r:
+            return f"{'not measured':>16}", f"{'':>9}"
+        return f"{r['tokens_per_s']:>16,.0f}", f"{r['ms_per_token']:>9.2f}"
+
+    for b in BATCHES:
+        ours, hf = RESULTS.get(("ryzen_llm", b)), RESULTS.get(("hf_transformers", b))
+        if ours is None and hf is None:
+            continue
+        (a, b1), (c, d) = cells(ours), cells(hf)
+        w.write_line(f"{b:>5} {a} {b1} {c:>20} {d}")
+    notes = {r["not_measured"] for r in RESULTS.values() if "not_measured" in r}
+    for n in notes:
+        w.write_line(f"HF transformers generate(): {n}")
+
+
+def _serve_summary(w):
+    try:
+        from benchmarks.bench_serve import RESULTS
+    except ImportError:
+        return
+    if not RESULTS:
+        return
+    w.section("server (subprocess on loopback), streaming /v1/completions, 16 new tokens")
+    w.write_line(f"{'scenario':<22} {'requests':>8} {'err':>4} {'p50 ms':>8} {'p95 ms':>8} "
+                 f"{'p99 ms':>8} {'TTFT p50':>9} {'tok/s':>7} {'CPU %':>6} {'peak RSS':>9}")
+
+    def f(x, spec=">8.1f"):
+        return format(x, spec) if x is not None else format("n/a", spec[:2] + "s")
+
+    for name, r in RESULTS.items():
+        lat, ttft = r["latency_ms"], r["ttft_ms"] or {}
+        w.write_line(f"{name:<22} {r['completed']:>8} {r['error_count']:>4} {f(lat['p50'])} "
+                     f"{f(lat['p95'])} {f(lat['p99'])} {f(ttft.get('p50'), '>9.1f')} "
+                     f"{f(r['tokens_per_s'], '>7.0f')} {r['cpu_percent']:>6.0f} "
+                     f"{r['peak_rss_mb']:>6.0f} MB")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for summary in (_train_step_summary, _generate_summary, _serve_summary):
+        summary(terminalreporter)

@@ -1,12 +1,19 @@
-"""A tiny checkpoint (random weights, a small trained tokenizer) for the engine and server tests."""
+"""A tiny checkpoint (random weights, a small trained tokenizer) for the engine and server tests,
+and Served: an app on a real uvicorn on 127.0.0.1 (ephemeral port) in a background thread."""
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import torch
+import uvicorn
 
 from ryzen_llm.checkpoint import save_checkpoint
 from ryzen_llm.config import Config, InferenceConfig, ModelConfig
+from ryzen_llm.engine import Engine
 from ryzen_llm.model import ScaledTransformerModel
 from ryzen_llm.tokenizer import Tokenizer
 
@@ -39,3 +46,34 @@ PROMPTS = [
     "the quick", "def add(a, b):", "import os", "Once upon a time there was",
     "x", "print(", "the lazy dog. the quick brown fox jumps over", "return a",
 ]
+
+
+class Served:
+    """An app on a real uvicorn in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.01)
+
+    @property
+    def engine(self) -> Engine:
+        return self.app.state.engine
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics").text
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.stop()

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,11 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from ryzen_llm.engine import Engine, SamplingParams
 from ryzen_llm.serve import MAKE_ONE, create_app, latest_checkpoint, main
-from tests.serve_fixtures import PROMPTS, make_checkpoint
+from tests.serve_fixtures import PROMPTS, Served, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,37 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("serve"))
-
-
-class Served:
-    """An app on a real uvicorn in a background thread."""
-
-    def __init__(self, app):
-        self.app = app
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.server.install_signal_handlers = lambda: None  # not the main thread
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                       daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.01)
-
-    @property
-    def engine(self) -> Engine:
-        return self.app.state.engine
-
-    def metrics(self) -> str:
-        return httpx.get(self.url + "/metrics").text
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.engine.stop()
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -1,0 +1,81 @@
+"""Generation throughput and per-token latency of ryzen_llm.Engine, in-process, at batch 1, 4,
+8, 16 and 32, beside Hugging Face transformers' GPT-2 generate() of the same shape (d_model 512,
+4 layers, 8 heads, FFN 1024, vocab 2048, context 128; random weights, fp32; greedy, 32-token
+prompts, 16 new tokens, no early stop), both timed in this process after warm-up.
+
+Each result records in extra_info: median_ms (the whole batch), tokens_per_s (generated),
+ms_per_token (median_ms / 16: the per-token latency a client of the batch sees, prefill
+included) and, for the engine, its own time-to-first-token and time-per-output-token medians.
+transformers is an optional dependency (pip install -e ".[bench]"); without it the HF rows are
+skipped as "not measured", never replaced. Nothing asserts on time.
+
+Run: pytest benchmarks/bench_generate.py --benchmark-only
+"""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from benchmarks._serving import NEW_TOKENS, PROMPT_TOKENS, hf_generate, hf_gpt2
+from ryzen_llm.engine import Engine, SamplingParams
+
+BATCHES = [1, 4, 8, 16, 32]
+ROUNDS = 5
+RESULTS: dict[tuple[str, int], dict] = {}  # read by benchmarks/conftest.py for the summary
+
+
+@pytest.fixture(scope="module")
+def engine(seed_checkpoint):
+    path, _ = seed_checkpoint
+    e = Engine.from_checkpoint(path)
+    assert e.wait_ready(600), "the engine did not finish warming up"
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return hf_gpt2()
+
+
+def record(benchmark, impl: str, batch: int, extra: dict):
+    median = benchmark.stats.stats.median
+    info = {"scenario": "generate", "impl": impl, "batch": batch,
+            "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+            "threads": torch.get_num_threads(), "median_ms": median * 1e3,
+            "tokens_per_s": batch * NEW_TOKENS / median, "ms_per_token": median * 1e3 / NEW_TOKENS,
+            **extra}
+    benchmark.extra_info.update(info)
+    RESULTS[(impl, batch)] = info
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_generate_ryzen_llm(benchmark, engine, seed_checkpoint, batch):
+    _, prompts = seed_checkpoint
+    group = [prompts[j % len(prompts)] for j in range(batch)]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    benchmark.group = f"generate batch {batch}"
+    out = benchmark.pedantic(engine.generate, args=(group, params), rounds=ROUNDS,
+                             warmup_rounds=1, iterations=1)
+    assert all(r["completion_tokens"] == NEW_TOKENS for r in out)
+    t = [r["timings"] for r in out]
+    record(benchmark, "ryzen_llm", batch, {
+        "level": engine.level_note, "exact_batching": engine.exact,
+        "engine_ttft_ms": statistics.median(x["time_to_first_token_ms"] for x in t),
+        "engine_tpot_ms": statistics.median(x["time_per_output_token_ms"] for x in t),
+    })
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_generate_hf_transformers(benchmark, hf_model, batch):
+    model, note = hf_model
+    if model is None:
+        RESULTS[("hf_transformers", batch)] = {"not_measured": note}
+        pytest.skip(f"HF transformers generate() peer {note}")
+    benchmark.group = f"generate batch {batch}"
+    out = benchmark.pedantic(hf_generate(model, batch), rounds=ROUNDS, warmup_rounds=1,
+                             iterations=1)
+    assert out.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
+    record(benchmark, "hf_transformers", batch, {"peer": note})
