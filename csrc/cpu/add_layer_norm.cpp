@@ -3,6 +3,7 @@
 // an add followed by a LayerNorm); only mean and rstd (2 floats per row) are saved besides sum.
 // Backward: one pass per row for grad_input, per-thread partial sums for grad_weight/grad_bias.
 #include "common.h"
+#include "fast_math.h"
 
 #include <torch/library.h>
 
@@ -11,30 +12,33 @@
 namespace ryzen_llm {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+// Element types are seen through Elem<scalar_t> (raw bits for bfloat16) so that the conversions
+// inline into every multiversioned clone and the loops vectorise.
+template <typename scalar_t, typename acc_t, typename raw_t = typename Elem<scalar_t>::raw_t>
 RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
-    const scalar_t* x, const scalar_t* residual, const scalar_t* weight, const scalar_t* bias,
-    scalar_t* out, scalar_t* sum, acc_t* mean_out, acc_t* rstd_out, acc_t* scratch,
+    const raw_t* x, const raw_t* residual, const raw_t* weight, const raw_t* bias,
+    raw_t* out, raw_t* sum, acc_t* mean_out, acc_t* rstd_out, acc_t* scratch,
     int64_t row_begin, int64_t row_end, int64_t C, double eps) {
+  using E = Elem<scalar_t>;
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* xr = x + r * C;
+    const raw_t* xr = x + r * C;
     acc_t mean = 0;
     if (residual != nullptr) {
-      const scalar_t* rr = residual + r * C;
-      scalar_t* sr = sum + r * C;
+      const raw_t* rr = residual + r * C;
+      raw_t* sr = sum + r * C;
 #pragma omp simd reduction(+ : mean)
       for (int64_t c = 0; c < C; ++c) {
         // Round the sum to the storage dtype first: the saved sum and the normalised output
         // must describe the same tensor.
-        scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) + static_cast<acc_t>(rr[c]));
+        raw_t s = E::store(E::load(xr[c]) + E::load(rr[c]));
         sr[c] = s;
-        scratch[c] = static_cast<acc_t>(s);
+        scratch[c] = E::load(s);
         mean += scratch[c];
       }
     } else {
 #pragma omp simd reduction(+ : mean)
       for (int64_t c = 0; c < C; ++c) {
-        scratch[c] = static_cast<acc_t>(xr[c]);
+        scratch[c] = E::load(xr[c]);
         mean += scratch[c];
       }
     }
@@ -47,11 +51,10 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
     }
     var /= static_cast<acc_t>(C);
     const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-    scalar_t* outr = out + r * C;
+    raw_t* outr = out + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      outr[c] = static_cast<scalar_t>((scratch[c] - mean) * rstd * static_cast<acc_t>(weight[c]) +
-                                      static_cast<acc_t>(bias[c]));
+      outr[c] = E::store((scratch[c] - mean) * rstd * E::load(weight[c]) + E::load(bias[c]));
     }
     mean_out[r] = mean;
     rstd_out[r] = rstd;
@@ -60,45 +63,44 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
 
 // grad_input = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_sum, with g = grad_out * w.
 // grad_weight / grad_bias accumulate into this thread's partial rows.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename raw_t = typename Elem<scalar_t>::raw_t>
 RYZEN_LLM_TARGET_CLONES void add_layer_norm_backward_rows(
-    const scalar_t* grad_out, const scalar_t* grad_sum, const scalar_t* input,
-    const scalar_t* weight, const acc_t* mean, const acc_t* rstd, scalar_t* grad_input,
-    acc_t* grad_weight_part, acc_t* grad_bias_part, acc_t* xhat, int64_t row_begin,
-    int64_t row_end, int64_t C) {
+    const raw_t* grad_out, const raw_t* grad_sum, const raw_t* input, const raw_t* weight,
+    const acc_t* mean, const acc_t* rstd, raw_t* grad_input, acc_t* grad_weight_part,
+    acc_t* grad_bias_part, acc_t* xhat, int64_t row_begin, int64_t row_end, int64_t C) {
+  using E = Elem<scalar_t>;
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const scalar_t* go = grad_out + r * C;
-    const scalar_t* in = input + r * C;
+    const raw_t* go = grad_out + r * C;
+    const raw_t* in = input + r * C;
     const acc_t m = mean[r];
     const acc_t s = rstd[r];
     acc_t sum_g = 0, sum_gx = 0;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
     for (int64_t c = 0; c < C; ++c) {
-      acc_t xh = (static_cast<acc_t>(in[c]) - m) * s;
-      acc_t dy = static_cast<acc_t>(go[c]);
+      acc_t xh = (E::load(in[c]) - m) * s;
+      acc_t dy = E::load(go[c]);
       xhat[c] = xh;
       grad_weight_part[c] += dy * xh;
       grad_bias_part[c] += dy;
-      acc_t g = dy * static_cast<acc_t>(weight[c]);
+      acc_t g = dy * E::load(weight[c]);
       sum_g += g;
       sum_gx += g * xh;
     }
     const acc_t mean_g = sum_g / static_cast<acc_t>(C);
     const acc_t mean_gx = sum_gx / static_cast<acc_t>(C);
-    scalar_t* gi = grad_input + r * C;
+    raw_t* gi = grad_input + r * C;
     if (grad_sum != nullptr) {
-      const scalar_t* gs = grad_sum + r * C;
+      const raw_t* gs = grad_sum + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        acc_t g = static_cast<acc_t>(go[c]) * static_cast<acc_t>(weight[c]);
-        gi[c] = static_cast<scalar_t>(s * (g - mean_g - xhat[c] * mean_gx) +
-                                      static_cast<acc_t>(gs[c]));
+        acc_t g = E::load(go[c]) * E::load(weight[c]);
+        gi[c] = E::store(s * (g - mean_g - xhat[c] * mean_gx) + E::load(gs[c]));
       }
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        acc_t g = static_cast<acc_t>(go[c]) * static_cast<acc_t>(weight[c]);
-        gi[c] = static_cast<scalar_t>(s * (g - mean_g - xhat[c] * mean_gx));
+        acc_t g = E::load(go[c]) * E::load(weight[c]);
+        gi[c] = E::store(s * (g - mean_g - xhat[c] * mean_gx));
       }
     }
   }
@@ -149,12 +151,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
   auto rstd = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layer_norm_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* res_ptr = has_residual ? residual->data_ptr<scalar_t>() : nullptr;
+    using E = Elem<scalar_t>;
+    const auto* res_ptr = has_residual ? E::ptr(*residual) : nullptr;
     at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(C);
       add_layer_norm_rows<scalar_t, acc_t>(
-          x.data_ptr<scalar_t>(), res_ptr, weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-          out.data_ptr<scalar_t>(), has_residual ? sum.data_ptr<scalar_t>() : nullptr,
+          E::ptr(x), res_ptr, E::ptr(weight), E::ptr(bias),
+          E::ptr(out), has_residual ? E::ptr(sum) : nullptr,
           mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), scratch.data(), begin, end, C, eps);
     });
   });
@@ -206,11 +209,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
         const int64_t end = std::min(N, begin + per_chunk);
         if (begin >= end) continue;
         acc_t* part = partial.data() + chunk * 2 * C;
+        using E = Elem<scalar_t>;
         add_layer_norm_backward_rows<scalar_t, acc_t>(
-            grad_out.data_ptr<scalar_t>(),
-            has_grad_sum ? grad_sum->data_ptr<scalar_t>() : nullptr, input.data_ptr<scalar_t>(),
-            weight.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-            grad_input.data_ptr<scalar_t>(), part, part + C, xhat.data(), begin, end, C);
+            E::ptr(grad_out), has_grad_sum ? E::ptr(*grad_sum) : nullptr, E::ptr(input),
+            E::ptr(weight), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+            E::ptr(grad_input), part, part + C, xhat.data(), begin, end, C);
       }
     });
     std::vector<acc_t> gw(C, acc_t(0)), gb(C, acc_t(0));

@@ -23,11 +23,14 @@ if extension_loaded():
     def _setup_context(ctx, inputs, output):
         x, residual, weight, bias, eps = inputs
         out, sum_, mean, rstd = output
+        ctx.set_materialize_grads(False)  # no zero tensors for outputs nobody differentiates
         ctx.has_residual = residual is not None
         ctx.save_for_backward(sum_ if residual is not None else x, weight, mean, rstd)
 
     def _backward(ctx, grad_out, grad_sum, grad_mean, grad_rstd):
         input, weight, mean, rstd = ctx.saved_tensors
+        if grad_out is None and grad_sum is None:
+            return None, None, None, None, None
         if grad_out is None:
             grad_out = torch.zeros_like(input)
         if not ctx.has_residual:

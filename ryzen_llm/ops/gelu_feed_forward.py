@@ -30,10 +30,13 @@ if extension_loaded():
     def _setup_context(ctx, inputs, output):
         x, w1, b1, w2, b2, recompute = inputs
         y, h_pre, h_act = output
+        ctx.set_materialize_grads(False)  # no zero tensors for outputs nobody differentiates
         ctx.recompute = recompute
         ctx.save_for_backward(x, w1, w2, h_pre, h_act)
 
     def _backward(ctx, grad_y, grad_h_pre, grad_h_act):
+        if grad_y is None:  # only h_pre / h_act were used, and they are not differentiable here
+            return None, None, None, None, None, None
         x, w1, w2, h_pre, h_act = ctx.saved_tensors
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.ryzen_llm.gelu_feed_forward_backward(
             grad_y.contiguous(), x, w1, w2, h_pre, h_act, ctx.recompute

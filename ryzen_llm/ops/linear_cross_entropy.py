@@ -21,11 +21,14 @@ if extension_loaded():
     def _setup_context(ctx, inputs, output):
         h, weight, targets, ignore_index, need_grad_h, need_grad_weight = inputs
         loss, grad_h, grad_weight = output
+        ctx.set_materialize_grads(False)  # no zero tensors for outputs nobody differentiates
         ctx.need = (need_grad_h, need_grad_weight)
         ctx.mark_non_differentiable(grad_h, grad_weight)
         ctx.save_for_backward(grad_h, grad_weight)
 
     def _backward(ctx, grad_loss, _grad_h, _grad_weight):
+        if grad_loss is None:
+            return None, None, None, None, None, None
         grad_h, grad_weight = ctx.saved_tensors
         need_h, need_w = ctx.need
         # The gradients were computed for d(loss) = 1 during the forward: only scale them.
