@@ -169,7 +169,11 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, only):
     cmd = [sys.executable, "-m", "ryzen_llm.train", "--preset", "smoke", "--output-dir",
            str(tmp_path / "runs"), "--name", "sig", "--no-progress", *only,
            "training.epochs=400", "training.steps_per_epoch=1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A job started in the background of a non-interactive shell (as CI may start this suite)
+    # inherits SIGINT ignored, and Python then leaves it ignored: give the trainer the default
+    # disposition a terminal would.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     last = run / "baseline" / "checkpoints" / "last"
     while not last.exists() and time.time() < deadline and proc.poll() is None:
