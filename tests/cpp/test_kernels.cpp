@@ -119,16 +119,19 @@ TEST_CASE(bias_gelu_matches_naive_loop) {
       auto x = at::randn({N, F}, opts) * 3, b = at::randn({F}, opts), g = at::randn({N, F}, opts);
       auto y = fwd.call(x, b);
       auto [gx, gb] = bwd.call(g, x, b);
-      auto X = x.to(at::kDouble), B = b.to(at::kDouble), G = g.to(at::kDouble);
+      auto X = x.to(at::kDouble).contiguous(), B = b.to(at::kDouble).contiguous();
+      auto G = g.to(at::kDouble).contiguous();
       auto ey = at::empty({N, F}, at::kDouble), egx = at::empty({N, F}, at::kDouble);
       auto egb = at::zeros({F}, at::kDouble);
+      const double *xp = X.data_ptr<double>(), *bp = B.data_ptr<double>(), *gp = G.data_ptr<double>();
+      double *yp = ey.data_ptr<double>(), *gxp = egx.data_ptr<double>(), *gbp = egb.data_ptr<double>();
       for (int64_t i = 0; i < N; ++i)
         for (int64_t f = 0; f < F; ++f) {
-          double v = X[i][f].item<double>() + B[f].item<double>();
-          ey[i][f] = gelu(v);
-          double d = G[i][f].item<double>() * gelu_grad(v);
-          egx[i][f] = d;
-          egb[f] = egb[f].item<double>() + d;
+          const double v = xp[i * F + f] + bp[f];
+          yp[i * F + f] = gelu(v);
+          const double d = gp[i * F + f] * gelu_grad(v);
+          gxp[i * F + f] = d;
+          gbp[f] += d;
         }
       const double rows = static_cast<double>(N);
       EXPECT(harness::max_abs_diff(y, ey) < tol * 8, "y dtype %s F %ld", c10::toString(dtype), (long)F);
@@ -153,19 +156,22 @@ TEST_CASE(linear_cross_entropy_matches_naive_loop) {
       auto t = at::randint(0, V, {N}, at::kLong);
       if (N > 1) t[0] = -100;  // ignored (N = 1 keeps one real target)
       auto [loss, gh, gw] = fwd.call(h, w, t, -100, true, true);
-      auto H = h.to(at::kDouble), W = w.to(at::kDouble);
+      auto H = h.to(at::kDouble).contiguous(), W = w.to(at::kDouble).contiguous();
       auto eh = at::zeros({N, C}, at::kDouble), ew = at::zeros({V, C}, at::kDouble);
+      const double *hp = H.data_ptr<double>(), *wp = W.data_ptr<double>();
+      double *ehp = eh.data_ptr<double>(), *ewp = ew.data_ptr<double>();
+      const int64_t* tp = t.data_ptr<int64_t>();
       double total = 0;
       int64_t count = 0;
+      std::vector<double> z(V);
       for (int64_t i = 0; i < N; ++i) {
-        const int64_t target = t[i].item<int64_t>();
+        const int64_t target = tp[i];
         if (target == -100) continue;
         ++count;
-        std::vector<double> z(V);
         double mx = -1e300;
         for (int64_t v = 0; v < V; ++v) {
           double s = 0;
-          for (int64_t c = 0; c < C; ++c) s += H[i][c].item<double>() * W[v][c].item<double>();
+          for (int64_t c = 0; c < C; ++c) s += hp[i * C + c] * wp[v * C + c];
           z[v] = s;
           mx = std::max(mx, s);
         }
@@ -173,10 +179,10 @@ TEST_CASE(linear_cross_entropy_matches_naive_loop) {
         for (double s : z) se += std::exp(s - mx);
         total += std::log(se) + mx - z[target];
         for (int64_t v = 0; v < V; ++v) {
-          double p = std::exp(z[v] - mx) / se - (v == target ? 1.0 : 0.0);
+          const double p = std::exp(z[v] - mx) / se - (v == target ? 1.0 : 0.0);
           for (int64_t c = 0; c < C; ++c) {
-            eh[i][c] = eh[i][c].item<double>() + p * W[v][c].item<double>();
-            ew[v][c] = ew[v][c].item<double>() + p * H[i][c].item<double>();
+            ehp[i * C + c] += p * wp[v * C + c];
+            ewp[v * C + c] += p * hp[i * C + c];
           }
         }
       }
