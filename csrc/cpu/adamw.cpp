@@ -7,6 +7,7 @@
 // adamw_master_step_ does the same on float32 master copies of bfloat16 parameters and writes
 // the rounded master back into the parameter.
 #include "common.h"
+#include "op_checks.h"
 #include "fast_math.h"
 
 #include <torch/library.h>
@@ -20,22 +21,6 @@ namespace {
 
 constexpr int64_t BLOCK = 32768;
 
-template <typename acc_t>
-struct AdamWScalars {
-  acc_t decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
-};
-
-template <typename acc_t>
-AdamWScalars<acc_t> adamw_scalars(double lr, double beta1, double beta2, double eps,
-                                  double weight_decay, int64_t step) {
-  // As torch.optim.AdamW computes them, in double, before they meet the tensors.
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  return {static_cast<acc_t>(1.0 - lr * weight_decay), static_cast<acc_t>(1.0 - beta1),
-          static_cast<acc_t>(beta2),                   static_cast<acc_t>(1.0 - beta2),
-          static_cast<acc_t>(std::sqrt(bc2)),          static_cast<acc_t>(eps),
-          static_cast<acc_t>(-(lr / bc1))};
-}
 
 // EP: element type of the stored parameter, EG: of the gradient; master (nullable) is the
 // float32 copy the update runs on when the parameter is bfloat16.

@@ -4,6 +4,7 @@
 // more GEMMs give that chunk's grad_h and add its share of grad_weight (Liger-Kernel's scheme).
 // Memory: one (chunk, V) logits block plus the gradients; backward only scales the gradients.
 #include "common.h"
+#include "op_checks.h"
 #include "fast_math.h"
 
 #include <torch/library.h>
@@ -111,22 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
     int64_t ignore_index, bool need_grad_h, bool need_grad_weight) {
   check_cpu(h, "h");
   check_float_dtype(h, "h");
-  check_dim(h, 2, "h");
-  check_contiguous(h, "h");
-  const int64_t N = h.size(0), C = h.size(1);
-  check_same_device(weight, h, "weight", "h");
-  check_same_dtype(weight, h, "weight", "h");
-  check_dim(weight, 2, "weight");
-  check_contiguous(weight, "weight");
-  const int64_t V = weight.size(0);
-  TORCH_CHECK(V > 0, "weight: expected at least one vocabulary row, got sizes ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == C, "weight: expected sizes [V, ", C, "] (C from h), got ",
-              weight.sizes());
-  check_same_device(targets, h, "targets", "h");
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected int64, got ",
-              targets.scalar_type());
-  check_shape(targets, {N}, "targets");
-  check_contiguous(targets, "targets");
+  const auto shape = check_linear_cross_entropy_args(h, weight, targets);
+  const int64_t N = shape.N, C = shape.C, V = shape.V;
 
   const int64_t* tgt = targets.data_ptr<int64_t>();
   int64_t n_valid = 0;

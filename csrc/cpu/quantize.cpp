@@ -8,6 +8,7 @@
 // Special cases: a block holding NaN or +-inf gets scale NaN and zero codes (it dequantizes to
 // NaN everywhere); an all-zero block (or one with absmax < ~1.5e-36) has scale 0; the last block may be short; empty in, empty out.
 #include "common.h"
+#include "op_checks.h"
 #include "fast_math.h"
 
 #include <torch/library.h>
@@ -141,15 +142,6 @@ RYZEN_LLM_TARGET_CLONES void dequantize_blocks(
   }
 }
 
-void check_block_args(int64_t block_size, int64_t bits) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits: expected 8 or 4, got ", bits);
-  TORCH_CHECK(block_size >= 1, "block_size: expected a positive block size, got ", block_size);
-  TORCH_CHECK(bits == 8 || block_size % 2 == 0,
-              "block_size: expected an even block size for 4-bit codes (two per byte), got ",
-              block_size);
-}
-
-int64_t data_bytes(int64_t n, int64_t bits) { return bits == 8 ? n : (n + 1) / 2; }
 
 int64_t grain_blocks(int64_t block_size) {
   return std::max<int64_t>(1, 32768 / block_size);

@@ -6,6 +6,7 @@
 // sqrt / bc2_sqrt + eps, addcdiv_) with the scalars computed in double on the host, as the CPU op.
 // adamw_master_step_ runs the same on float32 masters of bfloat16 params and writes them rounded.
 #include "cuda_common.cuh"
+#include "op_checks.h"
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -21,21 +22,6 @@ namespace {
 constexpr int kTensorsPerLaunch = 32;
 constexpr int kThreads = 256;
 
-template <typename acc_t>
-struct AdamWScalars {
-  acc_t decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
-};
-
-template <typename acc_t>
-AdamWScalars<acc_t> adamw_scalars(double lr, double beta1, double beta2, double eps,
-                                  double weight_decay, int64_t step) {
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  return {static_cast<acc_t>(1.0 - lr * weight_decay), static_cast<acc_t>(1.0 - beta1),
-          static_cast<acc_t>(beta2),                   static_cast<acc_t>(1.0 - beta2),
-          static_cast<acc_t>(std::sqrt(bc2)),          static_cast<acc_t>(eps),
-          static_cast<acc_t>(-(lr / bc1))};
-}
 
 // param_t: stored parameter and gradient type; acc_t: moments (and master) type.
 template <typename param_t, typename acc_t>

@@ -7,6 +7,7 @@
 // over the fc1 output (pre-activation in place, activation beside it); backward fuses dGELU with
 // the grad_b1 reduction (and with recomputing the activation when recompute is set).
 #include "cuda_common.cuh"
+#include "op_checks.h"
 #include "common.h"
 
 #include <ATen/AccumulateType.h>
@@ -131,11 +132,6 @@ void check_float_input(const at::Tensor& t, const char* name) {
   check_contiguous(t, name);
 }
 
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
-  check_same_device(t, ref, name, ref_name);
-  check_same_dtype(t, ref, name, ref_name);
-  check_contiguous(t, name);
-}
 
 at::Tensor bias_gelu_forward_cuda(const at::Tensor& x, const at::Tensor& bias) {
   check_float_input(x, "x");
@@ -163,30 +159,11 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
   return {grad_x, grad_bias};
 }
 
-struct FeedForwardShape {
-  int64_t N, C, F;
-};
-
 FeedForwardShape check_feed_forward(const at::Tensor& x, const at::Tensor& w1,
                                     const at::Tensor& b1, const at::Tensor& w2,
                                     const at::Tensor& b2) {
   check_float_input(x, "x");
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x: expected a (N, C) or (B, T, C) tensor, got ",
-              x.dim(), "-D with sizes ", x.sizes());
-  const int64_t C = x.size(-1);
-  TORCH_CHECK(C > 0, "x: the feature (last) dimension must be non-empty");
-  check_like(w1, x, "w1", "x");
-  check_dim(w1, 2, "w1");
-  const int64_t F = w1.size(0);
-  TORCH_CHECK(F > 0, "w1: expected a non-empty hidden dimension, got sizes ", w1.sizes());
-  check_shape(w1, {F, C}, "w1");
-  check_like(b1, x, "b1", "x");
-  check_shape(b1, {F}, "b1");
-  check_like(w2, x, "w2", "x");
-  check_shape(w2, {C, F}, "w2");
-  check_like(b2, x, "b2", "x");
-  check_shape(b2, {C}, "b2");
-  return {x.numel() / C, C, F};
+  return check_feed_forward_shapes(x, w1, b1, w2, b2);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_feed_forward_forward_cuda(

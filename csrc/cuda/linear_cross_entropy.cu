@@ -6,6 +6,7 @@
 // Target validation and n_valid cost one device-to-host copy per call (the CPU op raises on a bad
 // target too, so the check cannot be skipped).
 #include "cuda_common.cuh"
+#include "op_checks.h"
 #include "common.h"
 
 #include <ATen/AccumulateType.h>
@@ -78,22 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda
     int64_t ignore_index, bool need_grad_h, bool need_grad_weight) {
   check_cuda(h, "h");
   check_float_dtype_cuda(h, "h");
-  check_dim(h, 2, "h");
-  check_contiguous(h, "h");
-  const int64_t N = h.size(0), C = h.size(1);
-  check_same_device(weight, h, "weight", "h");
-  check_same_dtype(weight, h, "weight", "h");
-  check_dim(weight, 2, "weight");
-  check_contiguous(weight, "weight");
-  const int64_t V = weight.size(0);
-  TORCH_CHECK(V > 0, "weight: expected at least one vocabulary row, got sizes ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == C, "weight: expected sizes [V, ", C, "] (C from h), got ",
-              weight.sizes());
-  check_same_device(targets, h, "targets", "h");
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected int64, got ",
-              targets.scalar_type());
-  check_shape(targets, {N}, "targets");
-  check_contiguous(targets, "targets");
+  const auto shape = check_linear_cross_entropy_args(h, weight, targets);
+  const int64_t N = shape.N, C = shape.C, V = shape.V;
   const c10::cuda::CUDAGuard guard(h.device());
 
   // One sync: the number of out-of-range targets and of valid ones.

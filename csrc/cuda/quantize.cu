@@ -8,6 +8,7 @@
 // Special cases as on CPU: a block holding NaN or +-inf gets scale NaN and zero codes; a block
 // whose 1 / scale overflows gets scale 0; the last block may be short; empty in, empty out.
 #include "cuda_common.cuh"
+#include "op_checks.h"
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -125,15 +126,6 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ data, const float*
   }
 }
 
-void check_block_args(int64_t block_size, int64_t bits) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits: expected 8 or 4, got ", bits);
-  TORCH_CHECK(block_size >= 1, "block_size: expected a positive block size, got ", block_size);
-  TORCH_CHECK(bits == 8 || block_size % 2 == 0,
-              "block_size: expected an even block size for 4-bit codes (two per byte), got ",
-              block_size);
-}
-
-int64_t data_bytes(int64_t n, int64_t bits) { return bits == 8 ? n : (n + 1) / 2; }
 
 // Non-contiguous x is quantized in its logical (row-major) element order, through one copy.
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, int64_t block_size,

@@ -1,0 +1,114 @@
+// Argument checks and host-side arithmetic that the CPU and the CUDA implementation of an op
+// share word for word. Each device file checks the device type (and its own dtype set) of the
+// leading tensor itself; everything checked here is the same on every device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace ryzen_llm {
+
+// t must live where ref lives, have its dtype, and be contiguous.
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(),
+              " (the device of ", ref_name, "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ",
+              ref.scalar_type(), " (the dtype of ", ref_name, "), got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+              t.strides(), " for sizes ", t.sizes());
+}
+
+inline void check_sizes(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, name, ": expected sizes ", expected, ", got ", t.sizes());
+}
+
+// -- gelu_feed_forward ---------------------------------------------------------------------
+struct FeedForwardShape {
+  int64_t N, C, F;
+};
+
+// x (N, C) or (B, T, C), w1 (F, C), b1 (F), w2 (C, F), b2 (C); x's device and dtype checked.
+inline FeedForwardShape check_feed_forward_shapes(const at::Tensor& x, const at::Tensor& w1,
+                                                  const at::Tensor& b1, const at::Tensor& w2,
+                                                  const at::Tensor& b2) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x: expected a (N, C) or (B, T, C) tensor, got ",
+              x.dim(), "-D with sizes ", x.sizes());
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(C > 0, "x: the feature (last) dimension must be non-empty");
+  check_like(w1, x, "w1", "x");
+  TORCH_CHECK(w1.dim() == 2, "w1: expected a 2-D tensor, got ", w1.dim(), "-D with sizes ",
+              w1.sizes());
+  const int64_t F = w1.size(0);
+  TORCH_CHECK(F > 0, "w1: expected a non-empty hidden dimension, got sizes ", w1.sizes());
+  check_sizes(w1, {F, C}, "w1");
+  check_like(b1, x, "b1", "x");
+  check_sizes(b1, {F}, "b1");
+  check_like(w2, x, "w2", "x");
+  check_sizes(w2, {C, F}, "w2");
+  check_like(b2, x, "b2", "x");
+  check_sizes(b2, {C}, "b2");
+  return {x.numel() / C, C, F};
+}
+
+// -- linear_cross_entropy ------------------------------------------------------------------
+struct LinearCrossEntropyShape {
+  int64_t N, C, V;
+};
+
+// h (N, C), weight (V, C), targets (N,) int64; h's device and dtype checked.
+inline LinearCrossEntropyShape check_linear_cross_entropy_args(const at::Tensor& h,
+                                                               const at::Tensor& weight,
+                                                               const at::Tensor& targets) {
+  TORCH_CHECK(h.dim() == 2, "h: expected a 2-D tensor, got ", h.dim(), "-D with sizes ",
+              h.sizes());
+  TORCH_CHECK(h.is_contiguous(), "h: expected a contiguous tensor, got strides ", h.strides());
+  const int64_t N = h.size(0), C = h.size(1);
+  check_like(weight, h, "weight", "h");
+  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(),
+              "-D with sizes ", weight.sizes());
+  const int64_t V = weight.size(0);
+  TORCH_CHECK(V > 0, "weight: expected at least one vocabulary row, got sizes ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == C, "weight: expected sizes [V, ", C, "] (C from h), got ",
+              weight.sizes());
+  TORCH_CHECK(targets.device() == h.device(), "targets: expected device ", h.device(),
+              " (the device of h), got ", targets.device());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected int64, got ",
+              targets.scalar_type());
+  check_sizes(targets, {N}, "targets");
+  TORCH_CHECK(targets.is_contiguous(), "targets: expected a contiguous tensor");
+  return {N, C, V};
+}
+
+// -- quantize --------------------------------------------------------------------------------
+inline void check_block_args(int64_t block_size, int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: expected 8 or 4, got ", bits);
+  TORCH_CHECK(block_size >= 1, "block_size: expected a positive block size, got ", block_size);
+  TORCH_CHECK(bits == 8 || block_size % 2 == 0,
+              "block_size: expected an even block size for 4-bit codes (two per byte), got ",
+              block_size);
+}
+
+// Bytes of codes for n values: one per value at 8 bits, two values per byte at 4 bits.
+inline int64_t data_bytes(int64_t n, int64_t bits) { return bits == 8 ? n : (n + 1) / 2; }
+
+// -- adamw -----------------------------------------------------------------------------------
+template <typename acc_t>
+struct AdamWScalars {
+  acc_t decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
+};
+
+template <typename acc_t>
+AdamWScalars<acc_t> adamw_scalars(double lr, double beta1, double beta2, double eps,
+                                  double weight_decay, int64_t step) {
+  // As torch.optim.AdamW computes them, in double, before they meet the tensors.
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  return {static_cast<acc_t>(1.0 - lr * weight_decay), static_cast<acc_t>(1.0 - beta1),
+          static_cast<acc_t>(beta2),                   static_cast<acc_t>(1.0 - beta2),
+          static_cast<acc_t>(std::sqrt(bc2)),          static_cast<acc_t>(eps),
+          static_cast<acc_t>(-(lr / bc1))};
+}
+
+}  // namespace ryzen_llm
