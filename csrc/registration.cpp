@@ -29,4 +29,7 @@ TORCH_LIBRARY(ryzen_llm, m) {
   m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // One new query (B, nh, 1, hs) against the first cache_lengths[b] rows of k/v caches (B, nh, Tmax, hs).
   m.def("causal_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, float scale) -> Tensor");
+  // y = x @ weight.T + bias, GELU'd when gelu; x (M, K) float32, weight (N, K) float32/bfloat16,
+  // bias (N,) float32; each row's result is independent of M (batch-invariant decode GEMM).
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
 }

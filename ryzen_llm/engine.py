@@ -10,17 +10,31 @@ Why greedy output is bit-identical alone or batched (tests/test_engine.py checks
   * a prompt is prefilled on its own (batch 1, its exact length): padding a ragged prefill
     changes the reduction lengths of softmax and att @ v, which moves logits by ~1e-6 and can
     flip a near-tie argmax. ScaledTransformerModel.forward_with_cache does support right-padded
-    ragged prefill (tested to a tolerance); the engine uses it only with exact=False.
+    ragged prefill (tested to a tolerance).
   * decode attention always spans the whole cache (Tmax keys, masked by length), so each row
     does the same arithmetic whatever the other rows hold;
-  * MKL's sgemm picks its kernel by the row count M, and a row's result depends on that
-    choice: rows computed at M = 1, 2 or 3, or 9-11, differ in the last bits from the same rows
-    at M = 4, 8 or any M >= 12, which all agree with each other (measured on torch 2.13 / MKL
+  * at level >= 2 every linear layer of a decode step runs the fused decode_linear, whose rows
+    are computed by the same instructions whatever the row count: nothing else is needed.
+  * at levels 0-1 the linears are ATen's, and MKL's sgemm picks its kernel by the row count M:
+    rows computed at M = 1, 2 or 3, or 9-11, differ in the last bits from the same rows at
+    M = 4, 8 or any M >= 12, which all agree with each other (measured on torch 2.13 / MKL
     2024.2 at 1 and 2 threads, for every batch size 1..40; tests/test_engine.py re-checks it).
-    Decode steps therefore run decode_rows(n) rows, padding with dummy rows: 1-4 live
-    sequences run as 4 rows, 5-8 as 8, 9-11 as 12. At batch 1 that is 4x the FLOPs of a GEMV.
-    exact=False (serve --no-exact-batching) drops the dummy rows; a greedy token may then
-    differ between alone and batched where two logits tie to ~1e-6.
+    Decode steps there run decode_rows(n) rows, padding with dummy rows: 1-4 live sequences
+    run as 4 rows, 5-8 as 8, 9-11 as 12. exact=False (serve --no-exact-batching) drops the
+    dummy rows; a greedy token may then differ between alone and batched where two logits tie
+    to ~1e-6.
+
+Threads: the scheduler thread runs every parallel region of generation, with `threads` torch
+threads (default: the caller's count at construction). A decode step is ~30 short parallel
+regions, and libgomp only keeps its idle workers spinning between them while it manages no
+more threads than there are CPUs: once a second thread (say the main one) has run a parallel
+region of its own, the workers sleep between regions and each wake-up costs tens of
+microseconds (measured: 39 ms instead of 22 ms for a 32-token prompt and 16 new tokens on
+2 cores). A server therefore sets its main thread to one torch thread before loading the model
+(ryzen_llm.serve does), so that only the scheduler's team exists.
+
+Level 3 generates from bfloat16 copies of the linear weights (ScaledTransformerModel.
+cast_linear_weights) with float32 activations; levels 0-2 from the float32 weights.
 """
 from __future__ import annotations
 
@@ -204,23 +218,29 @@ class Engine:
         exact: bool = True,
         model_id: str = "ryzen-llm",
         model_sha256: str | None = None,
+        threads: int | None = None,
         step_delay_s: float = 0.0,
         on_step: Callable[[int], None] | None = None,
         start: bool = True,
     ):
         self.config = config or Config(model=model.config)
         inf = self.config.inference
-        asked = self.config.optimization.kernel_level if level is None else level
-        # Inference runs fp32 at levels 0-2; level 3 only adds bf16 training kernels today.
-        self.level = min(asked, 2)
-        if asked > self.level:
-            self.level_note = f"level {asked} asked; inference runs level {self.level} (fp32)"
-        else:
-            self.level_note = f"level {self.level}"
+        self.level = self.config.optimization.kernel_level if level is None else level
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             KernelOptimizer(self.level).apply(model)
         self.kernel_warnings = [str(w.message) for w in caught]
+        # Level 3 generates from bfloat16 copies of the linear weights (float32 activations):
+        # decode reads every weight once per step, so half the bytes is nearly half the time.
+        model.cast_linear_weights(torch.bfloat16 if self.level >= 3 else torch.float32)
+        # With the fused decode_linear every row is computed the same way whatever the batch,
+        # so batching needs no padding rows to keep greedy output exact (decode_rows).
+        self.batch_invariant = model.kernels.batch_invariant_decode
+        weights = "bfloat16" if self.level >= 3 else "float32"
+        self.level_note = (f"level {self.level}: {weights} linear weights, "
+                           + ("batch-invariant decode" if self.batch_invariant
+                              else "decode padded to MKL's row counts" if exact
+                              else "decode not batch-invariant"))
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -229,11 +249,14 @@ class Engine:
         self.max_queue = max_queue if max_queue is not None else 4 * self.max_batch_size
         self.warmup_steps = inf.warmup_steps if warmup_steps is None else warmup_steps
         self.default_max_new_tokens = inf.max_new_tokens
-        self.exact = exact
+        self.exact = exact and not self.batch_invariant  # padding rows only where needed
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
+        self.threads = threads or torch.get_num_threads()
         self.step_delay_s = step_delay_s  # a pause per decode step: load tests and demos only
         self.on_step = on_step
         self.max_len = model.config.max_seq_len
-        self.cache = KVCache(model.config, decode_rows(self.max_batch_size, exact))
+        self.cache = KVCache(model.config, decode_rows(self.max_batch_size, self.exact))
         self._tokens = torch.zeros(self.cache.batch, 1, dtype=torch.int64)
         self._pending: deque[Request] = deque()
         self._live: list[tuple[Request, Candidate]] = []  # index = cache row
@@ -341,6 +364,7 @@ class Engine:
     # -- scheduler --------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)  # per thread under OpenMP: this thread's team
         try:
             with torch.inference_mode():
                 self._warmup()
@@ -391,6 +415,8 @@ class Engine:
         sizes = sorted({decode_rows(n, self.exact) for n in range(1, self.max_batch_size + 1)})
         cache.lengths.zero_()
         for i in range(self.warmup_steps):
+            if self._stopping:  # stop() during warm-up: do not hold the process up
+                break
             m = sizes[i % len(sizes)]
             if int(cache.lengths[:m].max()) >= self.max_len - 1:
                 cache.lengths.zero_()

@@ -53,7 +53,8 @@ class CausalSelfAttention(nn.Module):
         """Attention of new tokens x (B, T, C) that also writes their keys and values into
         k_cache, v_cache (B, nh, Tmax, hs). T > 1: prefill from position 0; T == 1: decode."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        lin = self.kernels.decode_linear
+        qkv = lin(x, self.qkv.weight, self.qkv.bias).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         scale = 1.0 / math.sqrt(self.head_dim)
         if T == 1:
@@ -64,7 +65,7 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, :T] = k
             v_cache[:, :, :T] = v
             y = self.kernels.causal_attention(q, k, v, step.key_padding_mask, scale)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return lin(y.transpose(1, 2).reshape(B, T, C), self.proj.weight, self.proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -113,7 +114,8 @@ class Block(nn.Module):
         k = self.kernels
         a = self.attn.forward_cached(h, k_cache, v_cache, step)
         x, h = k.add_layer_norm(x, a, self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        m = self.mlp(h)
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        m = k.decode_linear(k.decode_linear(h, fc1.weight, fc1.bias, True), fc2.weight, fc2.bias)
         return k.add_layer_norm(x, m, next_ln.weight, next_ln.bias, next_ln.eps)
 
 
@@ -195,6 +197,22 @@ class ScaledTransformerModel(nn.Module):
             else:
                 nn.init.ones_(p)
 
+    def cast_linear_weights(self, dtype: torch.dtype) -> "ScaledTransformerModel":
+        """Stores the weight matrices of every linear layer (attention, feed-forward, LM head) in
+        dtype, for generation: a decode step is bound by reading weights, and bfloat16 halves
+        the bytes. Biases, embeddings and LayerNorms stay float32; activations and accumulation
+        stay float32 (forward_with_cache widens the weights in registers). forward() and loss()
+        need float32 weights: cast back with torch.float32 before training."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.to(dtype)
+        self.linear_weight_dtype = dtype
+        return self
+
+    linear_weight_dtype = torch.float32
+
     # -- input checks -----------------------------------------------------------------------
     def _check_input(self, idx: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
@@ -225,6 +243,11 @@ class ScaledTransformerModel(nn.Module):
         self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, C). attention_mask: (B, T), 1 = real token."""
+        if self.linear_weight_dtype != torch.float32:
+            raise RuntimeError(
+                f"the linear weights are {self.linear_weight_dtype} for generation "
+                "(cast_linear_weights); forward and loss need cast_linear_weights(torch.float32)"
+            )
         self._check_input(idx, attention_mask)
         B, T = idx.shape
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
@@ -266,6 +289,10 @@ class ScaledTransformerModel(nn.Module):
         Decode (T == 1): idx (B, 1) is the next token of each row, at position cache.lengths[r];
         it is written there and attends to positions 0..lengths[r] of its own row only. A
         one-token prompt is a decode step on a row whose length was set to 0.
+
+        Every linear layer runs through kernels.decode_linear: fused (level >= 2), each row's
+        result is the same whatever the batch holds, and the weights may be bfloat16
+        (cast_linear_weights).
         """
         B, T = idx.shape
         if cache.batch < B:
@@ -313,7 +340,7 @@ class ScaledTransformerModel(nn.Module):
         else:
             h = h[torch.arange(B), last]  # (B, C): each row's last real token
             cache.lengths[:B] = lengths
-        return self.lm_head(h)  # (B, V)
+        return self.kernels.decode_linear(h, self.lm_head.weight, None)  # (B, V)
 
     def loss(
         self,

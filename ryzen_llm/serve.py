@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("RYZEN_LLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $RYZEN_LLM_API_KEY)")
     p.add_argument("--level", type=int, choices=(0, 1, 2, 3),
-                   help="kernel level (default: the checkpoint's; inference runs 0-2 in fp32)")
+                   help="kernel level (default: the checkpoint's; 3 generates from bfloat16 weights, "
+                   "0-2 from float32)")
     p.add_argument("--max-batch-size", type=int, help="live sequences per decode step")
     p.add_argument("--max-queue", type=int, help="waiting prompts before 429 (default 4x batch)")
     p.add_argument("--warmup-steps", type=int, help="decode steps before ready (default: "
@@ -608,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--no-exact-batching", action="store_true",
-                   help="decode small batches without the dummy rows that make greedy output "
-                   "bit-identical alone or batched (faster below 16 sequences)")
+                   help="levels 0-1 only: decode small batches without the dummy rows that make "
+                   "greedy output bit-identical alone or batched (levels 2-3 need none)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -626,15 +627,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{{optimized,baseline}}/checkpoints/best.\nMake one with:  {MAKE_ONE}\n"
               "or pass --checkpoint PATH.", file=sys.stderr)
         return 2
-    if args.threads > 0:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads > 0 else torch.get_num_threads()
+    # Generation's parallel regions run on the engine's thread alone (see ryzen_llm.engine,
+    # "Threads"): this thread loads the model with one.
+    torch.set_num_threads(1)
     try:
         engine = Engine.from_checkpoint(
             path, level=args.level, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
             warmup_steps=args.warmup_steps, step_delay_s=args.debug_step_delay,
-            exact=not args.no_exact_batching)
+            exact=not args.no_exact_batching, threads=threads)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ def engine(ckpt):
 
 
 # -- model: the cached path against the plain forward ------------------------------------------
-@pytest.mark.parametrize("level", [0, 2])
+@pytest.mark.parametrize("level", [0, 2, 3])
 def test_prefill_then_decode_matches_full_forward(level):
     torch.manual_seed(0)
     model = ScaledTransformerModel(ODD).eval()
@@ -39,8 +39,13 @@ def test_prefill_then_decode_matches_full_forward(level):
 
     KernelOptimizer(level).apply(model)
     idx = torch.randint(0, ODD.vocab_size, (1, 60))
+    if level == 3:  # generation reads bfloat16 weights: compare with the same rounded weights
+        model.cast_linear_weights(torch.bfloat16).cast_linear_weights(torch.float32)
     with torch.inference_mode():
         full = model(idx)[0]  # (T, V)
+        if level == 3:
+            model.cast_linear_weights(torch.bfloat16)
+            assert model.lm_head.weight.dtype == torch.bfloat16
         cache = KVCache(ODD, 1)
         got = [model.forward_with_cache(idx[:, :23], cache)[0]]
         for t in range(23, 60):
@@ -103,13 +108,21 @@ def test_causal_attention_decode_reference_ignores_keys_past_length():
     assert ks.calls[("causal_attention_decode", "reference")] == 1
 
 
+@pytest.mark.parametrize("level", [0, 2, 3])
 @pytest.mark.parametrize("config", [ODD, ModelConfig(vocab_size=320, d_model=64, n_layers=2,
                                                     n_heads=4, d_ff=128, max_seq_len=64)])
-def test_decode_rows_are_bitwise_independent_of_the_batch(config):
-    """The premise of exact batching: at decode_rows(n) rows, each row's logits are the same
-    bits for every batch size n (the BLAS's kernel choice by M does not leak into a row)."""
+def test_decode_rows_are_bitwise_independent_of_the_batch(config, level):
+    """The premise of exact batching: each row's logits are the same bits for every batch size
+    n: at levels 0-1 at decode_rows(n) rows (the BLAS's kernel choice by M does not leak into a
+    row); at levels 2-3 (fused decode_linear, bfloat16 weights at 3) at exactly n rows."""
     torch.manual_seed(4)
     model = ScaledTransformerModel(config).eval()
+    from ryzen_llm import KernelOptimizer
+
+    KernelOptimizer(level).apply(model)
+    model.cast_linear_weights(torch.bfloat16 if level == 3 else torch.float32)
+    padded = not model.kernels.batch_invariant_decode
+    assert padded == (level < 2)
     N = 14
     with torch.inference_mode():
         filled = KVCache(config, N)
@@ -119,7 +132,7 @@ def test_decode_rows_are_bitwise_independent_of_the_batch(config):
         tok = torch.randint(0, config.vocab_size, (N, 1))
 
         def step(rows):
-            n, m = len(rows), decode_rows(len(rows))
+            n, m = len(rows), decode_rows(len(rows), exact=padded)
             cache = KVCache(config, m)
             for layer in range(config.n_layers):
                 cache.k[layer][:n], cache.v[layer][:n] = filled.k[layer][rows], filled.v[layer][rows]
@@ -265,6 +278,19 @@ def test_warmup_runs_before_ready(ckpt):
     e.stop()
 
 
+def test_levels_choose_weights_and_padding(ckpt):
+    e3 = Engine.from_checkpoint(ckpt, level=3, warmup_steps=0, start=False)
+    assert e3.model.lm_head.weight.dtype == torch.bfloat16 and not e3.exact
+    assert "bfloat16" in e3.level_note and "batch-invariant" in e3.level_note
+    with pytest.raises(RuntimeError, match="cast_linear_weights"):
+        e3.model(torch.zeros(1, 4, dtype=torch.long))  # training forward needs float32
+    e0 = Engine.from_checkpoint(ckpt, level=0, warmup_steps=0, start=False)
+    assert e0.model.lm_head.weight.dtype == torch.float32 and e0.exact
+    assert e0.cache.batch == decode_rows(e0.max_batch_size)
+    with pytest.raises(ValueError, match="threads"):
+        Engine.from_checkpoint(ckpt, threads=0, start=False)
+
+
 def test_checkpoint_without_tokenizer_is_refused(tmp_path):
     model = ScaledTransformerModel(ODD)
     path = save_checkpoint(tmp_path / "ck", model, {"model": vars(ODD)})
@@ -273,10 +299,10 @@ def test_checkpoint_without_tokenizer_is_refused(tmp_path):
 
 
 def test_inexact_mode_decodes_without_dummy_rows(ckpt):
-    e = Engine.from_checkpoint(ckpt, exact=False, warmup_steps=3)
+    e = Engine.from_checkpoint(ckpt, level=1, exact=False, warmup_steps=3)
     try:
         assert not e.exact and e.wait_ready(30)
-        exact = Engine.from_checkpoint(ckpt, warmup_steps=0)
+        exact = Engine.from_checkpoint(ckpt, level=1, warmup_steps=0)
         a = e.generate(PROMPTS[2], SamplingParams(max_new_tokens=8))
         b = exact.generate(PROMPTS[2], SamplingParams(max_new_tokens=8))
         exact.stop()

@@ -31,12 +31,13 @@ LEVEL_OF_OP: dict[str, int] = {
     "linear_cross_entropy": 1,
     "causal_attention": 2,
     "causal_attention_decode": 2,
+    "decode_linear": 2,
     "gelu_feed_forward": 3,
     "adamw": 3,
 }
 OPS = tuple(LEVEL_OF_OP)
 # Ops only generation calls (ryzen_llm.engine); a training run reports them as not called.
-INFERENCE_OPS = frozenset({"causal_attention_decode"})
+INFERENCE_OPS = frozenset({"causal_attention_decode", "decode_linear"})
 
 
 def _fused_registry() -> dict[str, Callable]:
@@ -47,6 +48,7 @@ def _fused_registry() -> dict[str, Callable]:
     from ryzen_llm.ops.add_layer_norm import add_layer_norm
     from ryzen_llm.ops.bias_gelu import bias_gelu
     from ryzen_llm.ops.causal_attention import causal_attention, causal_attention_decode
+    from ryzen_llm.ops.decode_linear import decode_linear
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -56,6 +58,7 @@ def _fused_registry() -> dict[str, Callable]:
         "linear_cross_entropy": linear_cross_entropy,
         "causal_attention": causal_attention,
         "causal_attention_decode": causal_attention_decode,
+        "decode_linear": decode_linear,
         "gelu_feed_forward": gelu_feed_forward,
         "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
     }
@@ -161,6 +164,16 @@ class KernelSet:
         """q: (B, nh, 1, hs); caches: (B, nh, Tmax, hs); cache_lengths: (B,) int64 valid keys
         per row, the new token included. Returns (B, nh, 1, hs)."""
         return self._run("causal_attention_decode", q, k_cache, v_cache, cache_lengths, scale)
+
+    def decode_linear(self, x, weight, bias, gelu=False):
+        """x @ weight.T + bias (GELU'd when gelu) for generation; the fused kernel's rows do not
+        depend on the batch (see ryzen_llm.ops.decode_linear)."""
+        return self._run("decode_linear", x, weight, bias, gelu)
+
+    @property
+    def batch_invariant_decode(self) -> bool:
+        """True when a decode step's rows are computed independently of the batch size."""
+        return self.choices["decode_linear"].impl == "fused"
 
     def gelu_feed_forward(self, x, w1, b1, w2, b2):
         if self.choices["gelu_feed_forward"].impl == "fused":

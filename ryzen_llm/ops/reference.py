@@ -85,6 +85,18 @@ def causal_attention_decode(
     return att @ v_cache  # (B, nh, 1, hs)
 
 
+def decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """x @ weight.T + bias, then GELU when gelu; the weight (float32 or bfloat16 inference
+    copies) is widened to x's dtype. x: (..., K), weight: (N, K), bias: (N,) or None."""
+    y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return F.gelu(y) if gelu else y
+
+
 def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,

@@ -241,6 +241,38 @@ TEST_CASE(adamw_matches_naive_loop) {
   EXPECT_THROWS(step.call(p, short_grads, m, v, lr, b1, b2, eps, wd, 4), "grads");
 }
 
+// ---- decode linear ----------------------------------------------------------------------------
+TEST_CASE(decode_linear_matches_naive_loop) {
+  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+  auto lin = harness::op<Fn>("ryzen_llm::decode_linear");
+  at::manual_seed(5);
+  struct Shape { int64_t M, K, N; };
+  for (auto wdtype : {at::kFloat, at::kBFloat16})
+    for (auto [M, K, N] : std::vector<Shape>{{1, 7, 3}, {5, 33, 50}, {4, 512, 130}, {9, 80, 17}})
+      for (bool gelu_on : {false, true}) {
+        auto x = at::randn({M, K}), w = (at::randn({N, K}) / std::sqrt(double(K))).to(wdtype);
+        auto b = at::randn({N});
+        auto y = lin.call(x, w, b, gelu_on);
+        auto X = x.to(at::kDouble).contiguous(), W = w.to(at::kDouble).contiguous();
+        auto B = b.to(at::kDouble).contiguous();
+        auto ey = at::empty({M, N}, at::kDouble);
+        const double *xp = X.data_ptr<double>(), *wp = W.data_ptr<double>(), *bp = B.data_ptr<double>();
+        double* yp = ey.data_ptr<double>();
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double acc = bp[n];
+            for (int64_t k = 0; k < K; ++k) acc += xp[m * K + k] * wp[n * K + k];
+            yp[m * N + n] = gelu_on ? gelu(acc) : acc;
+          }
+        EXPECT(harness::max_abs_diff(y, ey) < 1e-5 * std::sqrt(double(K)) * 4, "M %ld K %ld N %ld",
+               (long)M, (long)K, (long)N);
+        // A row alone gives the bits it has in the batch.
+        auto last = lin.call(x.narrow(0, M - 1, 1).contiguous(), w, b, gelu_on);
+        EXPECT(at::equal(last, y.narrow(0, M - 1, 1)), "row %ld alone differs", (long)(M - 1));
+      }
+  EXPECT_THROWS(lin.call(at::randn({2, 8}), at::randn({3, 7}), std::nullopt, false), "weight");
+}
+
 }  // namespace
 
 int main() {

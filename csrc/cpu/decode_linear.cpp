@@ -1,0 +1,186 @@
+// y = x @ weight.T + bias (optionally GELU'd) for the few rows of a decode step, with a result
+// per row that does not depend on how many rows run, which rows they are, or how many threads
+// split the work. Every output element is one dot product over K in a fixed order (16 fp32
+// lanes walking K, then one fixed horizontal sum), so a sequence decoded alone gets the same
+// bits as inside a batch of 31 others and the engine needs no padding rows to stay exact.
+//
+// Decode is bound by reading the weights: each weight row is read from memory once per call
+// and reused from L1 for every group of 4 input rows. Weights may be bfloat16 (half the bytes;
+// the seed model's 21 MB then stays in a 32 MB L3) and are widened to fp32 in registers;
+// x, bias and accumulation are fp32. Inference only: no autograd.
+#include "common.h"
+#include "fast_math.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
+    !defined(RYZEN_LLM_NO_MULTIVERSION)
+#define RYZEN_LLM_DECODE_AVX512 1
+#include <immintrin.h>
+#define RYZEN_LLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#endif
+
+namespace ryzen_llm {
+namespace {
+
+constexpr int64_t kRowTile = 4;     // input rows per micro-tile
+constexpr int64_t kWeightTile = 4;  // weight rows (outputs) per micro-tile
+
+struct Epilogue {
+  const float* bias;  // (N,) or nullptr
+  bool gelu;
+  RYZEN_LLM_INLINE float operator()(float acc, int64_t n) const {
+    const float v = bias != nullptr ? acc + bias[n] : acc;
+    return gelu ? gelu_value(v) : v;
+  }
+};
+
+#if defined(RYZEN_LLM_DECODE_AVX512)
+bool avx512_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// out rows x[0..MR) against weight rows w[0..NR); rows past the real count are clamped copies
+// whose results are dropped, so every stored element went through the same instructions.
+template <typename W>
+RYZEN_LLM_AVX512_TARGET void tile_avx512(const float* const* xr, const W* const* wr, int64_t K,
+                                         float (*acc_out)[kWeightTile]) {
+  __m512 acc[kRowTile][kWeightTile];
+  for (int i = 0; i < kRowTile; ++i)
+    for (int j = 0; j < kWeightTile; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 w[kWeightTile];
+    for (int j = 0; j < kWeightTile; ++j) w[j] = load16(wr[j] + k, 0xFFFF);
+    for (int i = 0; i < kRowTile; ++i) {
+      const __m512 xv = _mm512_loadu_ps(xr[i] + k);
+      for (int j = 0; j < kWeightTile; ++j) acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 w[kWeightTile];
+    for (int j = 0; j < kWeightTile; ++j) w[j] = load16(wr[j] + k, m);
+    for (int i = 0; i < kRowTile; ++i) {
+      const __m512 xv = load16(xr[i] + k, m);
+      for (int j = 0; j < kWeightTile; ++j) acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < kRowTile; ++i)
+    for (int j = 0; j < kWeightTile; ++j) acc_out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#endif
+
+// The portable path: the same 16-lane order in plain loops (auto-vectorised per clone).
+RYZEN_LLM_INLINE float widen(float w) { return w; }
+RYZEN_LLM_INLINE float widen(uint16_t w) { return Elem<c10::BFloat16>::load(w); }
+
+template <typename W>
+RYZEN_LLM_INLINE float dot_portable(const float* x, const W* w, int64_t K) {
+  float lanes[16] = {0};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += x[k + l] * widen(w[k + l]);
+  for (int l = 0; k + l < K; ++l) lanes[l] += x[k + l] * widen(w[k + l]);
+  float s = 0.0f;
+  for (int l = 0; l < 16; ++l) s += lanes[l];
+  return s;
+}
+
+template <typename W>
+RYZEN_LLM_TARGET_CLONES void rows_portable(const float* x, const W* w, float* y, int64_t M,
+                                           int64_t K, int64_t N, int64_t n0, int64_t n1,
+                                           Epilogue ep) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = ep(dot_portable(x + m * K, w + n * K, K), n);
+}
+
+// Outputs n0..n1 of every row.
+template <typename W>
+void rows_block(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                int64_t n1, Epilogue ep) {
+#if defined(RYZEN_LLM_DECODE_AVX512)
+  if (avx512_available()) {
+    for (int64_t n = n0; n < n1; n += kWeightTile) {
+      const W* wr[kWeightTile];
+      for (int j = 0; j < kWeightTile; ++j) wr[j] = w + std::min(n + j, n1 - 1) * K;
+      for (int64_t m = 0; m < M; m += kRowTile) {
+        const float* xr[kRowTile];
+        for (int i = 0; i < kRowTile; ++i) xr[i] = x + std::min(m + i, M - 1) * K;
+        float acc[kRowTile][kWeightTile];
+        tile_avx512<W>(xr, wr, K, acc);
+        for (int i = 0; i < kRowTile && m + i < M; ++i)
+          for (int j = 0; j < kWeightTile && n + j < n1; ++j)
+            y[(m + i) * N + n + j] = ep(acc[i][j], n + j);
+      }
+    }
+    return;
+  }
+#endif
+  rows_portable<W>(x, w, y, M, K, N, n0, n1, ep);
+}
+
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, bool gelu) {
+  check_cpu(x, "x");
+  check_dim(x, 2, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: expected float32, got ", x.scalar_type());
+  check_contiguous(x, "x");
+  check_cpu(weight, "weight");
+  check_dim(weight, 2, "weight");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "weight: expected float32 or bfloat16, got ", weight.scalar_type());
+  check_contiguous(weight, "weight");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "weight: expected (N, ", K, ") to match x's ", K,
+              " input features, got sizes ", weight.sizes());
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
+                bias->scalar_type());
+    check_shape(*bias, {N}, "bias");
+    check_contiguous(*bias, "bias");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const Epilogue ep{bias_ptr, gelu};
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Chunks of weight rows: enough weight bytes per task to amortise a task's start.
+  const int64_t grain = kWeightTile * std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
+  const int64_t tiles = (N + kWeightTile - 1) / kWeightTile;
+  auto run = [&](auto* wp) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, grain / kWeightTile),
+                     [&](int64_t t0, int64_t t1) {
+                       rows_block<W>(xp, wp, yp, M, K, N, t0 * kWeightTile,
+                                     std::min(N, t1 * kWeightTile), ep);
+                     });
+  };
+  if (weight.scalar_type() == at::kBFloat16)
+    run(static_cast<const uint16_t*>(Elem<c10::BFloat16>::ptr(weight)));
+  else
+    run(static_cast<const float*>(weight.data_ptr<float>()));
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
+
+}  // namespace ryzen_llm

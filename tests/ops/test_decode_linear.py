@@ -1,0 +1,114 @@
+"""The batch-invariant decode linear against its plain-PyTorch reference, and its one promise:
+a row's result does not depend on the other rows, their number, or the thread count."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ryzen_llm.ops import reference
+from tests.ops.conftest import assert_within_pytorch_error, requires_extension
+
+pytestmark = requires_extension
+
+# (M, K, N): one row, K below one vector and not a multiple of 16, N not a multiple of the
+# 4-row tile, the seed model's shapes, a prefill-sized M.
+SHAPES = [(1, 7, 3), (3, 33, 50), (4, 512, 1536), (5, 1024, 512), (32, 512, 2048), (97, 80, 97)]
+
+
+def fused(x, w, b, gelu):
+    from ryzen_llm.ops.decode_linear import decode_linear
+
+    return decode_linear(x, w, b, gelu)
+
+
+def make_inputs(M, K, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    b = torch.randn(N, generator=g)
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_reference_within_pytorch_error(shape, wdtype, gelu, with_bias):
+    x, w, b = make_inputs(*shape)
+    w = w.to(wdtype)  # the weights as stored; the reference widens these same values
+    b = b if with_bias else None
+    ref64 = reference.decode_linear(x.double(), w.double(), None if b is None else b.double(),
+                                    gelu)
+    plain = reference.decode_linear(x, w, b, gelu)
+    got = fused(x, w, b, gelu)
+    assert got.dtype == torch.float32
+    assert_within_pytorch_error(f"y {shape} {wdtype} gelu={gelu}", got, plain, ref64)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_rows_are_bitwise_independent_of_the_batch(wdtype):
+    """Any slice of rows gives exactly the rows of the whole batch (ATen's GEMM does not)."""
+    x, w, b = make_inputs(40, 512, 1536)
+    w = w.to(wdtype)
+    whole = fused(x, w, b, True)
+    for m in range(1, 41):
+        for start in sorted({0, 1, 40 - m}):
+            if start + m <= 40:
+                assert torch.equal(fused(x[start:start + m], w, b, True), whole[start:start + m]), (
+                    f"rows {start}..{start + m - 1} differ from the same rows in a batch of 40")
+    # The row order within the batch does not matter either.
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fused(x[perm], w, b, True), whole[perm])
+
+
+def test_rows_are_bitwise_independent_of_the_thread_count():
+    x, w, b = make_inputs(9, 512, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(x, w, b, False)
+        torch.set_num_threads(max(2, before))
+        many = fused(x, w, b, False)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_leading_dimensions_and_empty():
+    x, w, b = make_inputs(6, 24, 10)
+    y = fused(x.view(2, 3, 24), w, b, False)
+    assert y.shape == (2, 3, 10)
+    assert torch.equal(y.view(6, 10), fused(x, w, b, False))
+    assert fused(x[:0], w, b, False).shape == (0, 10)
+
+
+def test_opcheck():
+    x, w, b = make_inputs(5, 40, 12)
+    torch.library.opcheck(torch.ops.ryzen_llm.decode_linear, (x, w, b, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.ryzen_llm.decode_linear, (x, w.bfloat16(), None, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    x, w, b = make_inputs(3, 40, 12)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, w, b, True), fused(x, w, b, True))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda x, w, b: (x.double(), w, b), "x: expected float32"),
+        (lambda x, w, b: (x[None], w, b), "x: expected a 2-D tensor"),
+        (lambda x, w, b: (x.t(), w[:, :6], b), "x: expected a contiguous tensor"),
+        (lambda x, w, b: (x, w.half(), b), "weight: expected float32 or bfloat16"),
+        (lambda x, w, b: (x, w[:, :-1].contiguous(), b), "weight: expected \\(N, 8\\)"),
+        (lambda x, w, b: (x, w, b[:-1]), "bias: expected sizes"),
+        (lambda x, w, b: (x, w, b.bfloat16()), "bias: expected float32"),
+    ],
+)
+def test_bad_input_raises_named_error(mutate, message):
+    x, w, b = make_inputs(6, 8, 5)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.decode_linear(*mutate(x, w, b), False)
