@@ -627,6 +627,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{{optimized,baseline}}/checkpoints/best.\nMake one with:  {MAKE_ONE}\n"
               "or pass --checkpoint PATH.", file=sys.stderr)
         return 2
+    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says TCP, and without it Nagle + delayed ACK add ~40 ms per keep-alive reply.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET,
+                         socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
     import torch
 
     threads = args.threads if args.threads > 0 else torch.get_num_threads()
@@ -640,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             exact=not args.no_exact_batching, threads=threads)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sock.close()
         return 2
     if args.api_key == "":
         args.api_key = None
@@ -649,17 +661,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
-    # listening socket says TCP, and without it Nagle + delayed ACK add ~40 ms per keep-alive reply.
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET,
-                         socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
-    port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=args.access_log,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = _DrainingServer(config, state, args.drain_timeout)
