@@ -129,6 +129,39 @@ def _serve_summary(w):
                      f"{r['peak_rss_mb']:>6.0f} MB")
 
 
+def _kv_cache_summary(w):
+    try:
+        from benchmarks.bench_kv_cache import LEVEL, RESULTS
+    except ImportError:
+        return
+    if not RESULTS:
+        return
+    w.section(f"KV cache, int8 vs fp32 (seed-size model, level {LEVEL}; medians, same process)")
+    keys = sorted({k[:2] for k in RESULTS if isinstance(k, tuple)})
+    if keys:
+        w.write_line(f"{'scenario':<22} {'batch':>5} {'fp32 ms':>8} {'int8 ms':>8} "
+                     f"{'int8/fp32':>9} {'fp32 B/token':>12} {'int8 B/token':>12}")
+    for scenario, batch in keys:
+        a, b = RESULTS.get((scenario, batch, "fp32")), RESULTS.get((scenario, batch, "int8"))
+        if a is None or b is None:
+            continue
+        bytes_a = a.get("kv_bytes_per_token", "")
+        bytes_b = b.get("kv_bytes_per_token", "")
+        w.write_line(f"{scenario:<22} {batch:>5} {a['median_ms']:>8.3f} {b['median_ms']:>8.3f} "
+                     f"{b['median_ms'] / a['median_ms']:>9.2f} {bytes_a:>12} {bytes_b:>12}")
+        if "cache_gb_per_s" in a:
+            w.write_line(f"{'':<22} cache read: fp32 {a['cache_gb_per_s']:.1f} GB/s "
+                         f"({a['cache_mib_read']:.1f} MiB), int8 {b['cache_gb_per_s']:.1f} GB/s "
+                         f"({b['cache_mib_read']:.1f} MiB)")
+    q = RESULTS.get("quality")
+    if q:
+        w.write_line(f"quality ({q['model']}):")
+        w.write_line(f"  greedy match {q['match_free_running']:.1%} free-running, "
+                     f"{q['match_teacher_forced']:.1%} teacher-forced; perplexity through the "
+                     f"cache fp32 {q['ppl_cached_fp32']:.4f}, int8 {q['ppl_cached_int8']:.4f} "
+                     f"({q['ppl_rel_diff']:+.3%}), full forward {q['ppl_full_forward']:.4f}")
+
+
 def pytest_terminal_summary(terminalreporter):
-    for summary in (_train_step_summary, _generate_summary, _serve_summary):
+    for summary in (_train_step_summary, _generate_summary, _serve_summary, _kv_cache_summary):
         summary(terminalreporter)

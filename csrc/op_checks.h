@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <utility>
 
 namespace ryzen_llm {
 
@@ -92,6 +93,36 @@ inline void check_block_args(int64_t block_size, int64_t bits) {
 
 // Bytes of codes for n values: one per value at 8 bits, two values per byte at 4 bits.
 inline int64_t data_bytes(int64_t n, int64_t bits) { return bits == 8 ? n : (n + 1) / 2; }
+
+// -- causal_attention_decode ------------------------------------------------------------------
+// The scales of the KV caches: none for float caches; for int8 caches (k_cache and v_cache both
+// int8) one float32 absmax / 127 per cached vector, sizes (B, nh, Tmax), on the caches' device.
+// Returns whether the caches are int8.
+inline bool check_decode_cache_scales(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const c10::optional<at::Tensor>& k_scale,
+                                      const c10::optional<at::Tensor>& v_scale) {
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache: expected dtype ",
+              k_cache.scalar_type(), " (the dtype of k_cache), got ", v_cache.scalar_type());
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  const std::pair<const c10::optional<at::Tensor>*, const char*> scales[] = {
+      {&k_scale, "k_scale"}, {&v_scale, "v_scale"}};
+  for (const auto& [s, name] : scales) {
+    if (!quantized) {
+      TORCH_CHECK(!s->has_value(), name, ": given with a ", k_cache.scalar_type(),
+                  " cache; scales go with int8 caches only");
+      continue;
+    }
+    TORCH_CHECK(s->has_value(), name, ": required with an int8 cache (float32, sizes [B, nh, ",
+                "Tmax]: one scale per cached vector), got None");
+    const at::Tensor& t = **s;
+    TORCH_CHECK(t.device() == k_cache.device(), name, ": expected device ", k_cache.device(),
+                " (the device of k_cache), got ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+                t.scalar_type());
+    check_sizes(t, {k_cache.size(0), k_cache.size(1), k_cache.size(2)}, name);
+  }
+  return quantized;
+}
 
 // -- adamw -----------------------------------------------------------------------------------
 template <typename acc_t>

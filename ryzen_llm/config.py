@@ -105,11 +105,20 @@ class OptimizationConfig:
             )
 
 
+KV_CACHE_DTYPES = ("float32", "int8")
+
+
 @dataclass
 class InferenceConfig:
     warmup_steps: int = 100  # decode steps run before the engine reports ready
     max_batch_size: int = 32
     max_new_tokens: int = 16
+    kv_cache_dtype: str = "float32"  # "int8": 0.27x the bytes, one fp32 scale per cached vector
+
+    def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"inference.kv_cache_dtype: must be {' or '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
 
 
 @dataclass

@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence as Seq
 import torch
 
 from ryzen_llm.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointError, load_checkpoint
-from ryzen_llm.config import Config, ModelConfig, config_from_dict
+from ryzen_llm.config import KV_CACHE_DTYPES, Config, ModelConfig, config_from_dict
 from ryzen_llm.model import KVCache, ScaledTransformerModel
 from ryzen_llm.ops.dispatch import KernelOptimizer
 from ryzen_llm.tokenizer import Tokenizer
@@ -216,6 +216,7 @@ class Engine:
         max_queue: int | None = None,
         warmup_steps: int | None = None,
         exact: bool = True,
+        kv_cache_dtype: str | None = None,
         model_id: str = "ryzen-llm",
         model_sha256: str | None = None,
         threads: int | None = None,
@@ -256,7 +257,12 @@ class Engine:
         self.step_delay_s = step_delay_s  # a pause per decode step: load tests and demos only
         self.on_step = on_step
         self.max_len = model.config.max_seq_len
-        self.cache = KVCache(model.config, decode_rows(self.max_batch_size, self.exact))
+        self.kv_cache_dtype = inf.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected {' or '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
+        self.cache = KVCache(model.config, decode_rows(self.max_batch_size, self.exact),
+                             dtype=getattr(torch, self.kv_cache_dtype))
         self._tokens = torch.zeros(self.cache.batch, 1, dtype=torch.int64)
         self._pending: deque[Request] = deque()
         self._live: list[tuple[Request, Candidate]] = []  # index = cache row

@@ -49,21 +49,39 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dropout(self.proj(y))
 
-    def forward_cached(self, x, k_cache, v_cache, step: "_CacheStep") -> torch.Tensor:
+    def forward_cached(self, x, k_cache, v_cache, step: "_CacheStep", k_scale=None,
+                       v_scale=None) -> torch.Tensor:
         """Attention of new tokens x (B, T, C) that also writes their keys and values into
-        k_cache, v_cache (B, nh, Tmax, hs). T > 1: prefill from position 0; T == 1: decode."""
+        k_cache, v_cache (B, nh, Tmax, hs). T > 1: prefill from position 0; T == 1: decode.
+        An int8 cache comes with k_scale, v_scale (B, nh, Tmax): the new keys and values are
+        stored as int8 codes with one scale per vector. Prefill attends to the exact keys and
+        values of the prompt; only later decode steps read the codes."""
         B, T, C = x.shape
         lin = self.kernels.decode_linear
         qkv = lin(x, self.qkv.weight, self.qkv.bias).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         scale = 1.0 / math.sqrt(self.head_dim)
-        if T == 1:
-            k_cache[step.rows, :, step.write_pos] = k[:, :, 0]  # (B, nh, hs) at each row's position
-            v_cache[step.rows, :, step.write_pos] = v[:, :, 0]
-            y = self.kernels.causal_attention_decode(q, k_cache, v_cache, step.lengths, scale)
+        if k_scale is not None:
+            # k and v in one call: codes (B, T, 2, nh, hs), scales (B, T, 2, nh)
+            codes, scales = self.kernels.quantize_kv(qkv[:, :, 1:])
+            k_new, v_new = codes.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+            ks_new, vs_new = scales.permute(2, 0, 3, 1).unbind(0)  # each (B, nh, T)
         else:
-            k_cache[:, :, :T] = k
-            v_cache[:, :, :T] = v
+            k_new, v_new = k, v
+        if T == 1:
+            k_cache[step.rows, :, step.write_pos] = k_new[:, :, 0]  # (B, nh, hs) at each row's pos
+            v_cache[step.rows, :, step.write_pos] = v_new[:, :, 0]
+            if k_scale is not None:
+                k_scale[step.rows, :, step.write_pos] = ks_new[:, :, 0]  # (B, nh)
+                v_scale[step.rows, :, step.write_pos] = vs_new[:, :, 0]
+            y = self.kernels.causal_attention_decode(q, k_cache, v_cache, step.lengths, scale,
+                                                     k_scale, v_scale)
+        else:
+            k_cache[:, :, :T] = k_new
+            v_cache[:, :, :T] = v_new
+            if k_scale is not None:
+                k_scale[:, :, :T] = ks_new
+                v_scale[:, :, :T] = vs_new
             y = self.kernels.causal_attention(q, k, v, step.key_padding_mask, scale)
         return lin(y.transpose(1, 2).reshape(B, T, C), self.proj.weight, self.proj.bias)
 
@@ -110,9 +128,10 @@ class Block(nn.Module):
         m = self.mlp(h)
         return k.add_layer_norm(x, m, next_ln.weight, next_ln.bias, next_ln.eps)
 
-    def forward_cached(self, x, h, k_cache, v_cache, step: "_CacheStep", next_ln: LayerNorm):
+    def forward_cached(self, x, h, k_cache, v_cache, step: "_CacheStep", next_ln: LayerNorm,
+                       k_scale=None, v_scale=None):
         k = self.kernels
-        a = self.attn.forward_cached(h, k_cache, v_cache, step)
+        a = self.attn.forward_cached(h, k_cache, v_cache, step, k_scale, v_scale)
         x, h = k.add_layer_norm(x, a, self.ln2.weight, self.ln2.bias, self.ln2.eps)
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         m = k.decode_linear(k.decode_linear(h, fc1.weight, fc1.bias, True), fc2.weight, fc2.bias)
@@ -126,24 +145,56 @@ class KVCache:
     from position 0; lengths[r] is how many positions of row r are valid. The engine keeps its
     running sequences in rows 0..n-1 and passes `cache.rows(n)` views to the model, so a decode
     step touches only the live rows and never copies the cache.
+
+    A floating dtype stores keys and values as they are; torch.int8 stores int8 codes
+    with one float32 scale per (row, head, position) vector in k_scale[layer], v_scale[layer]
+    (batch, nh, max_len): absmax / 127, round to nearest (reference.quantize_kv), read by the
+    decode kernel directly. 2 * nh * (hs + 4) bytes per token and layer instead of 2 * nh * hs * 4
+    (0.266x at hs 64). k_scale and v_scale are None for the float dtypes.
     """
+
+    DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.int8)
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32):
+        if dtype not in self.DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(map(str, self.DTYPES))}, "
+                             f"got {dtype}")
         self.config = config
         self.batch = batch
         self.max_len = max_len or config.max_seq_len
+        self.dtype = dtype
         shape = (batch, config.n_heads, self.max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            self.k_scale = [torch.zeros(shape[:3]) for _ in range(config.n_layers)]
+            self.v_scale = [torch.zeros(shape[:3]) for _ in range(config.n_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.int64)
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, *(self.k_scale or ()), *(self.v_scale or ())]
+
+    def layer(self, i: int, rows: int) -> tuple:
+        """(k, v, k_scale, v_scale) of layer i, rows 0..rows-1 (scales None unless int8)."""
+        if not self.quantized:
+            return self.k[i][:rows], self.v[i][:rows], None, None
+        return self.k[i][:rows], self.v[i][:rows], self.k_scale[i][:rows], self.v_scale[i][:rows]
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows start..stop-1 (shares storage; lengths is a view too)."""
         view = KVCache.__new__(KVCache)
         view.config, view.batch, view.max_len = self.config, stop - start, self.max_len
+        view.dtype = self.dtype
         view.k = [t[start:stop] for t in self.k]
         view.v = [t[start:stop] for t in self.v]
+        view.k_scale = [t[start:stop] for t in self.k_scale] if self.quantized else None
+        view.v_scale = [t[start:stop] for t in self.v_scale] if self.quantized else None
         view.lengths = self.lengths[start:stop]
         return view
 
@@ -152,12 +203,17 @@ class KVCache:
         if isinstance(dst, int) and dst == src:
             return
         n = self.lengths[src].item()
-        for t in (*self.k, *self.v):
+        for t in self._tensors():  # (batch, nh, max_len, hs) and scales (batch, nh, max_len)
             t[dst, :, :n] = t[src, :, :n]
         self.lengths[dst] = n
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        """Bytes held by keys, values and (int8) their scales."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token takes over all layers (nbytes / (batch * max_len))."""
+        return self.nbytes() // (self.batch * self.max_len)
 
 
 @dataclasses.dataclass
@@ -332,8 +388,8 @@ class ScaledTransformerModel(nn.Module):
         x, h = self.kernels.add_layer_norm(x, None, first.weight, first.bias, first.eps)
         for i, block in enumerate(self.blocks):
             next_ln = self.blocks[i + 1].ln1 if i + 1 < len(self.blocks) else self.ln_f
-            kc, vc = cache.k[i][:B], cache.v[i][:B]
-            x, h = block.forward_cached(x, h, kc, vc, step, next_ln)
+            kc, vc, ks, vs = cache.layer(i, B)
+            x, h = block.forward_cached(x, h, kc, vc, step, next_ln, ks, vs)
         if last is None:
             h = h[:, 0]  # (B, C)
             cache.lengths[:B] += 1

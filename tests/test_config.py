@@ -43,6 +43,7 @@ def test_overrides_apply_with_types():
         (["training.epochs=2.5"], "training.epochs: expected int"),
         (["model.n_heads=7"], "divisible by model.n_heads"),
         (["optimization.kernel_level=5"], "optimization.kernel_level"),
+        (["inference.kv_cache_dtype=fp8"], "inference.kv_cache_dtype: must be float32 or int8"),
         (["training.epochs"], "expected key=value"),
     ],
 )

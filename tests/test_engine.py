@@ -30,6 +30,15 @@ def engine(ckpt):
     e.stop()
 
 
+@pytest.fixture(scope="module")
+def engine_int8(ckpt):
+    """The same checkpoint served from an int8 KV cache."""
+    e = Engine.from_checkpoint(ckpt, kv_cache_dtype="int8")
+    assert e.wait_ready(30)
+    yield e
+    e.stop()
+
+
 # -- model: the cached path against the plain forward ------------------------------------------
 @pytest.mark.parametrize("level", [0, 2, 3])
 def test_prefill_then_decode_matches_full_forward(level):
@@ -148,7 +157,10 @@ def test_decode_rows_are_bitwise_independent_of_the_batch(config, level):
 
 
 # -- engine -------------------------------------------------------------------------------------
-def test_greedy_alone_equals_batched_bitwise(engine):
+@pytest.mark.parametrize("which", ["engine", "engine_int8"])
+def test_greedy_alone_equals_batched_bitwise(which, request):
+    engine = request.getfixturevalue(which)
+    assert engine.cache.quantized == (which == "engine_int8")
     params = SamplingParams(max_new_tokens=24)
     alone = [engine.generate(p, params) for p in PROMPTS]
     batched = engine.generate(PROMPTS, params)
@@ -289,6 +301,15 @@ def test_levels_choose_weights_and_padding(ckpt):
     assert e0.cache.batch == decode_rows(e0.max_batch_size)
     with pytest.raises(ValueError, match="threads"):
         Engine.from_checkpoint(ckpt, threads=0, start=False)
+
+def test_kv_cache_dtype_from_config_or_argument(ckpt):
+    e = Engine.from_checkpoint(ckpt, warmup_steps=0, start=False)
+    assert e.kv_cache_dtype == "float32" and e.cache.k[0].dtype == torch.float32
+    e.config.inference.kv_cache_dtype = "int8"
+    e = Engine(e.model, e.tokenizer, e.config, warmup_steps=0, start=False)
+    assert e.kv_cache_dtype == "int8" and e.cache.quantized
+    with pytest.raises(ValueError, match="^kv_cache_dtype: expected float32 or int8, got 'fp8'"):
+        Engine(e.model, e.tokenizer, e.config, kv_cache_dtype="fp8", start=False)
 
 
 def test_checkpoint_without_tokenizer_is_refused(tmp_path):

@@ -7,7 +7,11 @@
 // CPUs with AVX512-BF16 in a vdpbf16ps kernel on the bf16 operands (P and dS rounded to bf16,
 // fp32 accumulation), else widened to fp32. Softmax and masking run in auto-vectorised loops with
 // a polynomial exp; products stop at the diagonal in 4-row groups.
+// Decode (one query per sequence) streams each cache row once. An int8 cache (one float32 scale
+// per cached vector) is widened in registers with the scale folded into the row's score or
+// probability: hs + 4 bytes read per cached key or value instead of 4 * hs.
 #include "common.h"
+#include "op_checks.h"
 
 #include <torch/library.h>
 
@@ -769,12 +773,18 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
   }
 }
 
-// One new query per (batch, head) against the first cache_lengths[b] cache rows.
+// One new query per (batch, head) against the first cache_lengths[b] cache rows, streamed key
+// row by key row (scores, softmax, then the probability-weighted value rows). An int8 cache
+// (cache_t int8_t) is dequantized on the fly: each code row is widened in registers and its
+// float32 scale multiplies the row's score (keys) or probability (values), so no dequantized
+// copy of the cache is ever written. k_scale, v_scale: this (batch, head)'s Tmax scales, null
+// for float caches.
 template <typename scalar_t, typename cache_t, typename acc_t>
 RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
     const scalar_t* q, Strides4 sq, const cache_t* kc, Strides4 sk, const cache_t* vc,
-    Strides4 sv, int64_t len, int64_t bi, int64_t hi, int64_t D, acc_t scale, scalar_t* out,
-    Strides4 so, acc_t* s, acc_t* qa, acc_t* o) {
+    Strides4 sv, const float* k_scale, const float* v_scale, int64_t len, int64_t bi, int64_t hi,
+    int64_t D, acc_t scale, scalar_t* out, Strides4 so, acc_t* s, acc_t* qa, acc_t* o) {
+  constexpr bool kQuantized = std::is_same_v<cache_t, int8_t>;
   const scalar_t* qr = q + sq.at(bi, hi);
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) qa[d] = static_cast<acc_t>(qr[d]) * scale;
@@ -786,6 +796,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
     acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
     for (int64_t d = 0; d < D; ++d) dot += qa[d] * static_cast<acc_t>(kr[d]);
+    if constexpr (kQuantized) dot *= static_cast<acc_t>(k_scale[j]);
     s[j] = dot;
     mx = std::max(mx, dot);
   }
@@ -799,7 +810,8 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
   std::fill(o, o + D, acc_t(0));
   for (int64_t j = 0; j < len; ++j) {
     const cache_t* vr = v + j * sv.t;
-    const acc_t p = s[j];
+    acc_t p = s[j];
+    if constexpr (kQuantized) p *= static_cast<acc_t>(v_scale[j]);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += p * static_cast<acc_t>(vr[d]);
   }
@@ -807,6 +819,31 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
   scalar_t* dst = out + so.at(bi, hi);
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) dst[d] = to_storage<scalar_t>(o[d] * inv);
+}
+
+// Every (batch, head) of a decode step; scales are (B, H, Tmax) contiguous, null for float caches.
+template <typename scalar_t, typename cache_t, typename acc_t>
+void causal_attention_decode_all(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const float* k_scale,
+                                 const float* v_scale, const int64_t* len, double scale,
+                                 at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Tmax = k_cache.size(2);
+  const Strides4 sq(q), sk(k_cache), sv(v_cache), so(out);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const cache_t* kp = k_cache.data_ptr<cache_t>();
+  const cache_t* vp = v_cache.data_ptr<cache_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Tmax * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s(std::max<int64_t>(Tmax, 1)), qa(D), o(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / H, hi = bh % H;
+      causal_attention_decode_head<scalar_t, cache_t, acc_t>(
+          qp, sq, kp, sk, vp, sv, k_scale != nullptr ? k_scale + bh * Tmax : nullptr,
+          v_scale != nullptr ? v_scale + bh * Tmax : nullptr, len[bi], bi, hi, D,
+          static_cast<acc_t>(scale), op, so, s.data(), qa.data(), o.data());
+    }
+  });
 }
 
 // The AVX512-BF16 score products apply to bf16 inputs with an even head dim; RYZEN_LLM_BF16_DOT=0
@@ -960,23 +997,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
   return {grad_q, grad_k, grad_v};
 }
 
+// A (B, nh, Tmax, hs) cache: q's dtype or int8 codes, unit stride in the head dim (another
+// last-dim stride is copied once; all other strides are used as they are).
+at::Tensor checked_cache(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  check_cpu(t, name);
+  check_dim(t, 4, name);
+  TORCH_CHECK(t.scalar_type() == q.scalar_type() || t.scalar_type() == at::kChar, name,
+              ": expected dtype ", q.scalar_type(), " (the dtype of q) or int8, got ",
+              t.scalar_type());
+  return t.stride(3) == 1 ? t : t.contiguous();
+}
+
 at::Tensor causal_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_in,
                                        const at::Tensor& v_cache_in,
-                                       const at::Tensor& cache_lengths, double scale) {
+                                       const at::Tensor& cache_lengths, double scale,
+                                       const c10::optional<at::Tensor>& k_scale_in,
+                                       const c10::optional<at::Tensor>& v_scale_in) {
   at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
   check_head_dim(q, "q");
   check_scale(scale);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   TORCH_CHECK(q.size(2) == 1, "q: expected one query per sequence (size 2 == 1), got sizes ",
               q.sizes());
-  at::Tensor k_cache = checked_operand(k_cache_in, "k_cache", nullptr, nullptr);
-  at::Tensor v_cache = checked_operand(v_cache_in, "v_cache", nullptr, nullptr);
-  // Caches share q's dtype for now; the kernel is templated on the cache type for int8 later.
-  check_same_dtype(k_cache, q, "k_cache", "q");
-  check_same_dtype(v_cache, q, "v_cache", "q");
+  at::Tensor k_cache = checked_cache(k_cache_in, "k_cache", q);
+  at::Tensor v_cache = checked_cache(v_cache_in, "v_cache", q);
   const int64_t Tmax = k_cache.size(2);
   check_shape(k_cache, {B, H, Tmax, D}, "k_cache");
   check_shape(v_cache, k_cache.sizes(), "v_cache");
+  const bool quantized = check_decode_cache_scales(k_cache, v_cache, k_scale_in, v_scale_in);
+  at::Tensor k_scale = quantized ? k_scale_in->contiguous() : at::Tensor();
+  at::Tensor v_scale = quantized ? v_scale_in->contiguous() : at::Tensor();
   check_cpu(cache_lengths, "cache_lengths");
   TORCH_CHECK(cache_lengths.scalar_type() == at::kLong,
               "cache_lengths: expected dtype int64, got ", cache_lengths.scalar_type());
@@ -991,22 +1041,14 @@ at::Tensor causal_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor&
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_decode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using cache_t = scalar_t;
-    const Strides4 sq(q), sk(k_cache), sv(v_cache), so(out);
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const cache_t* kp = k_cache.data_ptr<cache_t>();
-    const cache_t* vp = v_cache.data_ptr<cache_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Tmax * D));
-    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> s(std::max<int64_t>(Tmax, 1)), qa(D), o(D);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t bi = bh / H, hi = bh % H;
-        causal_attention_decode_head<scalar_t, cache_t, acc_t>(
-            qp, sq, kp, sk, vp, sv, len[bi], bi, hi, D, static_cast<acc_t>(scale), op, so,
-            s.data(), qa.data(), o.data());
-      }
-    });
+    if (quantized) {
+      causal_attention_decode_all<scalar_t, int8_t, acc_t>(
+          q, k_cache, v_cache, k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), len, scale,
+          out);
+    } else {
+      causal_attention_decode_all<scalar_t, scalar_t, acc_t>(q, k_cache, v_cache, nullptr,
+                                                             nullptr, len, scale, out);
+    }
   });
   return out;
 }

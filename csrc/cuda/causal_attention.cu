@@ -540,7 +540,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
 
 at::Tensor causal_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_cache_in,
                                         const at::Tensor& v_cache_in,
-                                        const at::Tensor& cache_lengths, double scale) {
+                                        const at::Tensor& cache_lengths, double scale,
+                                        const c10::optional<at::Tensor>& k_scale,
+                                        const c10::optional<at::Tensor>& v_scale) {
+  // The dispatcher lands here when any argument is on CUDA, the scales included.
+  TORCH_CHECK(k_cache_in.scalar_type() != at::kChar && !k_scale.has_value() &&
+                  !v_scale.has_value(),
+              "k_cache: int8 KV caches (with k_scale, v_scale) have a CPU kernel only; got "
+              "k_cache of dtype ", k_cache_in.scalar_type(), " on ", k_cache_in.device(),
+              k_scale.has_value() ? ", k_scale on " : "",
+              k_scale.has_value() ? k_scale->device().str() : std::string());
   at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
   check_head_dim(q, "q");
   check_scale(scale);

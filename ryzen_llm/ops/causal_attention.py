@@ -30,7 +30,7 @@ if extension_loaded():
         return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
     @torch.library.register_fake(f"{_LIB}::causal_attention_decode")
-    def _(q, k_cache, v_cache, cache_lengths, scale):
+    def _(q, k_cache, v_cache, cache_lengths, scale, k_scale=None, v_scale=None):
         return q.new_empty(q.shape)
 
     def _setup_context(ctx, inputs, output):
@@ -79,9 +79,15 @@ def causal_attention_decode(
     v_cache: torch.Tensor,
     cache_lengths: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: q (B, nh, 1, hs) against the first cache_lengths[b] rows of the
-    caches (B, nh, Tmax, hs), the new token's own k/v already written. Returns (B, nh, 1, hs)."""
+    caches (B, nh, Tmax, hs), the new token's own k/v already written. Returns (B, nh, 1, hs).
+
+    Caches of q's dtype, or int8 codes with k_scale, v_scale (B, nh, Tmax) float32: cached vector
+    (b, h, t) stands for codes * scale[b, h, t] (absmax / 127 per vector, as quantize_blockwise
+    with block_size hs); the kernel dequantizes as it reads."""
     return torch.ops.ryzen_llm.causal_attention_decode(
-        q, k_cache, v_cache, cache_lengths.long(), float(scale)
+        q, k_cache, v_cache, cache_lengths.long(), float(scale), k_scale, v_scale
     )

@@ -135,6 +135,12 @@ class KernelSet:
             op: fused[op] if c.impl == "fused" else getattr(reference, op, None)
             for op, c in self.choices.items()
         }
+        # The int8 KV cache's writes run fused exactly when the decode op that reads them does.
+        if self.choices["causal_attention_decode"].impl == "fused":
+            from ryzen_llm.ops.quantize import quantize_kv
+        else:
+            quantize_kv = reference.quantize_kv
+        self._quantize_kv = quantize_kv
         self.calls: Counter[tuple[str, str]] = Counter()
         fell_back = [op for op, c in self.choices.items() if c.reason.startswith("FELL BACK")]
         if fell_back:
@@ -160,10 +166,20 @@ class KernelSet:
         """q, k, v: (B, nh, T, hs); key_padding_mask: (B, T) bool, True = real token, or None."""
         return self._run("causal_attention", q, k, v, key_padding_mask, scale)
 
-    def causal_attention_decode(self, q, k_cache, v_cache, cache_lengths, scale):
+    def causal_attention_decode(self, q, k_cache, v_cache, cache_lengths, scale, k_scale=None,
+                                v_scale=None):
         """q: (B, nh, 1, hs); caches: (B, nh, Tmax, hs); cache_lengths: (B,) int64 valid keys
-        per row, the new token included. Returns (B, nh, 1, hs)."""
-        return self._run("causal_attention_decode", q, k_cache, v_cache, cache_lengths, scale)
+        per row, the new token included; k_scale, v_scale: (B, nh, Tmax) float32 with int8
+        caches. Returns (B, nh, 1, hs)."""
+        return self._run("causal_attention_decode", q, k_cache, v_cache, cache_lengths, scale,
+                         k_scale, v_scale)
+
+    def quantize_kv(self, x):
+        """int8 codes (..., hs) and float32 scales (...) of keys or values x (..., hs), for an
+        int8 KV cache (reference.quantize_kv; bit-identical fused or not)."""
+        impl = self.choices["causal_attention_decode"].impl
+        self.calls[("quantize_kv", impl)] += 1
+        return self._quantize_kv(x)
 
     def decode_linear(self, x, weight, bias, gelu=False):
         """x @ weight.T + bias (GELU'd when gelu) for generation; the fused kernel's rows do not

@@ -67,6 +67,8 @@ def causal_attention_decode(
     v_cache: torch.Tensor,
     cache_lengths: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of attention against a KV cache.
 
@@ -75,8 +77,12 @@ def causal_attention_decode(
     Keys at positions >= length are ignored, whatever the cache holds there. Each row's result
     depends only on its own q, cache and length, never on the other rows of the batch: the
     scores always span all Tmax positions, so a row computes the same arithmetic alone or batched.
-    Returns (B, nh, 1, hs).
+    int8 caches come with k_scale, v_scale (B, nh, Tmax) float32 and are dequantized first
+    (dequantize_kv). Returns (B, nh, 1, hs).
     """
+    if k_scale is not None or v_scale is not None:
+        k_cache = dequantize_kv(k_cache, k_scale).to(q.dtype)
+        v_cache = dequantize_kv(v_cache, v_scale).to(q.dtype)
     Tmax = k_cache.shape[-2]
     att = (q @ k_cache.transpose(-2, -1)) * scale  # (B, nh, 1, Tmax)
     ignored = torch.arange(Tmax, device=q.device) >= cache_lengths[:, None]  # (B, Tmax)
@@ -95,6 +101,18 @@ def decode_linear(
     copies) is widened to x's dtype. x: (..., K), weight: (N, K), bias: (N,) or None."""
     y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return F.gelu(y) if gelu else y
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of keys or values x (..., hs), one scale per hs-vector: quantize_blockwise
+    with block_size hs and 8 bits (absmax / 127, round half to even, NaN/inf -> scale NaN and
+    zero codes). Returns (codes int8 (..., hs), scales float32 (...))."""
+    data, scales = quantize_blockwise(x, x.shape[-1], 8, False, 0, 0)
+    return data.view(torch.int8).view(x.shape), scales.view(x.shape[:-1])
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 (..., hs) from int8 codes (..., hs) and their per-vector scales (...)."""
+    return codes.float() * scales[..., None]
 
 
 def linear_cross_entropy(

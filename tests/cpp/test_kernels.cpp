@@ -2,6 +2,7 @@
 // through the dispatcher exactly as Python reaches it. Run under ASan/UBSan in CI.
 #include "test_harness.h"
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -271,6 +272,68 @@ TEST_CASE(decode_linear_matches_naive_loop) {
         EXPECT(at::equal(last, y.narrow(0, M - 1, 1)), "row %ld alone differs", (long)(M - 1));
       }
   EXPECT_THROWS(lin.call(at::randn({2, 8}), at::randn({3, 7}), std::nullopt, false), "weight");
+}
+
+// ---- causal attention decode against an int8 KV cache ----------------------------------------
+TEST_CASE(causal_attention_decode_int8_matches_naive_loop) {
+  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+  auto decode = harness::op<Fn>("ryzen_llm::causal_attention_decode");
+  at::manual_seed(4);
+  // (B, H, Tmax, D); row lengths: the full cache, one key, a ragged one.
+  for (auto [B, H, Tmax, D] : std::vector<std::array<int64_t, 4>>{
+           {1, 2, 1, 64}, {3, 2, 97, 48}, {3, 1, 128, 80}}) {
+    const std::vector<int64_t> all_lens = {Tmax, 1, Tmax / 2 + 3};
+    const std::vector<int64_t> lens(all_lens.begin(), all_lens.begin() + B);
+    auto lengths = at::tensor(lens, at::kLong);
+    auto kc = at::randint(-127, 128, {B, H, Tmax, D}, at::kChar);
+    auto vc = at::randint(-127, 128, {B, H, Tmax, D}, at::kChar);
+    auto ks = at::rand({B, H, Tmax}) * 0.05, vs = at::rand({B, H, Tmax}) * 0.05;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+    for (auto dtype : {at::kFloat, at::kBFloat16}) {
+      auto q = at::randn({B, H, 1, D}).to(dtype);
+      auto out = decode.call(q, kc, vc, lengths, scale, ks, vs);
+      EXPECT(out.scalar_type() == dtype, "out dtype %s", c10::toString(out.scalar_type()));
+      auto Q = q.to(at::kDouble).contiguous();
+      const double* qp = Q.data_ptr<double>();
+      const int8_t *kp = kc.data_ptr<int8_t>(), *vp = vc.data_ptr<int8_t>();
+      const float *ksp = ks.data_ptr<float>(), *vsp = vs.data_ptr<float>();
+      auto expected = at::zeros({B, H, D}, at::kDouble);
+      double* ep = expected.data_ptr<double>();
+      std::vector<double> p(Tmax);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t bh = b * H + h, L = lens[b];
+          double mx = -1e300, sum = 0;
+          for (int64_t j = 0; j < L; ++j) {
+            double dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += qp[bh * D + d] * kp[(bh * Tmax + j) * D + d];
+            p[j] = dot * ksp[bh * Tmax + j] * scale;
+            mx = std::max(mx, p[j]);
+          }
+          for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+          for (int64_t j = 0; j < L; ++j)
+            for (int64_t d = 0; d < D; ++d)
+              ep[bh * D + d] += p[j] / sum * vsp[bh * Tmax + j] * vp[(bh * Tmax + j) * D + d];
+        }
+      const double amax = std::max(1.0, expected.abs().max().item<double>());
+      const double tol = (dtype == at::kBFloat16 ? 8e-3 : 2e-6) * amax;
+      const double err = harness::max_abs_diff(out.reshape({B, H, D}), expected);
+      EXPECT(err < tol, "B %ld Tmax %ld D %ld dtype %s: max error %.3e, bound %.3e", (long)B,
+             (long)Tmax, (long)D, c10::toString(dtype), err, tol);
+    }
+  }
+  auto q = at::randn({2, 2, 1, 16});
+  auto codes = at::zeros({2, 2, 7, 16}, at::kChar);
+  auto s = at::ones({2, 2, 7});
+  auto lengths = at::tensor(std::vector<int64_t>{7, 3}, at::kLong);
+  EXPECT_THROWS(decode.call(q, codes, codes, lengths, 0.1, std::nullopt, s), "k_scale: required");
+  EXPECT_THROWS(decode.call(q, codes, codes, lengths, 0.1, s, s.to(at::kDouble)),
+                "v_scale: expected dtype float32");
+  EXPECT_THROWS(decode.call(q, codes, codes, lengths, 0.1, s.narrow(2, 0, 6), s),
+                "k_scale: expected sizes");
+  EXPECT_THROWS(decode.call(q, q.expand({2, 2, 7, 16}), q.expand({2, 2, 7, 16}), lengths, 0.1, s, s),
+                "k_scale: given with a Float cache");
 }
 
 }  // namespace

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import ryzen_llm.ops.causal_attention  # noqa: F401  (registers the fake impls opcheck needs)
 from ryzen_llm.ops import reference
 from tests.ops.conftest import DEVICES, assert_within_pytorch_error, requires_extension
 
@@ -224,3 +225,142 @@ def test_bad_backward_and_decode_input_raise_named_errors():
         decode(q[:, :, :1], cache, cache[:, :, :6], lengths, 0.1)
     with pytest.raises(RuntimeError, match="k_cache: expected dtype"):
         decode(q[:, :, :1], cache.double(), cache, lengths, 0.1)
+
+
+# -- decode against an int8 KV cache -------------------------------------------------------------
+# (B, nh, Tmax, hs): batch 1 and 3, head dims 48, 64 and 80, cache lengths 1, 97 and 128.
+DECODE_INT8_SHAPES = [
+    (1, 2, 1, 64),
+    (3, 2, 97, 48),
+    (3, 3, 128, 80),
+    (1, 1, 97, 80),
+    (3, 2, 128, 64),
+]
+
+
+def int8_cache(B, nh, Tmax, hs, seed=0, strided=False):
+    """int8 codes and scales of random keys and values (reference.quantize_kv), and lengths:
+    the full cache, a single key and a ragged one per row. strided: codes and scales as
+    transposed views of (B, Tmax, nh, ...) buffers, as a cache laid out by token would be."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        x = torch.randn(B, Tmax, nh, hs, generator=g) * torch.rand(B, Tmax, nh, 1, generator=g) * 3
+        codes, scales = reference.quantize_kv(x)  # (B, Tmax, nh, hs), (B, Tmax, nh)
+        codes, scales = codes.transpose(1, 2), scales.transpose(1, 2)
+        out += [codes, scales] if strided else [codes.contiguous(), scales.contiguous()]
+    lengths = torch.tensor([Tmax, 1, max(1, Tmax // 2 + 3)][:B])
+    return (*out, lengths)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("shape", DECODE_INT8_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_int8_cache_matches_reference_within_pytorch_error(dtype, shape, strided):
+    """The int8 kernel against reference.causal_attention_decode on the dequantized cache: its
+    error against fp64 at most 2x what the plain reference makes in q's dtype."""
+    B, nh, Tmax, hs = shape
+    k_codes, k_scale, v_codes, v_scale, lengths = int8_cache(*shape, strided=strided)
+    q64 = torch.randn(B, nh, 1, hs, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    q = q64.to(dtype)
+    scale = 1.0 / math.sqrt(hs)
+    from ryzen_llm.ops.causal_attention import causal_attention_decode
+
+    got = causal_attention_decode(q, k_codes, v_codes, lengths, scale, k_scale, v_scale)
+    plain = reference.causal_attention_decode(q, k_codes, v_codes, lengths, scale, k_scale, v_scale)
+    k64 = k_codes.double() * k_scale.double()[..., None]
+    v64 = v_codes.double() * v_scale.double()[..., None]
+    ref64 = reference.causal_attention_decode(q.double(), k64, v64, lengths, scale)
+    assert got.dtype == dtype and got.shape == (B, nh, 1, hs)
+    assert_within_pytorch_error(f"decode int8 cache, q {dtype} {shape}", got, plain, ref64)
+
+
+def test_decode_int8_cache_ignores_positions_past_length_and_zero_length():
+    k_codes, k_scale, v_codes, v_scale, lengths = int8_cache(3, 2, 40, 48)
+    q = torch.randn(3, 2, 1, 48)
+    decode = torch.ops.ryzen_llm.causal_attention_decode
+    out = decode(q, k_codes, v_codes, lengths, 0.2, k_scale, v_scale)
+    L = int(lengths[2])
+    k2, v2, ks2, vs2 = k_codes.clone(), v_codes.clone(), k_scale.clone(), v_scale.clone()
+    k2[2, :, L:], v2[2, :, L:] = 127, -127
+    ks2[2, :, L:], vs2[2, :, L:] = float("nan"), float("inf")
+    assert torch.equal(decode(q, k2, v2, lengths, 0.2, ks2, vs2), out)
+    zero = decode(q, k_codes, v_codes, torch.tensor([0, 1, 5]), 0.2, k_scale, v_scale)
+    assert (zero[0] == 0).all()
+
+
+def test_decode_int8_cache_nan_vector_gives_nan_like_the_reference():
+    """A cached vector that held NaN has scale NaN (quantize_blockwise's rule): the row's output
+    is NaN in the kernel and the reference alike, never a silently finite value."""
+    x = torch.randn(1, 1, 6, 16)
+    x[0, 0, 2, 5] = float("nan")
+    codes, scales = reference.quantize_kv(x)
+    assert torch.isnan(scales[0, 0, 2]) and (codes[0, 0, 2] == 0).all()
+    q = torch.randn(1, 1, 1, 16)
+    lengths = torch.tensor([6])
+    got = torch.ops.ryzen_llm.causal_attention_decode(q, codes, codes, lengths, 0.3, scales, scales)
+    ref = reference.causal_attention_decode(q, codes, codes, lengths, 0.3, scales, scales)
+    assert torch.isnan(got).all() and torch.isnan(ref).all()
+
+
+def test_quantize_kv_is_quantize_blockwise_per_vector():
+    """The cache's codes are quantize_blockwise with one block per head-dim vector, fused and
+    reference bit for bit, |x - codes * scale| <= scale / 2."""
+    from ryzen_llm.ops.quantize import quantize_kv
+
+    x = torch.randn(2, 5, 2, 3, 80)[:, :, 1:]  # a strided view, as the model's qkv slice is
+    x[0, 0, 0, 1, 7] = float("inf")
+    codes, scales = quantize_kv(x)
+    ref_codes, ref_scales = reference.quantize_kv(x)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scales.shape == x.shape[:-1]
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(scales, ref_scales, rtol=0, atol=0, equal_nan=True)
+    data, block_scales = reference.quantize_blockwise(x, 80, 8, False, 0, 0)
+    assert torch.equal(data.view(torch.int8), codes.reshape(-1))
+    finite = torch.isfinite(scales)
+    assert not finite[0, 0, 0, 1] and int(finite.sum()) == finite.numel() - 1
+    err = (reference.dequantize_kv(codes, scales) - x).abs()[finite]
+    assert (err <= scales[finite][..., None].expand_as(x[finite]) / 2 + 1e-6).all()
+
+
+def _bad_int8_decode_cases():
+    q = torch.randn(2, 2, 1, 16)
+    codes = torch.zeros(2, 2, 7, 16, dtype=torch.int8)
+    s = torch.ones(2, 2, 7)
+    f = torch.randn(2, 2, 7, 16)
+    return [
+        ((q, codes, codes, None, None), "k_scale: required with an int8 cache"),
+        ((q, codes, codes, s, None), "v_scale: required with an int8 cache"),
+        ((q, f, f, s, s), "k_scale: given with a Float cache"),
+        ((q, codes, f, s, s), "v_cache: expected dtype Char"),
+        ((q, codes, codes, s.double(), s), "k_scale: expected dtype float32"),
+        ((q, codes, codes, s, s[:, :, :6]), r"v_scale: expected sizes \[2, 2, 7\]"),
+        ((q, codes.short(), codes.short(), s, s), "k_cache: expected dtype Float .* or int8"),
+    ]
+
+
+@pytest.mark.parametrize("args, message", _bad_int8_decode_cases())
+def test_bad_int8_decode_input_raises_named_error(args, message):
+    q, k, v, ks, vs = args
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.causal_attention_decode(q, k, v, torch.tensor([7, 3]), 0.1, ks, vs)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device")
+def test_decode_int8_cache_on_cuda_is_refused_by_name():
+    k_codes, k_scale, v_codes, v_scale, lengths = (t.cuda() for t in int8_cache(3, 2, 9, 16))
+    q = torch.randn(3, 2, 1, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="k_cache: int8 KV caches .* CPU kernel only"):
+        torch.ops.ryzen_llm.causal_attention_decode(q, k_codes, v_codes, lengths, 0.1, k_scale,
+                                                    v_scale)
+
+
+def test_decode_int8_opcheck_and_compile():
+    k_codes, k_scale, v_codes, v_scale, lengths = int8_cache(3, 2, 13, 16)
+    q = torch.randn(3, 2, 1, 16)
+    args = (q, k_codes, v_codes, lengths, 0.25, k_scale, v_scale)
+    torch.library.opcheck(torch.ops.ryzen_llm.causal_attention_decode, args)
+    from ryzen_llm.ops.causal_attention import causal_attention_decode
+
+    compiled = torch.compile(causal_attention_decode, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), causal_attention_decode(*args), rtol=0, atol=0)
