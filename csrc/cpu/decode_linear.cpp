@@ -4,8 +4,9 @@
 // lanes walking K, then one fixed horizontal sum), so a sequence decoded alone gets the same
 // bits as inside a batch of 31 others and the engine needs no padding rows to stay exact.
 //
-// Decode is bound by reading the weights: each weight row is read from memory once per call
-// and reused from L1 for every group of 4 input rows. Weights may be bfloat16 (half the bytes;
+// Each weight row is read from memory once per call and reused from L2 for every group of up to
+// 4 input rows; with 1 or 2 rows a tile spans 8 weight rows, so that enough independent sums are
+// in flight to hide the FMA latency. Weights may be bfloat16 (half the bytes;
 // the seed model's 21 MB then stays in a 32 MB L3) and are widened to fp32 in registers;
 // x, bias and accumulation are fp32. Inference only: no autograd.
 #include "common.h"
@@ -25,8 +26,7 @@
 namespace ryzen_llm {
 namespace {
 
-constexpr int64_t kRowTile = 4;     // input rows per micro-tile
-constexpr int64_t kWeightTile = 4;  // weight rows (outputs) per micro-tile
+constexpr int64_t kWeightTile = 8;  // weight rows per parallel task unit
 
 struct Epilogue {
   const float* bias;  // (N,) or nullptr
@@ -53,34 +53,47 @@ RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const uint16_t* p, __mmas
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// out rows x[0..MR) against weight rows w[0..NR); rows past the real count are clamped copies
-// whose results are dropped, so every stored element went through the same instructions.
-template <typename W>
-RYZEN_LLM_AVX512_TARGET void tile_avx512(const float* const* xr, const W* const* wr, int64_t K,
-                                         float (*acc_out)[kWeightTile]) {
-  __m512 acc[kRowTile][kWeightTile];
-  for (int i = 0; i < kRowTile; ++i)
-    for (int j = 0; j < kWeightTile; ++j) acc[i][j] = _mm512_setzero_ps();
+// R input rows against NR weight rows, each of the R x NR dot products in its own register
+// walking K in the same order: a row's result does not depend on the tile it ran in. Weight rows
+// past the block are clamped copies whose results are dropped.
+template <typename W, int R, int NR>
+RYZEN_LLM_AVX512_TARGET void tile_avx512(const float* x, const W* w, int64_t K, int64_t n,
+                                         int64_t n1, float* y, int64_t N, Epilogue ep) {
+  const W* wr[NR];
+  for (int j = 0; j < NR; ++j) wr[j] = w + std::min<int64_t>(n + j, n1 - 1) * K;
+  __m512 acc[R][NR];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    __m512 w[kWeightTile];
-    for (int j = 0; j < kWeightTile; ++j) w[j] = load16(wr[j] + k, 0xFFFF);
-    for (int i = 0; i < kRowTile; ++i) {
-      const __m512 xv = _mm512_loadu_ps(xr[i] + k);
-      for (int j = 0; j < kWeightTile; ++j) acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = load16(wr[j] + k, 0xFFFF);
+    for (int i = 0; i < R; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
   if (k < K) {
     const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 w[kWeightTile];
-    for (int j = 0; j < kWeightTile; ++j) w[j] = load16(wr[j] + k, m);
-    for (int i = 0; i < kRowTile; ++i) {
-      const __m512 xv = load16(xr[i] + k, m);
-      for (int j = 0; j < kWeightTile; ++j) acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = load16(wr[j] + k, m);
+    for (int i = 0; i < R; ++i) {
+      const __m512 xv = load16(x + i * K + k, m);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < kRowTile; ++i)
-    for (int j = 0; j < kWeightTile; ++j) acc_out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR && n + j < n1; ++j)
+      y[i * N + n + j] = ep(_mm512_reduce_add_ps(acc[i][j]), n + j);
+}
+
+// Rows m0..m0+R-1 against weight rows n0..n1-1; fewer rows get more weight rows per tile so that
+// enough independent sums hide the FMA latency.
+template <typename W, int R>
+RYZEN_LLM_AVX512_TARGET void rows_avx512(const float* x, const W* w, float* y, int64_t K,
+                                         int64_t N, int64_t n0, int64_t n1, Epilogue ep) {
+  constexpr int NR = R <= 2 ? 8 : 4;
+  for (int64_t n = n0; n < n1; n += NR) tile_avx512<W, R, NR>(x, w, K, n, n1, y, N, ep);
 }
 #endif
 
@@ -114,17 +127,17 @@ void rows_block(const float* x, const W* w, float* y, int64_t M, int64_t K, int6
                 int64_t n1, Epilogue ep) {
 #if defined(RYZEN_LLM_DECODE_AVX512)
   if (avx512_available()) {
-    for (int64_t n = n0; n < n1; n += kWeightTile) {
-      const W* wr[kWeightTile];
-      for (int j = 0; j < kWeightTile; ++j) wr[j] = w + std::min(n + j, n1 - 1) * K;
-      for (int64_t m = 0; m < M; m += kRowTile) {
-        const float* xr[kRowTile];
-        for (int i = 0; i < kRowTile; ++i) xr[i] = x + std::min(m + i, M - 1) * K;
-        float acc[kRowTile][kWeightTile];
-        tile_avx512<W>(xr, wr, K, acc);
-        for (int i = 0; i < kRowTile && m + i < M; ++i)
-          for (int j = 0; j < kWeightTile && n + j < n1; ++j)
-            y[(m + i) * N + n + j] = ep(acc[i][j], n + j);
+    // Weight rows in chunks that stay in L2 while every group of input rows passes over them.
+    const int64_t chunk = std::max<int64_t>(8, (64 * 1024 / (K * sizeof(W))) / 8 * 8);
+    for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+      const int64_t c1 = std::min(n1, c0 + chunk);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) rows_avx512<W, 4>(x + m * K, w, y + m * N, K, N, c0, c1, ep);
+      switch (M - m) {
+        case 3: rows_avx512<W, 3>(x + m * K, w, y + m * N, K, N, c0, c1, ep); break;
+        case 2: rows_avx512<W, 2>(x + m * K, w, y + m * N, K, N, c0, c1, ep); break;
+        case 1: rows_avx512<W, 1>(x + m * K, w, y + m * N, K, N, c0, c1, ep); break;
+        default: break;
       }
     }
     return;
