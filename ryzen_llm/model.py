@@ -31,24 +31,6 @@ def sinusoidal_positions(max_seq_len: int, d_model: int) -> torch.Tensor:
     return pe.float()
 
 
-def cached_linear(kernels: KernelSet, x: torch.Tensor, layer: nn.Linear,
-                  gelu: bool = False) -> torch.Tensor:
-    """A linear layer of forward_with_cache (GELU'd when gelu), float32 in and out.
-
-    Decode (one token per row, x (B, 1, C)) and float32 weights: kernels.decode_linear, whose
-    rows do not depend on the batch and which reads each weight once. A prompt (prefill, which
-    the engine runs one sequence at a time) on bfloat16 weights: ATen's bfloat16 GEMM on
-    bfloat16 activations (oneDNN, about twice the weight-streaming kernel's speed once 32 rows
-    share the weights), like autocast in level-3 training."""
-    w = layer.weight
-    if x.shape[1] == 1 or w.dtype == torch.float32:
-        return kernels.decode_linear(x, w, layer.bias, gelu)
-    b = None if layer.bias is None else layer.bias.to(w.dtype)
-    if gelu:
-        return kernels.bias_gelu(F.linear(x.to(w.dtype), w), b).float()
-    return F.linear(x.to(w.dtype), w, b).float()
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, kernels: KernelSet):
         super().__init__()
@@ -75,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         stored as int8 codes with one scale per vector. Prefill attends to the exact keys and
         values of the prompt; only later decode steps read the codes."""
         B, T, C = x.shape
-        qkv = cached_linear(self.kernels, x, self.qkv).view(B, T, 3, self.n_heads, self.head_dim)
+        qkv = self.kernels.decode_linear(x, self.qkv.weight, self.qkv.bias).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         scale = 1.0 / math.sqrt(self.head_dim)
         if k_scale is not None:
@@ -100,7 +82,8 @@ class CausalSelfAttention(nn.Module):
                 k_scale[:, :, :T] = ks_new
                 v_scale[:, :, :T] = vs_new
             y = self.kernels.causal_attention(q, k, v, step.key_padding_mask, scale)
-        return cached_linear(self.kernels, y.transpose(1, 2).reshape(B, T, C), self.proj)
+        return self.kernels.decode_linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight,
+                                         self.proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -150,7 +133,8 @@ class Block(nn.Module):
         k = self.kernels
         a = self.attn.forward_cached(h, k_cache, v_cache, step, k_scale, v_scale)
         x, h = k.add_layer_norm(x, a, self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        m = cached_linear(k, cached_linear(k, h, self.mlp.fc1, gelu=True), self.mlp.fc2)
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        m = k.decode_linear(k.decode_linear(h, fc1.weight, fc1.bias, True), fc2.weight, fc2.bias)
         return k.add_layer_norm(x, m, next_ln.weight, next_ln.bias, next_ln.eps)
 
 
@@ -362,9 +346,9 @@ class ScaledTransformerModel(nn.Module):
         it is written there and attends to positions 0..lengths[r] of its own row only. A
         one-token prompt is a decode step on a row whose length was set to 0.
 
-        Every linear layer of a decode step runs through kernels.decode_linear: fused (level >=
-        2), each row's result is the same whatever the batch holds; the weights may be bfloat16
-        (cast_linear_weights). See cached_linear for prompts.
+        Every linear layer runs through kernels.decode_linear: fused (level >= 2), each row's
+        result is the same whatever the batch holds; the weights may be bfloat16
+        (cast_linear_weights), which rounds the activations entering them to bfloat16 as well.
         """
         B, T = idx.shape
         if cache.batch < B:

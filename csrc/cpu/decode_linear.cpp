@@ -4,23 +4,30 @@
 // lanes walking K, then one fixed horizontal sum), so a sequence decoded alone gets the same
 // bits as inside a batch of 31 others and the engine needs no padding rows to stay exact.
 //
+// float32 weights: float32 x, FMA. bfloat16 weights (half the bytes; the seed model's 21 MB
+// then stays in a 32 MB L3): x is rounded to bfloat16 too, as autocast does, and on CPUs with
+// AVX512-BF16 each vdpbf16ps takes 32 weights as they are stored (2 products per lane, fp32
+// sums); elsewhere both operands are widened to fp32 in registers. Accumulation is fp32.
+//
 // Each weight row is read from memory once per call and reused from L2 for every group of up to
 // 4 input rows; with 1 or 2 rows a tile spans 8 weight rows, so that enough independent sums are
-// in flight to hide the FMA latency. Weights may be bfloat16 (half the bytes;
-// the seed model's 21 MB then stays in a 32 MB L3) and are widened to fp32 in registers;
-// x, bias and accumulation are fp32. Inference only: no autograd.
+// in flight to hide the latency of the multiply-adds. Inference only: no autograd.
 #include "common.h"
 #include "fast_math.h"
 
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
     !defined(RYZEN_LLM_NO_MULTIVERSION)
 #define RYZEN_LLM_DECODE_AVX512 1
 #include <immintrin.h>
 #define RYZEN_LLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define RYZEN_LLM_BF16_DOT_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,fma,avx512bf16")))
 #endif
 
 namespace ryzen_llm {
@@ -44,12 +51,25 @@ bool avx512_available() {
   return ok;
 }
 
+bool bf16_dot_available() {
+  static const bool ok = avx512_available() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
 RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p, __mmask16 m) {
   return _mm512_maskz_loadu_ps(m, p);
 }
 
 RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const uint16_t* p, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Unmasked loads for the full vectors (masked loads cost several times more on Zen 4).
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
@@ -67,7 +87,7 @@ RYZEN_LLM_AVX512_TARGET void tile_avx512(const float* x, const W* w, int64_t K, 
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = load16(wr[j] + k, 0xFFFF);
+    for (int j = 0; j < NR; ++j) wv[j] = load16(wr[j] + k);
     for (int i = 0; i < R; ++i) {
       const __m512 xv = _mm512_loadu_ps(x + i * K + k);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -95,6 +115,47 @@ RYZEN_LLM_AVX512_TARGET void rows_avx512(const float* x, const W* w, float* y, i
   constexpr int NR = R <= 2 ? 8 : 4;
   for (int64_t n = n0; n < n1; n += NR) tile_avx512<W, R, NR>(x, w, K, n, n1, y, N, ep);
 }
+
+// The same tiles on bfloat16 x and weights with vdpbf16ps: 32 values of K per instruction.
+template <int R, int NR>
+RYZEN_LLM_BF16_DOT_TARGET void tile_bf16_dot(const uint16_t* x, const uint16_t* w, int64_t K,
+                                             int64_t n, int64_t n1, float* y, int64_t N,
+                                             Epilogue ep) {
+  const uint16_t* wr[NR];
+  for (int j = 0; j < NR; ++j) wr[j] = w + std::min<int64_t>(n + j, n1 - 1) * K;
+  __m512 acc[R][NR];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 m = static_cast<__mmask32>((1u << (K - k)) - 1u);
+    __m512bh wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, wr[j] + k);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR && n + j < n1; ++j)
+      y[i * N + n + j] = ep(_mm512_reduce_add_ps(acc[i][j]), n + j);
+}
+
+template <int R>
+RYZEN_LLM_BF16_DOT_TARGET void rows_bf16_dot(const uint16_t* x, const uint16_t* w, float* y,
+                                             int64_t K, int64_t N, int64_t n0, int64_t n1,
+                                             Epilogue ep) {
+  constexpr int NR = R <= 2 ? 8 : 4;
+  for (int64_t n = n0; n < n1; n += NR) tile_bf16_dot<R, NR>(x, w, K, n, n1, y, N, ep);
+}
 #endif
 
 // The portable path: the same 16-lane order in plain loops (auto-vectorised per clone).
@@ -121,30 +182,47 @@ RYZEN_LLM_TARGET_CLONES void rows_portable(const float* x, const W* w, float* y,
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = ep(dot_portable(x + m * K, w + n * K, K), n);
 }
 
-// Outputs n0..n1 of every row.
+// Outputs n0..n1 of every row: weight rows in chunks that stay in L2 while every group of up to
+// 4 input rows passes over them; rows(r, m) runs input rows m..m+r-1 over a chunk.
+template <typename Rows>
+RYZEN_LLM_INLINE void chunked(int64_t M, int64_t K, int64_t n0, int64_t n1, size_t wbytes,
+                              Rows rows) {
+  const int64_t chunk = std::max<int64_t>(8, (64 * 1024 / (K * wbytes)) / 8 * 8);
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>(), m, c0, c1);
+    switch (M - m) {
+      case 3: rows(std::integral_constant<int, 3>(), m, c0, c1); break;
+      case 2: rows(std::integral_constant<int, 2>(), m, c0, c1); break;
+      case 1: rows(std::integral_constant<int, 1>(), m, c0, c1); break;
+      default: break;
+    }
+  }
+}
+
 template <typename W>
 void rows_block(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
                 int64_t n1, Epilogue ep) {
 #if defined(RYZEN_LLM_DECODE_AVX512)
   if (avx512_available()) {
-    // Weight rows in chunks that stay in L2 while every group of input rows passes over them.
-    const int64_t chunk = std::max<int64_t>(8, (64 * 1024 / (K * sizeof(W))) / 8 * 8);
-    for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
-      const int64_t c1 = std::min(n1, c0 + chunk);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) rows_avx512<W, 4>(x + m * K, w, y + m * N, K, N, c0, c1, ep);
-      switch (M - m) {
-        case 3: rows_avx512<W, 3>(x + m * K, w, y + m * N, K, N, c0, c1, ep); break;
-        case 2: rows_avx512<W, 2>(x + m * K, w, y + m * N, K, N, c0, c1, ep); break;
-        case 1: rows_avx512<W, 1>(x + m * K, w, y + m * N, K, N, c0, c1, ep); break;
-        default: break;
-      }
-    }
+    chunked(M, K, n0, n1, sizeof(W), [&](auto r, int64_t m, int64_t c0, int64_t c1) {
+      rows_avx512<W, decltype(r)::value>(x + m * K, w, y + m * N, K, N, c0, c1, ep);
+    });
     return;
   }
 #endif
   rows_portable<W>(x, w, y, M, K, N, n0, n1, ep);
 }
+
+#if defined(RYZEN_LLM_DECODE_AVX512)
+void rows_block_bf16_dot(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K,
+                         int64_t N, int64_t n0, int64_t n1, Epilogue ep) {
+  chunked(M, K, n0, n1, sizeof(uint16_t), [&](auto r, int64_t m, int64_t c0, int64_t c1) {
+    rows_bf16_dot<decltype(r)::value>(x + m * K, w, y + m * N, K, N, c0, c1, ep);
+  });
+}
+#endif
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& bias, bool gelu) {
@@ -172,23 +250,39 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const Epilogue ep{bias_ptr, gelu};
-  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Chunks of weight rows: enough weight bytes per task to amortise a task's start.
-  const int64_t grain = kWeightTile * std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
   const int64_t tiles = (N + kWeightTile - 1) / kWeightTile;
-  auto run = [&](auto* wp) {
-    using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
-    at::parallel_for(0, tiles, std::max<int64_t>(1, grain / kWeightTile),
-                     [&](int64_t t0, int64_t t1) {
-                       rows_block<W>(xp, wp, yp, M, K, N, t0 * kWeightTile,
-                                     std::min(N, t1 * kWeightTile), ep);
-                     });
+  auto parallel = [&](auto&& block) {
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      block(t0 * kWeightTile, std::min(N, t1 * kWeightTile));
+    });
   };
-  if (weight.scalar_type() == at::kBFloat16)
-    run(static_cast<const uint16_t*>(Elem<c10::BFloat16>::ptr(weight)));
-  else
-    run(static_cast<const float*>(weight.data_ptr<float>()));
+  if (weight.scalar_type() == at::kFloat) {
+    const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+    parallel([&](int64_t n0, int64_t n1) { rows_block<float>(xp, wp, yp, M, K, N, n0, n1, ep); });
+    return y;
+  }
+  // bfloat16 weights: x rounded to bfloat16 (to nearest even), as autocast rounds activations;
+  // a few rows, so a plain buffer rather than an ATen op per call.
+  const uint16_t* wp = Elem<c10::BFloat16>::ptr(weight);
+  const float* xf = x.data_ptr<float>();
+  std::vector<uint16_t> xb(static_cast<size_t>(M * K));
+  for (int64_t i = 0; i < M * K; ++i) xb[i] = Elem<c10::BFloat16>::store(xf[i]);
+#if defined(RYZEN_LLM_DECODE_AVX512)
+  if (bf16_dot_available()) {
+    parallel([&](int64_t n0, int64_t n1) {
+      rows_block_bf16_dot(xb.data(), wp, yp, M, K, N, n0, n1, ep);
+    });
+    return y;
+  }
+#endif
+  std::vector<float> xr(xb.size());
+  for (size_t i = 0; i < xb.size(); ++i) xr[i] = Elem<c10::BFloat16>::load(xb[i]);
+  parallel([&](int64_t n0, int64_t n1) {
+    rows_block<uint16_t>(xr.data(), wp, yp, M, K, N, n0, n1, ep);
+  });
   return y;
 }
 

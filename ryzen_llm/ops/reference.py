@@ -97,8 +97,11 @@ def decode_linear(
     bias: torch.Tensor | None,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """x @ weight.T + bias, then GELU when gelu; the weight (float32 or bfloat16 inference
-    copies) is widened to x's dtype. x: (..., K), weight: (N, K), bias: (N,) or None."""
+    """x @ weight.T + bias, then GELU when gelu, in x's dtype. bfloat16 weights (inference
+    copies) take x rounded to bfloat16, as autocast does. x: (..., K), weight: (N, K), bias:
+    (N,) or None."""
+    if weight.dtype == torch.bfloat16:
+        x = x.to(torch.bfloat16).to(x.dtype)
     y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return F.gelu(y) if gelu else y
 

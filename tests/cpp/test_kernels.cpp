@@ -254,7 +254,8 @@ TEST_CASE(decode_linear_matches_naive_loop) {
         auto x = at::randn({M, K}), w = (at::randn({N, K}) / std::sqrt(double(K))).to(wdtype);
         auto b = at::randn({N});
         auto y = lin.call(x, w, b, gelu_on);
-        auto X = x.to(at::kDouble).contiguous(), W = w.to(at::kDouble).contiguous();
+        // bfloat16 weights take x rounded to bfloat16 (autocast's rule).
+        auto X = x.to(wdtype).to(at::kDouble).contiguous(), W = w.to(at::kDouble).contiguous();
         auto B = b.to(at::kDouble).contiguous();
         auto ey = at::empty({M, N}, at::kDouble);
         const double *xp = X.data_ptr<double>(), *wp = W.data_ptr<double>(), *bp = B.data_ptr<double>();

@@ -36,6 +36,8 @@ def make_inputs(M, K, N, seed=0):
 def test_matches_reference_within_pytorch_error(shape, wdtype, gelu, with_bias):
     x, w, b = make_inputs(*shape)
     w = w.to(wdtype)  # the weights as stored; the reference widens these same values
+    if wdtype == torch.bfloat16:  # x meets bfloat16 weights rounded to bfloat16 (autocast's rule)
+        x = x.bfloat16().float()
     b = b if with_bias else None
     ref64 = reference.decode_linear(x.double(), w.double(), None if b is None else b.double(),
                                     gelu)
@@ -72,6 +74,16 @@ def test_rows_are_bitwise_independent_of_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
+
+
+def test_bfloat16_weights_round_x_like_autocast():
+    x, w, b = make_inputs(5, 96, 40)
+    w = w.bfloat16()
+    got = fused(x, w, b, False)
+    assert torch.equal(got, fused(x.bfloat16().float(), w, b, False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x, w, b.bfloat16())  # bf16 out: compare loosely
+    torch.testing.assert_close(got, ref.float(), atol=3e-2, rtol=2e-2)
 
 
 def test_leading_dimensions_and_empty():
