@@ -33,6 +33,16 @@ def test_copy_bandwidth(benchmark):
     _gbps(benchmark, 8 * N, impl="copy fp32")
 
 
+def test_clone_bandwidth(benchmark):
+    """The peer of dequantize, which allocates its output like clone() does: 64 MiB is above
+    glibc's largest mmap threshold (32 MiB), so every call maps fresh pages and pays a page
+    fault per 4 KiB; the preallocated copy above does not."""
+    src = torch.randn(N)
+    benchmark.group = "quantize vs memory bandwidth"
+    benchmark.pedantic(src.clone, rounds=5, warmup_rounds=1)
+    _gbps(benchmark, 8 * N, impl="clone fp32 (fresh output)")
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("bits, stochastic", [(8, False), (8, True), (4, False)])
 def test_quantize(benchmark, dtype, bits, stochastic):
