@@ -80,31 +80,36 @@ def _restore(payload: torch.Tensor, n: int, block: int) -> torch.Tensor:
 
 def int8_allreduce_hook(state, bucket):  # no annotations: DDP checks them, and they are strings here
     """DDP communication hook: (Int8AllReduceState, dist.GradBucket) -> Future of the mean over
-    ranks of the bucket, through int8 codes."""
+    ranks of the bucket, through int8 codes. Asynchronous: the all-to-all of the codes is
+    started here and the rest chained on its future, so DDP goes on with the backward (and the
+    next bucket) while the codes travel."""
     group = state.process_group or dist.group.WORLD
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
-    n, block = buffer.numel(), state.block_size
+    n, block, index = buffer.numel(), state.block_size, bucket.index()
     chunk = -(-n // (world * block)) * block  # values per rank's chunk, a whole number of blocks
     g = torch.zeros(world * chunk, dtype=torch.float32)
     g[:n] = buffer.float()
-    data, scales = _quantize_with_feedback(g, block, state, (bucket.index(), 0))
+    data, scales = _quantize_with_feedback(g, block, state, (index, 0))
     # Row r: the codes then the scales of chunk r, for rank r.
     send = torch.cat([data.view(world, chunk), scales.view(world, -1).view(torch.uint8)], dim=1)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    mine = sum(_restore(recv[r], chunk, block) for r in range(world)) / world
-    data, scales = _quantize_with_feedback(mine, block, state, (bucket.index(), 1))
-    reduced = torch.cat([data, scales.view(torch.uint8)])
-    gathered = [torch.empty_like(reduced) for _ in range(world)]
-    dist.all_gather(gathered, reduced, group=group)
-    out = torch.cat([_restore(p, chunk, block) for p in gathered])[:n]
-    state.wire_bytes += 2 * (world - 1) * reduced.numel()
-    state.fp32_wire_bytes += 2 * (world - 1) * 4 * n // world
-    state.buckets += 1
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(out.to(buffer.dtype))
-    return fut
+    sent = dist.all_to_all_single(recv, send, group=group, async_op=True).get_future()
+
+    def reduce_and_gather(_):
+        # This rank's chunk summed over ranks, requantized, then every rank's reduced chunk.
+        mine = sum(_restore(recv[r], chunk, block) for r in range(world)) / world
+        data, scales = _quantize_with_feedback(mine, block, state, (index, 1))
+        reduced = torch.cat([data, scales.view(torch.uint8)])
+        gathered = [torch.empty_like(reduced) for _ in range(world)]
+        dist.all_gather(gathered, reduced, group=group, async_op=True).get_future().wait()
+        out = torch.cat([_restore(p, chunk, block) for p in gathered])[:n]
+        state.wire_bytes += 2 * (world - 1) * reduced.numel()
+        state.fp32_wire_bytes += 2 * (world - 1) * 4 * n // world
+        state.buckets += 1
+        return out.to(buffer.dtype)
+
+    return sent.then(reduce_and_gather)
 
 
 def register_int8_allreduce_hook(ddp_model, block_size: int = 64) -> Int8AllReduceState:
