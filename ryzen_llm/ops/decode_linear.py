@@ -23,10 +23,11 @@ def decode_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False
 ) -> torch.Tensor:
     """x (..., K) float32 @ weight (N, K).T + bias (N,), GELU'd when gelu; see
-    reference.decode_linear. Returns (..., N) float32."""
-    lead = x.shape[:-1]
-    y = torch.ops.ryzen_llm.decode_linear(
-        x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.float().contiguous(), bool(gelu),
-    )
-    return y.view(*lead, weight.shape[0])
+    reference.decode_linear. Returns (..., N) float32. The weight must be contiguous (it is
+    not copied per call)."""
+    # A decode step calls this ~20 times: skip the conversions that would be no-ops.
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    y = torch.ops.ryzen_llm.decode_linear(x2, weight, bias, bool(gelu))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

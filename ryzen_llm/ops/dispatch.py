@@ -142,6 +142,7 @@ class KernelSet:
             quantize_kv = reference.quantize_kv
         self._quantize_kv = quantize_kv
         self.calls: Counter[tuple[str, str]] = Counter()
+        self._key = {op: (op, c.impl) for op, c in self.choices.items()}
         fell_back = [op for op, c in self.choices.items() if c.reason.startswith("FELL BACK")]
         if fell_back:
             warnings.warn(
@@ -152,7 +153,7 @@ class KernelSet:
             )
 
     def _run(self, op: str, *args):
-        self.calls[(op, self.choices[op].impl)] += 1
+        self.calls[self._key[op]] += 1
         return self._fn[op](*args)
 
     def add_layer_norm(self, x, residual, weight, bias, eps):
