@@ -7,10 +7,11 @@ runs one decode step over every live row, samples, and retires finished sequence
 moving the last live row into the freed slot, so live rows are always 0..n-1.
 
 Why greedy output is bit-identical alone or batched (tests/test_engine.py checks it):
-  * a prompt is prefilled on its own (batch 1, its exact length): padding a ragged prefill
-    changes the reduction lengths of softmax and att @ v, which moves logits by ~1e-6 and can
-    flip a near-tie argmax. ScaledTransformerModel.forward_with_cache does support right-padded
-    ragged prefill (tested to a tolerance).
+  * prompts admitted together are prefilled as one right-padded batch at levels 2-3, where
+    every kernel of the cached forward computes a row the same way whatever the padding and the
+    other rows (tested bitwise); at levels 0-1 each prompt is prefilled on its own (batch 1,
+    its exact length), since there padding changes the reduction lengths of softmax and
+    att @ v, which moves logits by ~1e-6 and can flip a near-tie argmax.
   * decode attention always spans the whole cache (Tmax keys, masked by length), so each row
     does the same arithmetic whatever the other rows hold;
   * at level >= 2 every linear layer of a decode step runs the fused decode_linear, whose rows
@@ -390,6 +391,12 @@ class Engine:
                                 continue
                             admitted.append(req)
                             free -= req.params.n
+                    # One-token prompts take the decode path alone (it reads the new key from
+                    # the cache, which an int8 cache stores rounded); longer ones go together.
+                    longer = [r for r in admitted if len(r.prompt_ids) > 1]
+                    if self.batch_invariant and len(longer) > 1:
+                        self._prefill_together(longer)
+                        admitted = [r for r in admitted if len(r.prompt_ids) == 1]
                     for req in admitted:
                         self._prefill(req)
                     self._retire()
@@ -445,6 +452,40 @@ class Engine:
             self._live.append((req, cand))
         self._advance(logits.expand(n, -1), [(req, c) for c in req.candidates])
         req.t_first_token = time.perf_counter()
+
+    def _prefill_together(self, reqs: list[Request]) -> None:
+        """Prompts admitted at one token boundary, prefilled as one right-padded batch (levels
+        2-3: every row's keys, values and logits are then the bits it gets alone, checked in
+        tests/test_engine.py). Prompt j fills row r0 + j; extra candidates (n > 1) copy it into
+        rows after the batch."""
+        t = time.perf_counter()
+        r0, B = len(self._live), len(reqs)
+        T = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.zeros(B, T, dtype=torch.int64)
+        mask = torch.zeros(B, T, dtype=torch.int64)
+        for j, req in enumerate(reqs):
+            req.t_admitted = t
+            ids[j, :len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
+            mask[j, :len(req.prompt_ids)] = 1
+        logits = self.model.forward_with_cache(ids, self.cache.rows(r0, r0 + B), mask)  # (B, V)
+        self.stats["prefills"] += B
+        placed, rows = [], []
+        for j, req in enumerate(reqs):
+            req.candidates[0].row = r0 + j
+            placed.append((req, req.candidates[0]))
+            rows.append(j)
+        self._live.extend(placed)
+        for j, req in enumerate(reqs):
+            for cand in req.candidates[1:]:  # the candidates share the prompt's keys and values
+                cand.row = len(self._live)
+                self.cache.copy_row(r0 + j, cand.row)
+                self._live.append((req, cand))
+                placed.append((req, cand))
+                rows.append(j)
+        self._advance(logits[rows], placed)
+        t = time.perf_counter()
+        for req in reqs:
+            req.t_first_token = t
 
     def _decode_step(self) -> None:
         n = len(self._live)

@@ -98,6 +98,35 @@ def test_ragged_right_padded_prefill_matches_each_prompt_alone():
         model.forward_with_cache(idx, KVCache(ODD, 4), bad)
 
 
+@pytest.mark.parametrize("level, kv", [(2, "float32"), (3, "float32"), (3, "int8")])
+def test_padded_prefill_is_bitwise_each_prompt_alone(level, kv):
+    """What lets the engine prefill prompts admitted together as one batch (levels 2-3): each
+    row's logits and cached keys/values are the bits the prompt gets alone."""
+    from ryzen_llm import KernelOptimizer
+
+    torch.manual_seed(2)
+    model = ScaledTransformerModel(ODD).eval()
+    KernelOptimizer(level).apply(model)
+    model.cast_linear_weights(torch.bfloat16 if level == 3 else torch.float32)
+    dtype = getattr(torch, kv)
+    lens = [5, 31, 2, 17, 64]  # (a one-token prompt is prefilled alone, on the decode path)
+    prompts = [torch.randint(0, ODD.vocab_size, (n,)) for n in lens]
+    idx = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    mask = torch.zeros_like(idx)
+    for i, p in enumerate(prompts):
+        idx[i, : len(p)], mask[i, : len(p)] = p, 1
+    with torch.inference_mode():
+        cache = KVCache(ODD, len(lens), dtype=dtype)
+        batched = model.forward_with_cache(idx, cache, mask)
+        for i, p in enumerate(prompts):
+            own = KVCache(ODD, 1, dtype=dtype)
+            alone = model.forward_with_cache(p[None], own)[0]
+            assert torch.equal(batched[i], alone), f"prompt {i} (length {len(p)}): logits differ"
+            for layer in range(ODD.n_layers):
+                assert torch.equal(cache.k[layer][i, :, : len(p)], own.k[layer][0, :, : len(p)])
+                assert torch.equal(cache.v[layer][i, :, : len(p)], own.v[layer][0, :, : len(p)])
+
+
 def test_causal_attention_decode_reference_ignores_keys_past_length():
     torch.manual_seed(2)
     B, nh, Tmax, hs = 3, 2, 13, 48
