@@ -31,8 +31,11 @@ from ryzen_llm.checkpoint import CheckpointError, load_checkpoint, restore_rng, 
 from ryzen_llm.config import Config, ConfigError, config_from_dict, load_config
 from ryzen_llm.distributed import init_from_env
 from ryzen_llm.data import BatchSampler, PreparedData, eval_batches, prepare_data
+from ryzen_llm.memory_trace import mark
 from ryzen_llm.model import ScaledTransformerModel
 from ryzen_llm.train_step import NonFiniteError, TrainStep, resolve_device, warmup_cosine
+
+mark("imports")
 
 RUNS = ("baseline", "optimized")
 CONFIG_FILE = "config.json"
@@ -100,6 +103,7 @@ def train_run(
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     data = data or _load_data(config, progress)
+    mark(f"{which}: data loaded")
     tokenizer_file = run_dir / "tokenizer.json"
     if data.tokenizer is not None and not tokenizer_file.exists():
         data.tokenizer.save(tokenizer_file)
@@ -123,6 +127,7 @@ def train_run(
         "step": 0, "step_losses": [], "grad_norms": [], "epochs": [], "train_time_s": 0.0,
         "tokens": 0, "best_val_loss": None, "nonfinite": None,
     }
+    mark(f"{which}: model and optimizer built")
     last = ckpt_dir / "last"
     if last.exists():
         ckpt = load_checkpoint(last)
@@ -179,11 +184,13 @@ def train_run(
             state["grad_norms"].append(step.last_grad_norm)
             state["step"] += 1
             steps_this_call += 1
+            mark(f"{which}: step {state['step']}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
             if state["step"] % tc.steps_per_epoch == 0:
                 epoch = state["step"] // tc.steps_per_epoch
                 val_loss = step.evaluate(val)
+                mark(f"{which}: evaluated")
                 epoch_losses = state["step_losses"][-tc.steps_per_epoch:]
                 record = {
                     "epoch": epoch, "step": state["step"],
@@ -206,6 +213,7 @@ def train_run(
                 checkpoint("last")
                 if rank == 0:
                     _prune_epoch_checkpoints(ckpt_dir, tc.keep_checkpoints)
+                mark(f"{which}: checkpoints saved")
                 epoch_start_time, epoch_train_time = time.perf_counter(), 0.0
     except KeyboardInterrupt:
         # A second Ctrl-C (or the parent forwarding the first) must not abort the save below.
@@ -269,6 +277,7 @@ def train_run(
     }
     if rank == 0:
         _write_json(out_dir / METRICS_FILE, metrics)
+    mark(f"{which}: metrics written")
     return metrics
 
 
@@ -281,6 +290,7 @@ def _child(config_dict: dict, which: str, run_dir: str, progress: bool, max_step
 
 def _run_in_child(config: Config, which: str, run_dir: Path, progress: bool, max_steps):
     """Runs train_run in a fresh process so the run's peak memory is its own."""
+    mark(f"main: starting the {which} run")
     ctx = mp.get_context("spawn")
     proc = ctx.Process(
         target=_child, args=(config.to_dict(), which, str(run_dir), progress, max_steps)
@@ -376,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         data = _load_data(config, progress)  # fills the token cache before the runs start
         if world > 1 and rank == 0:
             dist.barrier()
+        mark("main: data loaded")
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -415,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = build_report(config, metrics, run_dir)
     write_report(report, run_dir)
+    mark("main: report written")
     print_report(report)
     failed = any(m.get("nonfinite") for m in metrics.values())
     return 1 if failed else 0
