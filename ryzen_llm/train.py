@@ -52,7 +52,7 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _load_data(config: Config, progress: bool) -> PreparedData:
+def _load_data(config: Config, progress: bool, build: bool = True) -> PreparedData | None:
     return prepare_data(
         config.data.source,
         vocab_size=config.model.vocab_size,
@@ -62,7 +62,34 @@ def _load_data(config: Config, progress: bool) -> PreparedData:
         val_fraction=config.data.val_fraction,
         seed=config.training.seed,
         progress=progress,
+        build=build,
     )
+
+
+def _build_data_child(config_dict: dict, progress: bool) -> None:
+    try:
+        _load_data(config_from_dict(config_dict), progress)
+    except ValueError:
+        pass  # the parent loads the entry again and reports the error itself
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _load_data_building_elsewhere(config: Config, progress: bool) -> PreparedData:
+    """The prepared data, with a missing token cache built in a child process.
+
+    Training the tokenizer and encoding the corpus peak at about 500 MiB for the full preset.
+    Linux carries a process's peak resident size into every process it starts (ru_maxrss
+    survives fork + exec), so building the cache in this process would make that peak the floor
+    of both runs' reported peak memory."""
+    data = _load_data(config, progress, build=False)
+    if data is None:
+        code = _spawn_and_wait(_build_data_child, (config.to_dict(), progress))
+        if code != 0:
+            raise RuntimeError(f"data preparation failed (exit code {code}); see above")
+        # A ValueError in the child (the corpus is too short, ...) is raised here again.
+        data = _load_data(config, progress)
+    return data
 
 
 def _prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
@@ -288,27 +315,31 @@ def _child(config_dict: dict, which: str, run_dir: str, progress: bool, max_step
         sys.exit(130)
 
 
-def _run_in_child(config: Config, which: str, run_dir: Path, progress: bool, max_steps):
-    """Runs train_run in a fresh process so the run's peak memory is its own."""
-    mark(f"main: starting the {which} run")
+def _spawn_and_wait(target, args: tuple) -> int:
+    """Runs target(*args) in a fresh process; returns its exit code. Ctrl-C is passed on."""
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(
-        target=_child, args=(config.to_dict(), which, str(run_dir), progress, max_steps)
-    )
+    proc = ctx.Process(target=target, args=args)
     proc.start()
     try:
         proc.join()
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches the child too; a SIGINT sent to this process alone does
-        # not, so pass it on. The child saves a checkpoint and exits.
+        # not, so pass it on. A training child saves a checkpoint and exits.
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGINT)
         proc.join()
         raise
     if proc.exitcode == 130 or proc.exitcode == -signal.SIGINT:
         raise KeyboardInterrupt
-    if proc.exitcode != 0:
-        raise RuntimeError(f"the {which} run failed (exit code {proc.exitcode}); see above")
+    return proc.exitcode
+
+
+def _run_in_child(config: Config, which: str, run_dir: Path, progress: bool, max_steps):
+    """Runs train_run in a fresh process so the run's peak memory is its own."""
+    mark(f"main: starting the {which} run")
+    code = _spawn_and_wait(_child, (config.to_dict(), which, str(run_dir), progress, max_steps))
+    if code != 0:
+        raise RuntimeError(f"the {which} run failed (exit code {code}); see above")
     return json.loads((run_dir / which / METRICS_FILE).read_text())
 
 
@@ -383,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = Path(shared[0])
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 fills the token cache first; the others then read it
-        data = _load_data(config, progress)  # fills the token cache before the runs start
+        data = _load_data_building_elsewhere(config, progress)  # fills the cache before the runs
         if world > 1 and rank == 0:
             dist.barrier()
         mark("main: data loaded")
