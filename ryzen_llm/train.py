@@ -31,6 +31,7 @@ from ryzen_llm.checkpoint import CheckpointError, load_checkpoint, restore_rng, 
 from ryzen_llm.config import Config, ConfigError, config_from_dict, load_config
 from ryzen_llm.distributed import init_from_env
 from ryzen_llm.data import BatchSampler, PreparedData, eval_batches, prepare_data
+from ryzen_llm.heap import release_free_heap
 from ryzen_llm.memory_trace import mark
 from ryzen_llm.model import ScaledTransformerModel
 from ryzen_llm.train_step import NonFiniteError, TrainStep, resolve_device, warmup_cosine
@@ -136,6 +137,7 @@ def train_run(
         data.tokenizer.save(tokenizer_file)
 
     device = resolve_device(tc.device)
+    release_free_heap()  # what loading the data freed
     torch.manual_seed(tc.seed)  # identical initial weights in both runs (drawn on the CPU)
     model = ScaledTransformerModel(mc).to(device)
     if device.type == "cuda":
@@ -211,6 +213,7 @@ def train_run(
             state["grad_norms"].append(step.last_grad_norm)
             state["step"] += 1
             steps_this_call += 1
+            release_free_heap()
             mark(f"{which}: step {state['step']}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
