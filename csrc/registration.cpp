@@ -33,4 +33,11 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // y = x @ weight.T + bias, GELU'd when gelu; x (M, K) float32, weight (N, K) float32/bfloat16,
   // bias (N,) float32; each row's result is independent of M (batch-invariant decode GEMM).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
+  // Process state, not tensor math: c10's CPU allocator caches blocks of >= min_bytes by exact size
+  // while enabled (the trainer's steps). disable/release return the bytes freed; stats are
+  // [cached, in use, most held since enable] in bytes.
+  m.def("cpu_block_cache_enable(int min_bytes) -> bool");
+  m.def("cpu_block_cache_disable() -> int");
+  m.def("cpu_block_cache_release() -> int");
+  m.def("cpu_block_cache_stats() -> int[]");
 }

@@ -17,13 +17,14 @@ import codecs
 import glob
 import hashlib
 import json
+import mmap
 import os
 import sysconfig
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -220,14 +221,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RYZEN_LLM_CACHE") or Path.home() / ".cache" / "ryzen_llm")
 
 
-def _hash_corpus(names: Sequence[str], contents: Sequence[bytes]) -> str:
+def _hash_corpus(names: Sequence[str], contents: Iterable[bytes]) -> tuple[str, int]:
+    """(sha256 hex digest, total bytes) of the corpus. contents may be a generator: one file's
+    bytes are alive at a time."""
     h = hashlib.sha256()
+    n_bytes = 0
     for name, data in zip(names, contents):
+        n_bytes += len(data)
         # Lengths make the framing unambiguous: ("ab", "c") and ("a", "bc") hash differently.
         for part in (name.encode("utf-8"), data):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
-    return h.hexdigest()
+    return h.hexdigest(), n_bytes
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -315,13 +320,15 @@ def prepare_data(
     val_fraction: float = 0.05,
     seed: int = 0,
     progress: bool = True,
-) -> PreparedData:
+    build: bool = True,
+) -> PreparedData | None:
     """Tokenized train and val tokens for a corpus spec (see resolve_corpus), or "synthetic".
 
     "synthetic" is uniform random ids (seeded by `seed`, nothing cached) for tests and speed
     runs. A real corpus is split by file, the tokenizer is trained on the train split only (so
     validation loss is honest), both splits are encoded and cached; a later call with the same
     corpus contents, vocab_size and val_fraction loads the cache and trains nothing.
+    build=False returns None instead of building a missing cache entry.
     """
     if not isinstance(vocab_size, int) or not 2 <= vocab_size <= UINT16_MAX_VOCAB:
         raise ValueError(
@@ -344,9 +351,8 @@ def prepare_data(
         raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={val_fraction!r}")
     files = resolve_corpus(spec, max_bytes)
     names = _relative_names(files)
-    contents = [f.read_bytes() for f in files]
-    corpus_hash = _hash_corpus(names, contents)
-    n_bytes = sum(len(c) for c in contents)
+    # Hashed a file at a time: a cache hit never holds the whole corpus in memory.
+    corpus_hash, n_bytes = _hash_corpus(names, (f.read_bytes() for f in files))
     entry = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = entry.expanduser() / f"{corpus_hash[:16]}-v{vocab_size}"
 
@@ -354,7 +360,12 @@ def prepare_data(
     if cached is not None:
         tokenizer, train, val = cached
         from_cache = True
+    elif not build:
+        return None
     else:
+        contents = [f.read_bytes() for f in files]
+        if _hash_corpus(names, contents)[0] != corpus_hash:
+            raise RuntimeError(f"corpus {spec!r} changed while it was being read; run again")
         # Invalid UTF-8 deep inside a file (past the 8 KiB sniff) becomes U+FFFD, not a crash.
         texts = {f: c.decode("utf-8", errors="replace") for f, c in zip(files, contents)}
         if len(files) == 1:
@@ -401,12 +412,29 @@ def prepare_data(
 # Batches
 
 
+def _gather_rows(tokens: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """tokens[s : s + width] for each start s -> (len(starts), width) int64.
+
+    From a token file's memmap the rows are read with pread: every page read through the
+    mapping would stay in this process's resident set (RssFile) for as long as the mapping
+    lives, which over a training run's random windows is most of the file (15 MB for the
+    full preset)."""
+    if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and tokens.filename:
+        item = tokens.dtype.itemsize
+        rows = np.empty((len(starts), width), dtype=tokens.dtype)
+        with open(tokens.filename, "rb", buffering=0) as f:
+            for i, s in enumerate(starts.tolist()):
+                rows[i] = np.frombuffer(os.pread(f.fileno(), width * item, tokens.offset + s * item),
+                                        dtype=tokens.dtype)
+        return rows.astype(np.int64)
+    return tokens[starts[:, None] + np.arange(width)].astype(np.int64)
+
+
 def _windows(
     tokens: np.ndarray, starts: np.ndarray, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather windows of seq_len + 1 tokens; split them into inputs and next-token targets."""
-    rows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)  # (B, T+1)
-    rows = torch.from_numpy(rows)
+    rows = torch.from_numpy(_gather_rows(tokens, starts, seq_len + 1))  # (B, T+1)
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T), (B, T)
 
 

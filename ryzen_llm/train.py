@@ -31,8 +31,14 @@ from ryzen_llm.checkpoint import CheckpointError, load_checkpoint, restore_rng, 
 from ryzen_llm.config import Config, ConfigError, config_from_dict, load_config
 from ryzen_llm.distributed import init_from_env
 from ryzen_llm.data import BatchSampler, PreparedData, eval_batches, prepare_data
+from ryzen_llm.heap import (
+    cpu_block_cache_stats, disable_cpu_block_cache, enable_cpu_block_cache, release_free_heap,
+)
+from ryzen_llm.memory_trace import mark
 from ryzen_llm.model import ScaledTransformerModel
 from ryzen_llm.train_step import NonFiniteError, TrainStep, resolve_device, warmup_cosine
+
+mark("imports")
 
 RUNS = ("baseline", "optimized")
 CONFIG_FILE = "config.json"
@@ -49,7 +55,7 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _load_data(config: Config, progress: bool) -> PreparedData:
+def _load_data(config: Config, progress: bool, build: bool = True) -> PreparedData | None:
     return prepare_data(
         config.data.source,
         vocab_size=config.model.vocab_size,
@@ -59,7 +65,34 @@ def _load_data(config: Config, progress: bool) -> PreparedData:
         val_fraction=config.data.val_fraction,
         seed=config.training.seed,
         progress=progress,
+        build=build,
     )
+
+
+def _build_data_child(config_dict: dict, progress: bool) -> None:
+    try:
+        _load_data(config_from_dict(config_dict), progress)
+    except ValueError:
+        pass  # the parent loads the entry again and reports the error itself
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _load_data_building_elsewhere(config: Config, progress: bool) -> PreparedData:
+    """The prepared data, with a missing token cache built in a child process.
+
+    Training the tokenizer and encoding the corpus peak at about 500 MiB for the full preset.
+    Linux carries a process's peak resident size into every process it starts (ru_maxrss
+    survives fork + exec), so building the cache in this process would make that peak the floor
+    of both runs' reported peak memory."""
+    data = _load_data(config, progress, build=False)
+    if data is None:
+        code = _spawn_and_wait(_build_data_child, (config.to_dict(), progress))
+        if code != 0:
+            raise RuntimeError(f"data preparation failed (exit code {code}); see above")
+        # A ValueError in the child (the corpus is too short, ...) is raised here again.
+        data = _load_data(config, progress)
+    return data
 
 
 def _prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
@@ -100,11 +133,13 @@ def train_run(
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     data = data or _load_data(config, progress)
+    mark(f"{which}: data loaded")
     tokenizer_file = run_dir / "tokenizer.json"
     if data.tokenizer is not None and not tokenizer_file.exists():
         data.tokenizer.save(tokenizer_file)
 
     device = resolve_device(tc.device)
+    release_free_heap()  # what loading the data freed
     torch.manual_seed(tc.seed)  # identical initial weights in both runs (drawn on the CPU)
     model = ScaledTransformerModel(mc).to(device)
     if device.type == "cuda":
@@ -123,6 +158,7 @@ def train_run(
         "step": 0, "step_losses": [], "grad_norms": [], "epochs": [], "train_time_s": 0.0,
         "tokens": 0, "best_val_loss": None, "nonfinite": None,
     }
+    mark(f"{which}: model and optimizer built")
     last = ckpt_dir / "last"
     if last.exists():
         ckpt = load_checkpoint(last)
@@ -155,6 +191,9 @@ def train_run(
         disable=not progress, dynamic_ncols=True,
     )
     interrupted = False
+    # The steps repeat their allocation sizes: see ryzen_llm/heap.py. Both runs use it, so that
+    # their speeds compare kernels, not allocators.
+    block_cache = enable_cpu_block_cache()
     steps_this_call = 0
     epoch_start_time = time.perf_counter()
     epoch_train_time = 0.0
@@ -179,11 +218,14 @@ def train_run(
             state["grad_norms"].append(step.last_grad_norm)
             state["step"] += 1
             steps_this_call += 1
+            release_free_heap()
+            mark(f"{which}: step {state['step']}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
             if state["step"] % tc.steps_per_epoch == 0:
                 epoch = state["step"] // tc.steps_per_epoch
                 val_loss = step.evaluate(val)
+                mark(f"{which}: evaluated")
                 epoch_losses = state["step_losses"][-tc.steps_per_epoch:]
                 record = {
                     "epoch": epoch, "step": state["step"],
@@ -206,6 +248,7 @@ def train_run(
                 checkpoint("last")
                 if rank == 0:
                     _prune_epoch_checkpoints(ckpt_dir, tc.keep_checkpoints)
+                mark(f"{which}: checkpoints saved")
                 epoch_start_time, epoch_train_time = time.perf_counter(), 0.0
     except KeyboardInterrupt:
         # A second Ctrl-C (or the parent forwarding the first) must not abort the save below.
@@ -214,6 +257,8 @@ def train_run(
         bar.write(f"[{which}] interrupted: saving a checkpoint at step {state['step']}")
     finally:
         bar.close()
+        block_cache_peak = cpu_block_cache_stats()["peak_held"] if block_cache else None
+        disable_cpu_block_cache()
     if interrupted and state["nonfinite"] is None:
         checkpoint("last")
     if interrupted and "previous_handler" in locals():
@@ -251,6 +296,8 @@ def train_run(
             "saved_activations_per_micro_batch": saved,
             "tensor_total": 2 * params + opt_bytes + saved,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # Most bytes the CPU block cache held at once, in use and cached (None: not used).
+            "cpu_block_cache_peak": block_cache_peak,
             "peak_cuda_allocated": (
                 torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             ),
@@ -269,6 +316,7 @@ def train_run(
     }
     if rank == 0:
         _write_json(out_dir / METRICS_FILE, metrics)
+    mark(f"{which}: metrics written")
     return metrics
 
 
@@ -279,26 +327,31 @@ def _child(config_dict: dict, which: str, run_dir: str, progress: bool, max_step
         sys.exit(130)
 
 
-def _run_in_child(config: Config, which: str, run_dir: Path, progress: bool, max_steps):
-    """Runs train_run in a fresh process so the run's peak memory is its own."""
+def _spawn_and_wait(target, args: tuple) -> int:
+    """Runs target(*args) in a fresh process; returns its exit code. Ctrl-C is passed on."""
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(
-        target=_child, args=(config.to_dict(), which, str(run_dir), progress, max_steps)
-    )
+    proc = ctx.Process(target=target, args=args)
     proc.start()
     try:
         proc.join()
     except KeyboardInterrupt:
         # A terminal's Ctrl-C reaches the child too; a SIGINT sent to this process alone does
-        # not, so pass it on. The child saves a checkpoint and exits.
+        # not, so pass it on. A training child saves a checkpoint and exits.
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGINT)
         proc.join()
         raise
     if proc.exitcode == 130 or proc.exitcode == -signal.SIGINT:
         raise KeyboardInterrupt
-    if proc.exitcode != 0:
-        raise RuntimeError(f"the {which} run failed (exit code {proc.exitcode}); see above")
+    return proc.exitcode
+
+
+def _run_in_child(config: Config, which: str, run_dir: Path, progress: bool, max_steps):
+    """Runs train_run in a fresh process so the run's peak memory is its own."""
+    mark(f"main: starting the {which} run")
+    code = _spawn_and_wait(_child, (config.to_dict(), which, str(run_dir), progress, max_steps))
+    if code != 0:
+        raise RuntimeError(f"the {which} run failed (exit code {code}); see above")
     return json.loads((run_dir / which / METRICS_FILE).read_text())
 
 
@@ -373,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = Path(shared[0])
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 fills the token cache first; the others then read it
-        data = _load_data(config, progress)  # fills the token cache before the runs start
+        data = _load_data_building_elsewhere(config, progress)  # fills the cache before the runs
         if world > 1 and rank == 0:
             dist.barrier()
+        mark("main: data loaded")
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -415,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = build_report(config, metrics, run_dir)
     write_report(report, run_dir)
+    mark("main: report written")
     print_report(report)
     failed = any(m.get("nonfinite") for m in metrics.values())
     return 1 if failed else 0

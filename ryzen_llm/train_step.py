@@ -128,7 +128,10 @@ class TrainStep:
 
     def autocast(self):
         if self.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            # No weight-cast cache: each weight is cast once per forward anyway, and the cache
+            # would hold every bf16 copy until the forward ends (the compressor lets backward
+            # cast the weights again instead of keeping the copies).
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> float:

@@ -225,6 +225,34 @@ def test_prepare_data_second_call_hits_cache(corpus_dir, tmp_path, monkeypatch):
     assert not prepare_data(str(corpus_dir), **kwargs).from_cache
 
 
+def test_prepare_data_without_build_reads_only_the_cache(corpus_dir, tmp_path):
+    kwargs = dict(vocab_size=300, seq_len=32, cache_dir=tmp_path / "cache", progress=False)
+    assert prepare_data(str(corpus_dir), build=False, **kwargs) is None
+    assert not (tmp_path / "cache").exists()
+    first = prepare_data(str(corpus_dir), **kwargs)
+    again = prepare_data(str(corpus_dir), build=False, **kwargs)
+    assert again.from_cache and again.corpus_hash == first.corpus_hash
+    assert again.n_bytes == first.n_bytes
+    np.testing.assert_array_equal(again.train_tokens, first.train_tokens)
+
+
+def test_batches_from_the_cache_file_match_batches_from_memory(corpus_dir, tmp_path):
+    """Windows of a cache memmap are read with pread (not through the mapping): same values."""
+    prepared = prepare_data(str(corpus_dir), vocab_size=300, seq_len=16,
+                            cache_dir=tmp_path / "cache", progress=False)
+    on_disk, in_memory = prepared.train_tokens, np.array(prepared.train_tokens)
+    for step in range(3):
+        for a, b in zip(BatchSampler(on_disk, 4, 16, seed=3).batch(step),
+                        BatchSampler(in_memory, 4, 16, seed=3).batch(step)):
+            assert torch.equal(a, b)
+    for (a, b), (c, d) in zip(eval_batches(on_disk, 2, 16, 3), eval_batches(in_memory, 2, 16, 3)):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    # A view of the memmap (not the file's own mapping) takes the in-memory path.
+    view = on_disk[5:]
+    assert torch.equal(BatchSampler(view, 4, 16, seed=3).batch(0)[0],
+                       BatchSampler(in_memory[5:], 4, 16, seed=3).batch(0)[0])
+
+
 def test_prepare_data_changed_content_or_vocab_misses_cache(corpus_dir, tmp_path):
     kwargs = dict(seq_len=32, cache_dir=tmp_path / "cache", progress=False)
     first = prepare_data(str(corpus_dir), vocab_size=300, **kwargs)

@@ -10,6 +10,8 @@ The trainer builds it in place of torch.optim.AdamW, with the same arguments:
 """
 from __future__ import annotations
 
+import functools
+import sys
 from collections import defaultdict
 
 import torch
@@ -27,6 +29,22 @@ if extension_loaded():
     def _(params, master_params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
           weight_decay, step):
         return None
+
+
+def _plain_until_dynamo_loads(method):
+    """torch.optim.Optimizer wraps add_param_group, zero_grad, state_dict and load_state_dict in
+    torch._disable_dynamo, whose first call imports torch._dynamo (and sympy with it): about
+    70 MiB of resident memory in a training process that never compiles. The wrapper only matters
+    while dynamo traces, which needs torch._dynamo imported; until then the plain method runs."""
+    plain = getattr(method, "__wrapped__", method)
+
+    @functools.wraps(plain)
+    def call(*args, **kwargs):
+        if "torch._dynamo" in sys.modules:
+            return method(*args, **kwargs)
+        return plain(*args, **kwargs)
+
+    return call
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -52,6 +70,11 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay: expected a non-negative value, got {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+
+    add_param_group = _plain_until_dynamo_loads(torch.optim.Optimizer.add_param_group)
+    zero_grad = _plain_until_dynamo_loads(torch.optim.Optimizer.zero_grad)
+    state_dict = _plain_until_dynamo_loads(torch.optim.Optimizer.state_dict)
+    load_state_dict = _plain_until_dynamo_loads(torch.optim.Optimizer.load_state_dict)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,6 +122,34 @@ def test_state_dict_round_trip_and_torch_compatible():
     run_steps(from_torch_params, from_torch, steps=3, seed=7)
     for a, b in zip(from_torch_params, theirs):
         assert max_ulps(a.detach(), b.detach()) <= 8
+
+
+def test_training_does_not_import_dynamo():
+    """Optimizer's add_param_group, zero_grad and state_dict carry torch._disable_dynamo, whose
+    first call imports torch._dynamo (~70 MiB resident); FusedAdamW runs them plain until then."""
+    code = (
+        "import sys, torch\n"
+        "from ryzen_llm.ops.adamw import FusedAdamW\n"
+        "p = torch.nn.Parameter(torch.randn(4, 3))\n"
+        "opt = FusedAdamW([p], lr=1e-3)\n"
+        "p.grad = torch.randn(4, 3); opt.step(); opt.zero_grad()\n"
+        "opt.load_state_dict(opt.state_dict())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_plain_methods_keep_dynamo_semantics_once_loaded():
+    """With torch._dynamo imported, the wrapped methods are the ones torch defines."""
+    import torch._dynamo  # noqa: F401
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedAdamW([p], lr=1e-3)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))]})
+    p.grad = torch.randn(3)
+    opt.zero_grad()
+    assert p.grad is None and len(opt.param_groups) == 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,72 @@
+"""Keeping freed heap memory from staying resident during training.
+
+glibc serves blocks under its mmap threshold (which rises to 32 MiB as big blocks are freed) from
+its heap, keeps what is freed there for reuse, and returns memory to the system only from the
+top of the heap. A training step takes and frees gigabytes in 64 KiB-8 MiB blocks, activations
+and gradients living for different spans, and the holes they leave stay resident: at the full
+preset glibc held 120-250 MiB of free heap in the optimized run.
+
+- enable_cpu_block_cache installs the extension's allocator (csrc/cpu/cpu_block_cache.cpp) for
+  the training loop: a freed block of 64 KiB or more waits for the next request of exactly its
+  size, which a step makes every micro-batch. Optimized run, 4 full-preset steps: peak RSS
+  660 -> 561 MiB, and 5x fewer page faults; the baseline 1030 -> 827 MiB; same losses.
+- release_free_heap (malloc_trim(0)) after each step hands back the free pages left in glibc's
+  heap by the smaller blocks, without moving anything; the pages the next step reuses fault back
+  in, a few thousand per step.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+_malloc_trim = None
+if sys.platform.startswith("linux"):
+    try:
+        _malloc_trim = ctypes.CDLL(None).malloc_trim  # absent from musl and other C libraries
+    except (OSError, AttributeError):
+        pass
+
+
+def release_free_heap() -> bool:
+    """malloc_trim(0) where glibc provides it. True when it returned memory to the system."""
+    return bool(_malloc_trim(0)) if _malloc_trim is not None else False
+
+
+# Blocks from this size up are cached by the extension's allocator (see enable_cpu_block_cache).
+# Below it are Python objects, LayerNorm statistics and biases: glibc's small bins serve them well.
+CPU_BLOCK_CACHE_MIN_BYTES = 64 * 1024
+
+
+def enable_cpu_block_cache(min_bytes: int = CPU_BLOCK_CACHE_MIN_BYTES) -> bool:
+    """Installs csrc/cpu/cpu_block_cache.cpp as torch's CPU allocator: freed blocks of at least
+    min_bytes wait for the next request of the same size instead of going back to glibc, whose
+    heap keeps the holes they leave resident. For loops that repeat their allocation sizes (a
+    training step); a workload with ever new sizes would grow the cache. False where the
+    extension is not built (nothing changes then)."""
+    from ryzen_llm.ops._extension import extension_loaded
+
+    if not extension_loaded():
+        return False
+    return bool(torch.ops.ryzen_llm.cpu_block_cache_enable(min_bytes))
+
+
+def disable_cpu_block_cache() -> int:
+    """Puts back the allocator that was in place and frees the cached blocks (returns the
+    bytes); blocks still in use are freed when their tensors are."""
+    from ryzen_llm.ops._extension import extension_loaded
+
+    if not extension_loaded():
+        return 0
+    return int(torch.ops.ryzen_llm.cpu_block_cache_disable())
+
+
+def cpu_block_cache_stats() -> dict[str, int]:
+    """{"cached", "in_use", "peak_held"} in bytes (zeros where the extension is not built)."""
+    from ryzen_llm.ops._extension import extension_loaded
+
+    if not extension_loaded():
+        return {"cached": 0, "in_use": 0, "peak_held": 0}
+    cached, in_use, peak = torch.ops.ryzen_llm.cpu_block_cache_stats()
+    return {"cached": cached, "in_use": in_use, "peak_held": peak}
