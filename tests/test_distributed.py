@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -24,10 +23,11 @@ def tokens():
     return (np.arange(4000) * 7 % 61).astype(np.uint16)  # a learnable periodic stream
 
 
-def _worker(rank: int, port: int, ratio: float, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, ratio: float, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous: no port to pick in advance that another process could take meanwhile.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=WORLD)
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(
@@ -48,10 +48,7 @@ def _worker(rank: int, port: int, ratio: float, out_dir: str) -> None:
 
 
 def run_two_processes(tmp_path, ratio: float) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, ratio, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(ratio, str(tmp_path)), nprocs=WORLD, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
