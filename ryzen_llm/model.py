@@ -68,11 +68,13 @@ class CausalSelfAttention(nn.Module):
         else:
             k_new, v_new = k, v
         if T == 1:
-            k_cache[step.rows, :, step.write_pos] = k_new[:, :, 0]  # (B, nh, hs) at each row's pos
-            v_cache[step.rows, :, step.write_pos] = v_new[:, :, 0]
+            # each row's new key and value at its own position: one index_copy_ per tensor
+            hs = self.head_dim
+            k_cache.view(-1, hs).index_copy_(0, step.slots, k_new.reshape(B * self.n_heads, hs))
+            v_cache.view(-1, hs).index_copy_(0, step.slots, v_new.reshape(B * self.n_heads, hs))
             if k_scale is not None:
-                k_scale[step.rows, :, step.write_pos] = ks_new[:, :, 0]  # (B, nh)
-                v_scale[step.rows, :, step.write_pos] = vs_new[:, :, 0]
+                k_scale.view(-1).index_copy_(0, step.slots, ks_new.reshape(-1))  # (B * nh,)
+                v_scale.view(-1).index_copy_(0, step.slots, vs_new.reshape(-1))
             y = self.kernels.causal_attention_decode(q, k_cache, v_cache, step.lengths, scale,
                                                      k_scale, v_scale)
         else:
@@ -220,8 +222,7 @@ class KVCache:
 class _CacheStep:
     """Per-call indices shared by every layer of one cached forward."""
 
-    rows: torch.Tensor | None  # (B,) 0..B-1, for writing one position per row (decode)
-    write_pos: torch.Tensor | None  # (B,) position of the new token per row (decode)
+    slots: torch.Tensor | None  # (B * nh,) flat (row, head, position) of each new key (decode)
     lengths: torch.Tensor | None  # (B,) valid keys per row after the write (decode)
     key_padding_mask: torch.Tensor | None  # (B, T) bool (prefill)
 
@@ -361,7 +362,10 @@ class ScaledTransformerModel(nn.Module):
                     f"(max_seq_len {self.config.max_seq_len})"
                 )
             lengths = positions + 1
-            step = _CacheStep(torch.arange(B), positions, lengths, None)
+            # cache rows are contiguous (B, nh, Tmax, hs) blocks: flat slot of (row, head, pos)
+            heads = torch.arange(B * self.config.n_heads).view(B, -1)
+            slots = (heads * cache.max_len + positions[:, None]).view(-1)
+            step = _CacheStep(slots, lengths, None)
             x = self.tok_emb(idx.long()) + self.pos_emb[positions][:, None]  # (B, 1, C)
             last = None
         else:
@@ -381,7 +385,7 @@ class ScaledTransformerModel(nn.Module):
                         "attention_mask: each row must be ones then zeros (right padding) with "
                         "at least one real token"
                     )
-            step = _CacheStep(None, None, None, mask)
+            step = _CacheStep(None, None, mask)
             x = self.tok_emb(idx.long()) + self.pos_emb[:T]  # (B, T, C)
             last = lengths - 1
         first = self.blocks[0].ln1 if len(self.blocks) else self.ln_f
