@@ -113,9 +113,11 @@ class LoadResult:
         return out
 
 
-async def _one(client, t_run: float, prompt: str, args: dict, stream: bool,
+async def _one(client, t_run: float, t0: float, prompt: str, args: dict, stream: bool,
                headers: dict) -> Sample:
-    t0 = time.perf_counter()
+    """One request sent at t0 (perf_counter seconds): the moment the load decided to send it
+    (closed loop) or its scheduled arrival (Poisson), so a client running late counts against
+    the latency instead of hiding it."""
     start = t0 - t_run
     ttft, tokens = None, 0
     try:
@@ -180,15 +182,18 @@ async def run_load(url: str, *, concurrency: int = 1, duration: float = 10.0,
         deadline = t_run + duration
         tasks: list[asyncio.Task] = []
 
-        def launch() -> asyncio.Task:
+        def launch(t0: float) -> asyncio.Task:
             prompt = prompts[res.sent % len(prompts)]
             res.sent += 1
-            return asyncio.ensure_future(_one(client, t_run, prompt, args, stream, headers))
+            return asyncio.ensure_future(_one(client, t_run, t0, prompt, args, stream, headers))
 
         if rate is None:
             async def worker():
-                while res.sent < limit and time.perf_counter() < deadline:
-                    task = launch()
+                while res.sent < limit:
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        break
+                    task = launch(now)
                     tasks.append(task)
                     await task
 
@@ -200,7 +205,7 @@ async def run_load(url: str, *, concurrency: int = 1, duration: float = 10.0,
                 delay = t_run + t_next - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(launch())
+                tasks.append(launch(t_run + t_next))
                 t_next += rng.expovariate(rate)
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=grace)
