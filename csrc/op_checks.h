@@ -1,11 +1,14 @@
-// Argument checks and host-side arithmetic that the CPU and the CUDA implementation of an op
-// share word for word. Each device file checks the device type (and its own dtype set) of the
-// leading tensor itself; everything checked here is the same on every device.
+// Argument checks and host-side code that the CPU and the CUDA implementation of an op share
+// word for word: shape checks, scalar arithmetic, and the ATen calls around a device kernel
+// (templates taking the device's kernel launcher). Each device file checks the device type (and
+// its own dtype set) of the leading tensor itself; everything here is the same on every device.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 namespace ryzen_llm {
@@ -53,6 +56,72 @@ inline FeedForwardShape check_feed_forward_shapes(const at::Tensor& x, const at:
   return {x.numel() / C, C, F};
 }
 
+// The feed-forward around a device's fused bias + GELU: fc1 and fc2 are ATen GEMMs (MKL/oneDNN
+// on CPU, cuBLAS on CUDA). bias_gelu(in, bias, pre, act) writes in + bias to pre (which may be
+// in) and GELU of it to act. Returns (y, h_pre, h_act); h_act is empty when recompute.
+template <typename BiasGelu>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_forward(
+    const at::Tensor& x, const FeedForwardShape& s, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, bool recompute, BiasGelu&& bias_gelu) {
+  const at::Tensor x2 = x.reshape({s.N, s.C});
+  at::Tensor h_pre = at::mm(x2, w1.t());  // (N, F), becomes fc1(x) + b1 in place
+  at::Tensor h_act = at::empty_like(h_pre);
+  bias_gelu(h_pre, b1, h_pre, h_act);
+  at::Tensor y = at::addmm(b2, h_act, w2.t()).view(x.sizes());  // (N, C) -> x's shape
+  if (recompute) h_act = at::empty({0}, x.options());
+  return {y, h_pre, h_act};
+}
+
+// The backward's arguments beyond x's device and dtype (checked by the caller).
+inline FeedForwardShape check_feed_forward_backward_args(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& h_pre, const at::Tensor& h_act, bool recompute) {
+  TORCH_CHECK(x.is_contiguous(), "x: expected a contiguous tensor, got strides ", x.strides(),
+              " for sizes ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x: expected a (N, C) or (B, T, C) tensor, got ",
+              x.dim(), "-D with sizes ", x.sizes());
+  const int64_t C = x.size(-1);
+  const int64_t N = x.numel() / std::max<int64_t>(1, C);
+  check_like(grad_y, x, "grad_y", "x");
+  check_sizes(grad_y, x.sizes(), "grad_y");
+  check_like(w1, x, "w1", "x");
+  TORCH_CHECK(w1.dim() == 2, "w1: expected a 2-D tensor, got ", w1.dim(), "-D with sizes ",
+              w1.sizes());
+  const int64_t F = w1.size(0);
+  check_sizes(w1, {F, C}, "w1");
+  check_like(w2, x, "w2", "x");
+  check_sizes(w2, {C, F}, "w2");
+  check_like(h_pre, x, "h_pre", "x");
+  check_sizes(h_pre, {N, F}, "h_pre");
+  if (recompute) {
+    check_sizes(h_act, {0}, "h_act");
+  } else {
+    check_like(h_act, x, "h_act", "x");
+    check_sizes(h_act, {N, F}, "h_act");
+  }
+  return {N, C, F};
+}
+
+// bias_gelu_grad(grad, in, grad_in, act) -> grad of the bias: grad_in = grad * GELU'(in) (grad_in
+// may be grad), act = GELU(in) when act is defined. Returns (grad_x, grad_w1, grad_b1, grad_w2,
+// grad_b2).
+template <typename BiasGeluGrad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forward_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const FeedForwardShape& s,
+    const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& h_pre, const at::Tensor& h_act,
+    bool recompute, BiasGeluGrad&& bias_gelu_grad) {
+  const at::Tensor gy = grad_y.reshape({s.N, s.C});
+  const at::Tensor x2 = x.reshape({s.N, s.C});
+  at::Tensor grad_b2 = gy.sum(0);
+  at::Tensor grad_h = at::mm(gy, w2);  // (N, F): dL/dGELU, becomes dL/dh_pre in place
+  at::Tensor act = recompute ? at::empty_like(h_pre) : h_act;
+  at::Tensor grad_b1 = bias_gelu_grad(grad_h, h_pre, grad_h, recompute ? act : at::Tensor());
+  at::Tensor grad_w2 = at::mm(gy.t(), act);     // (C, F)
+  at::Tensor grad_w1 = at::mm(grad_h.t(), x2);  // (F, C)
+  at::Tensor grad_x = at::mm(grad_h, w1).view(x.sizes());
+  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
 // -- linear_cross_entropy ------------------------------------------------------------------
 struct LinearCrossEntropyShape {
   int64_t N, C, V;
@@ -80,6 +149,62 @@ inline LinearCrossEntropyShape check_linear_cross_entropy_args(const at::Tensor&
   check_sizes(targets, {N}, "targets");
   TORCH_CHECK(targets.is_contiguous(), "targets: expected a contiguous tensor");
   return {N, C, V};
+}
+
+// The LM head in chunks of `chunk` rows around a device's row kernel, so the (N, V) logits are
+// never whole: logits = h @ weight.T per chunk, then rows(logits, r0, n) turns the n rows from
+// r0 into d(loss)/d(logits) (recording their losses), and the gradients are accumulated from
+// them. Low-precision inputs sum the chunks' grad_weight products in float32 and round once.
+// Returns (grad_h, grad_weight), each empty when not needed.
+template <typename Rows>
+std::pair<at::Tensor, at::Tensor> linear_cross_entropy_chunks(
+    const at::Tensor& h, const at::Tensor& weight, const LinearCrossEntropyShape& s,
+    int64_t chunk, bool need_grad_h, bool need_grad_weight, Rows&& rows) {
+  const bool low_precision = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
+  at::Tensor grad_h = need_grad_h ? at::empty({s.N, s.C}, h.options()) : at::empty({0}, h.options());
+  at::Tensor acc;
+  if (need_grad_weight) {
+    acc = at::empty({s.V, s.C}, h.options().dtype(low_precision ? at::kFloat : h.scalar_type()));
+  }
+  const at::Tensor weight_t = weight.t();
+  for (int64_t r0 = 0; r0 < s.N; r0 += chunk) {
+    const int64_t n = std::min(chunk, s.N - r0);
+    const at::Tensor hc = h.narrow(0, r0, n);
+    at::Tensor logits = at::mm(hc, weight_t);  // (n, V), becomes d(loss)/d(logits)
+    rows(logits, r0, n);
+    if (need_grad_h) {
+      at::Tensor out = grad_h.narrow(0, r0, n);
+      at::mm_out(out, logits, weight);  // (n, C)
+    }
+    if (need_grad_weight) {
+      if (low_precision) {
+        if (r0 == 0) {
+          acc.copy_(at::mm(logits.t(), hc));
+        } else {
+          acc.add_(at::mm(logits.t(), hc));
+        }
+      } else if (r0 == 0) {
+        at::mm_out(acc, logits.t(), hc);  // (V, C)
+      } else {
+        acc.addmm_(logits.t(), hc);
+      }
+    }
+  }
+  at::Tensor grad_weight;
+  if (!need_grad_weight) {
+    grad_weight = at::empty({0}, weight.options());
+  } else if (s.N == 0) {
+    grad_weight = at::zeros_like(weight);
+  } else {
+    grad_weight = low_precision ? acc.to(weight.scalar_type()) : acc;
+  }
+  return {grad_h, grad_weight};
+}
+
+// float32 loss (as the reference, which takes the loss of logits.float()); float64 inputs get a
+// float64 loss so that gradcheck sees full precision.
+inline at::ScalarType linear_cross_entropy_loss_dtype(const at::Tensor& h) {
+  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // -- quantize --------------------------------------------------------------------------------

@@ -221,51 +221,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_feed_forward_forward_cpu(
     const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
     const at::Tensor& b2, bool recompute) {
   const auto s = check_feed_forward(x, w1, b1, w2, b2);
-  const at::Tensor x2 = x.reshape({s.N, s.C});
-  at::Tensor h_pre = at::mm(x2, w1.t());  // (N, F), becomes fc1(x) + b1 in place
-  at::Tensor h_act = at::empty_like(h_pre);
-  bias_gelu_forward_impl(h_pre, b1, h_pre, h_act);
-  at::Tensor y = at::addmm(b2, h_act, w2.t()).view(x.sizes());  // (N, C) -> x's shape
-  if (recompute) h_act = at::empty({0}, x.options());
-  return {y, h_pre, h_act};
+  return feed_forward_forward(x, s, w1, b1, w2, b2, recompute, bias_gelu_forward_impl);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gelu_feed_forward_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1,
                                const at::Tensor& w2, const at::Tensor& h_pre,
                                const at::Tensor& h_act, bool recompute) {
-  check_float_input(x, "x");
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x: expected a (N, C) or (B, T, C) tensor, got ",
-              x.dim(), "-D with sizes ", x.sizes());
-  const int64_t C = x.size(-1);
-  const int64_t N = x.numel() / std::max<int64_t>(1, C);
-  check_like(grad_y, x, "grad_y", "x");
-  check_shape(grad_y, x.sizes(), "grad_y");
-  check_like(w1, x, "w1", "x");
-  check_dim(w1, 2, "w1");
-  const int64_t F = w1.size(0);
-  check_shape(w1, {F, C}, "w1");
-  check_like(w2, x, "w2", "x");
-  check_shape(w2, {C, F}, "w2");
-  check_like(h_pre, x, "h_pre", "x");
-  check_shape(h_pre, {N, F}, "h_pre");
-  if (recompute) {
-    check_shape(h_act, {0}, "h_act");
-  } else {
-    check_like(h_act, x, "h_act", "x");
-    check_shape(h_act, {N, F}, "h_act");
-  }
-  const at::Tensor gy = grad_y.reshape({N, C});
-  const at::Tensor x2 = x.reshape({N, C});
-  at::Tensor grad_b2 = gy.sum(0);
-  at::Tensor grad_h = at::mm(gy, w2);  // (N, F): dL/dGELU, becomes dL/dh_pre in place
-  at::Tensor act = recompute ? at::empty_like(h_pre) : h_act;
-  at::Tensor grad_b1 =
-      bias_gelu_backward_impl(grad_h, h_pre, c10::nullopt, grad_h, recompute ? act : at::Tensor());
-  at::Tensor grad_w2 = at::mm(gy.t(), act);       // (C, F)
-  at::Tensor grad_w1 = at::mm(grad_h.t(), x2);    // (F, C)
-  at::Tensor grad_x = at::mm(grad_h, w1).view(x.sizes());
-  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+  check_cpu(x, "x");
+  check_float_dtype(x, "x");
+  const auto s = check_feed_forward_backward_args(grad_y, x, w1, w2, h_pre, h_act, recompute);
+  return feed_forward_backward(
+      grad_y, x, s, w1, w2, h_pre, h_act, recompute,
+      [](const at::Tensor& grad, const at::Tensor& in, const at::Tensor& grad_in,
+         const at::Tensor& act) { return bias_gelu_backward_impl(grad, in, c10::nullopt, grad_in, act); });
 }
 
 }  // namespace

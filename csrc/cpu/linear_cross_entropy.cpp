@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
   check_cpu(h, "h");
   check_float_dtype(h, "h");
   const auto shape = check_linear_cross_entropy_args(h, weight, targets);
-  const int64_t N = shape.N, C = shape.C, V = shape.V;
+  const int64_t N = shape.N, V = shape.V;
 
   const int64_t* tgt = targets.data_ptr<int64_t>();
   int64_t n_valid = 0;
@@ -127,64 +127,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
   // Mean over zero targets is 0/0 = nan, as in F.cross_entropy; the gradients are then zero.
   const double scale = n_valid > 0 ? 1.0 / static_cast<double>(n_valid) : 0.0;
 
-  at::Tensor grad_h = need_grad_h ? at::empty({N, C}, h.options()) : at::empty({0}, h.options());
-  const bool low_precision = h.scalar_type() == at::kBFloat16;
-  // bfloat16: per-chunk grad_weight products are summed in float32 and rounded once at the end.
-  at::Tensor grad_weight_acc;
-  if (need_grad_weight) {
-    grad_weight_acc = at::empty({V, C}, h.options().dtype(low_precision ? at::kFloat : h.scalar_type()));
-  }
   std::vector<double> loss_rows(static_cast<size_t>(N), 0.0);
   const bool need_grad = need_grad_h || need_grad_weight;
-  const int64_t chunk = rows_per_chunk(N, V);
-  const at::Tensor weight_t = weight.t();
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t rows = std::min(chunk, N - r0);
-    const at::Tensor hc = h.narrow(0, r0, rows);
-    at::Tensor logits = at::mm(hc, weight_t);  // (rows, V), becomes d(loss)/d(logits)
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "linear_cross_entropy", [&] {
-      scalar_t* lp = logits.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / V), [&](int64_t b, int64_t e) {
-        softmax_nll_rows<scalar_t>(lp, tgt + r0, ignore_index, scale, need_grad,
-                                   loss_rows.data() + r0, b, e, V);
+  auto [grad_h, grad_weight] = linear_cross_entropy_chunks(
+      h, weight, shape, rows_per_chunk(N, V), need_grad_h, need_grad_weight,
+      [&](at::Tensor& logits, int64_t r0, int64_t rows) {
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "linear_cross_entropy", [&] {
+          scalar_t* lp = logits.data_ptr<scalar_t>();
+          at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / V), [&](int64_t b, int64_t e) {
+            softmax_nll_rows<scalar_t>(lp, tgt + r0, ignore_index, scale, need_grad,
+                                       loss_rows.data() + r0, b, e, V);
+          });
+        });
       });
-    });
-    if (need_grad_h) {
-      at::Tensor out = grad_h.narrow(0, r0, rows);
-      at::mm_out(out, logits, weight);  // (rows, C)
-    }
-    if (need_grad_weight) {
-      if (low_precision) {
-        if (r0 == 0) {
-          grad_weight_acc.copy_(at::mm(logits.t(), hc));
-        } else {
-          grad_weight_acc.add_(at::mm(logits.t(), hc));
-        }
-      } else if (r0 == 0) {
-        at::mm_out(grad_weight_acc, logits.t(), hc);  // (V, C)
-      } else {
-        grad_weight_acc.addmm_(logits.t(), hc);
-      }
-    }
-  }
   double total = 0.0;
   for (int64_t i = 0; i < N; ++i) total += loss_rows[i];
   const double loss_value = n_valid > 0 ? total / static_cast<double>(n_valid)
                                         : std::numeric_limits<double>::quiet_NaN();
-  // float32 loss (as the reference, which takes the loss of logits.float()); float64 inputs get a
-  // float64 loss so that gradcheck sees full precision.
-  const auto loss_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::full({}, loss_value, h.options().dtype(loss_dtype));
-  at::Tensor grad_weight;
-  if (!need_grad_weight) {
-    grad_weight = at::empty({0}, weight.options());
-  } else if (N == 0) {
-    grad_weight = at::zeros_like(weight);
-  } else if (low_precision) {
-    grad_weight = grad_weight_acc.to(weight.scalar_type());
-  } else {
-    grad_weight = grad_weight_acc;
-  }
+  at::Tensor loss =
+      at::full({}, loss_value, h.options().dtype(linear_cross_entropy_loss_dtype(h)));
   return {loss, grad_h, grad_weight};
 }
 

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda
   check_cuda(h, "h");
   check_float_dtype_cuda(h, "h");
   const auto shape = check_linear_cross_entropy_args(h, weight, targets);
-  const int64_t N = shape.N, C = shape.C, V = shape.V;
+  const int64_t N = shape.N, V = shape.V;
   const c10::cuda::CUDAGuard guard(h.device());
 
   // One sync: the number of out-of-range targets and of valid ones.
@@ -96,64 +96,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda
   // Mean over zero targets is 0/0 = nan, as in F.cross_entropy; the gradients are then zero.
   const double scale = n_valid > 0 ? 1.0 / static_cast<double>(n_valid) : 0.0;
 
-  at::Tensor grad_h = need_grad_h ? at::empty({N, C}, h.options()) : at::empty({0}, h.options());
-  const bool low_precision = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
-  // Low precision: per-chunk grad_weight products are summed in float32, rounded once at the end.
-  at::Tensor grad_weight_acc;
-  if (need_grad_weight) {
-    grad_weight_acc = at::empty({V, C}, h.options().dtype(low_precision ? at::kFloat : h.scalar_type()));
-  }
   at::Tensor loss_rows = at::zeros({N}, h.options().dtype(at::kDouble));
   const bool need_grad = need_grad_h || need_grad_weight;
-  const int64_t chunk = rows_per_chunk(N, V);
-  const at::Tensor weight_t = weight.t();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t rows = std::min(chunk, N - r0);
-    const at::Tensor hc = h.narrow(0, r0, rows);
-    at::Tensor logits = at::mm(hc, weight_t);  // (rows, V), becomes d(loss)/d(logits)
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "linear_cross_entropy_cuda", [&] {
-      using acc_t = at::acc_type<scalar_t, true>;
-      softmax_nll_rows_kernel<scalar_t, acc_t><<<rows, threads_for_row(V), 0, stream>>>(
-          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>() + r0, ignore_index, scale,
-          need_grad, loss_rows.data_ptr<double>() + r0, V);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    if (need_grad_h) {
-      at::Tensor out = grad_h.narrow(0, r0, rows);
-      at::mm_out(out, logits, weight);  // (rows, C)
-    }
-    if (need_grad_weight) {
-      if (low_precision) {
-        if (r0 == 0) {
-          grad_weight_acc.copy_(at::mm(logits.t(), hc));
-        } else {
-          grad_weight_acc.add_(at::mm(logits.t(), hc));
-        }
-      } else if (r0 == 0) {
-        at::mm_out(grad_weight_acc, logits.t(), hc);  // (V, C)
-      } else {
-        grad_weight_acc.addmm_(logits.t(), hc);
-      }
-    }
-  }
-  // float32 loss (as the reference, which takes the loss of logits.float()); float64 inputs get
-  // a float64 loss so that gradcheck sees full precision.
-  const auto loss_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto [grad_h, grad_weight] = linear_cross_entropy_chunks(
+      h, weight, shape, rows_per_chunk(N, V), need_grad_h, need_grad_weight,
+      [&](at::Tensor& logits, int64_t r0, int64_t rows) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "linear_cross_entropy_cuda", [&] {
+          using acc_t = at::acc_type<scalar_t, true>;
+          softmax_nll_rows_kernel<scalar_t, acc_t><<<rows, threads_for_row(V), 0, stream>>>(
+              logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>() + r0, ignore_index, scale,
+              need_grad, loss_rows.data_ptr<double>() + r0, V);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+  const auto loss_dtype = linear_cross_entropy_loss_dtype(h);
   at::Tensor loss = n_valid > 0
                         ? loss_rows.sum().div_(static_cast<double>(n_valid)).to(loss_dtype)
                         : at::full({}, std::numeric_limits<double>::quiet_NaN(),
                                    h.options().dtype(loss_dtype));
-  at::Tensor grad_weight;
-  if (!need_grad_weight) {
-    grad_weight = at::empty({0}, weight.options());
-  } else if (N == 0) {
-    grad_weight = at::zeros_like(weight);
-  } else if (low_precision) {
-    grad_weight = grad_weight_acc.to(weight.scalar_type());
-  } else {
-    grad_weight = grad_weight_acc;
-  }
   return {loss, grad_h, grad_weight};
 }
 
