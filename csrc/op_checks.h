@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <string>
 #include <utility>
 
 namespace ryzen_llm {
@@ -265,6 +266,66 @@ AdamWScalars<acc_t> adamw_scalars(double lr, double beta1, double beta2, double 
           static_cast<acc_t>(beta2),                   static_cast<acc_t>(1.0 - beta2),
           static_cast<acc_t>(std::sqrt(bc2)),          static_cast<acc_t>(eps),
           static_cast<acc_t>(-(lr / bc1))};
+}
+
+
+// The arguments of adamw_step_ (masters empty; params float32 or float64) and of
+// adamw_master_step_ (bfloat16 params and grads, float32 masters and moments): hyperparameters,
+// list lengths, and per parameter its device type, dtype and contiguity and its companions'
+// device, dtype and shape. Returns the parameters' dtype (undefined when there are none).
+inline c10::ScalarType check_adamw_args(c10::DeviceType device_type, at::TensorList params,
+                                        at::TensorList masters, bool with_masters,
+                                        at::TensorList grads, at::TensorList exp_avgs,
+                                        at::TensorList exp_avg_sqs, double lr, double beta1,
+                                        double beta2, double eps, double weight_decay,
+                                        int64_t step) {
+  TORCH_CHECK(lr >= 0, "lr: expected a non-negative value, got ", lr);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "beta1: expected a value in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "beta2: expected a value in [0, 1), got ", beta2);
+  TORCH_CHECK(eps >= 0, "eps: expected a non-negative value, got ", eps);
+  TORCH_CHECK(weight_decay >= 0, "weight_decay: expected a non-negative value, got ", weight_decay);
+  TORCH_CHECK(step >= 1, "step: expected the 1-based step count (>= 1), got ", step);
+  const size_t n = params.size();
+  auto check_length = [n](at::TensorList list, const char* name) {
+    TORCH_CHECK(list.size() == n, name, ": expected ", n, " tensors (one per param), got ",
+                list.size());
+  };
+  if (with_masters) check_length(masters, "master_params");
+  check_length(grads, "grads");
+  check_length(exp_avgs, "exp_avgs");
+  check_length(exp_avg_sqs, "exp_avg_sqs");
+  if (n == 0) return c10::ScalarType::Undefined;
+  const auto param_dtype = with_masters ? at::kBFloat16 : params[0].scalar_type();
+  const auto state_dtype = with_masters ? at::kFloat : param_dtype;
+  TORCH_CHECK(with_masters || param_dtype == at::kFloat || param_dtype == at::kDouble,
+              "params[0]: expected float32 or float64 (bfloat16 parameters go through "
+              "adamw_master_step_), got ", param_dtype);
+  auto check_tensor = [&](const at::Tensor& t, const std::string& name, c10::ScalarType dtype) {
+    TORCH_CHECK(t.device().type() == device_type, name, ": expected a ", device_type,
+                " tensor, got one on ", t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+                t.strides(), " for sizes ", t.sizes());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const std::string pn = "params[" + std::to_string(i) + "]";
+    check_tensor(params[i], pn, param_dtype);
+    TORCH_CHECK(params[i].device() == params[0].device(), pn, ": expected device ",
+                params[0].device(), " (the device of params[0]), got ", params[i].device());
+    auto companion = [&](at::TensorList list, const char* list_name, c10::ScalarType dtype) {
+      const std::string name = std::string(list_name) + "[" + std::to_string(i) + "]";
+      check_tensor(list[i], name, dtype);
+      TORCH_CHECK(list[i].device() == params[i].device(), name, ": expected device ",
+                  params[i].device(), " (the device of ", pn, "), got ", list[i].device());
+      check_sizes(list[i], params[i].sizes(), name.c_str());
+    };
+    if (with_masters) companion(masters, "master_params", at::kFloat);
+    companion(grads, "grads", param_dtype);
+    companion(exp_avgs, "exp_avgs", state_dtype);
+    companion(exp_avg_sqs, "exp_avg_sqs", state_dtype);
+  }
+  return param_dtype;
 }
 
 }  // namespace ryzen_llm

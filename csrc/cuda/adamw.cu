@@ -63,37 +63,6 @@ __global__ void adamw_multi_tensor_kernel(TensorTable<param_t, acc_t> table, Ada
   }
 }
 
-std::string item(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
-
-void check_param(const at::Tensor& t, const std::string& name, c10::ScalarType dtype) {
-  check_cuda(t, name.c_str());
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
-              t.scalar_type());
-  check_contiguous(t, name.c_str());
-}
-
-void check_list_item(const at::Tensor& t, const at::Tensor& param, const std::string& name,
-                     const std::string& param_name, c10::ScalarType dtype) {
-  check_param(t, name, dtype);
-  check_same_device(t, param, name.c_str(), param_name.c_str());
-  check_shape(t, param.sizes(), name.c_str());
-}
-
-void check_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
-                 int64_t step) {
-  TORCH_CHECK(lr >= 0, "lr: expected a non-negative value, got ", lr);
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "beta1: expected a value in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "beta2: expected a value in [0, 1), got ", beta2);
-  TORCH_CHECK(eps >= 0, "eps: expected a non-negative value, got ", eps);
-  TORCH_CHECK(weight_decay >= 0, "weight_decay: expected a non-negative value, got ", weight_decay);
-  TORCH_CHECK(step >= 1, "step: expected the 1-based step count (>= 1), got ", step);
-}
-
-void check_lengths(size_t n, at::TensorList other, const char* name) {
-  TORCH_CHECK(other.size() == n, name, ": expected ", n, " tensors (one per param), got ",
-              other.size());
-}
-
 // Launches over params in groups of kTensorsPerLaunch (empty tensors skipped).
 template <typename param_t, typename acc_t>
 void launch_groups(at::TensorList params, at::TensorList masters, at::TensorList grads,
@@ -128,24 +97,9 @@ void launch_groups(at::TensorList params, at::TensorList masters, at::TensorList
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
                      double weight_decay, int64_t step) {
-  check_hyper(lr, beta1, beta2, eps, weight_decay, step);
-  const size_t n = params.size();
-  check_lengths(n, grads, "grads");
-  check_lengths(n, exp_avgs, "exp_avgs");
-  check_lengths(n, exp_avg_sqs, "exp_avg_sqs");
-  if (n == 0) return;
-  const auto dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "params[0]: expected float32 or float64 (bfloat16 parameters go through "
-              "adamw_master_step_), got ", dtype);
-  for (size_t i = 0; i < n; ++i) {
-    const std::string pn = item("params", i);
-    check_param(params[i], pn, dtype);
-    check_same_device(params[i], params[0], pn.c_str(), "params[0]");
-    check_list_item(grads[i], params[i], item("grads", i), pn, dtype);
-    check_list_item(exp_avgs[i], params[i], item("exp_avgs", i), pn, dtype);
-    check_list_item(exp_avg_sqs[i], params[i], item("exp_avg_sqs", i), pn, dtype);
-  }
+  const auto dtype = check_adamw_args(c10::DeviceType::CUDA, params, {}, false, grads, exp_avgs,
+                                      exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step);
+  if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   AT_DISPATCH_FLOATING_TYPES(dtype, "adamw_step_cuda", [&] {
     launch_groups<scalar_t, scalar_t>(params, {}, grads, exp_avgs, exp_avg_sqs,
@@ -157,22 +111,9 @@ void adamw_master_step_cuda(at::TensorList params, at::TensorList master_params,
                             at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
                             double eps, double weight_decay, int64_t step) {
-  check_hyper(lr, beta1, beta2, eps, weight_decay, step);
-  const size_t n = params.size();
-  check_lengths(n, master_params, "master_params");
-  check_lengths(n, grads, "grads");
-  check_lengths(n, exp_avgs, "exp_avgs");
-  check_lengths(n, exp_avg_sqs, "exp_avg_sqs");
-  if (n == 0) return;
-  for (size_t i = 0; i < n; ++i) {
-    const std::string pn = item("params", i);
-    check_param(params[i], pn, at::kBFloat16);
-    check_same_device(params[i], params[0], pn.c_str(), "params[0]");
-    check_list_item(master_params[i], params[i], item("master_params", i), pn, at::kFloat);
-    check_list_item(grads[i], params[i], item("grads", i), pn, at::kBFloat16);
-    check_list_item(exp_avgs[i], params[i], item("exp_avgs", i), pn, at::kFloat);
-    check_list_item(exp_avg_sqs[i], params[i], item("exp_avg_sqs", i), pn, at::kFloat);
-  }
+  check_adamw_args(c10::DeviceType::CUDA, params, master_params, true, grads, exp_avgs,
+                   exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step);
+  if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   launch_groups<c10::BFloat16, float>(params, master_params, grads, exp_avgs, exp_avg_sqs,
                                       adamw_scalars<float>(lr, beta1, beta2, eps, weight_decay, step));
