@@ -220,6 +220,39 @@ inline void check_block_args(int64_t block_size, int64_t bits) {
 // Bytes of codes for n values: one per value at 8 bits, two values per byte at 4 bits.
 inline int64_t data_bytes(int64_t n, int64_t bits) { return bits == 8 ? n : (n + 1) / 2; }
 
+// dequantize_blockwise's arguments beyond data's device type (checked by the caller): scales
+// beside data, dtypes, block arguments, and data/scales sized for shape. Returns the value count.
+inline int64_t check_dequantize_args(const at::Tensor& data, const at::Tensor& scales,
+                                     at::IntArrayRef shape, int64_t block_size, int64_t bits,
+                                     at::ScalarType dtype) {
+  TORCH_CHECK(scales.device() == data.device(), "scales: expected device ", data.device(),
+              " (the device of data), got ", scales.device());
+  TORCH_CHECK(data.scalar_type() == at::kByte, "data: expected uint8, got ", data.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "scales: expected float32, got ",
+              scales.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "dtype: expected float32 or bfloat16, got ", dtype);
+  check_block_args(block_size, bits);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{data, "data"},
+                                std::pair<const at::Tensor&, const char*>{scales, "scales"}}) {
+    TORCH_CHECK(t.dim() == 1, name, ": expected a 1-D tensor, got ", t.dim(), "-D with sizes ",
+                t.sizes());
+    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+                t.strides(), " for sizes ", t.sizes());
+  }
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "shape: expected non-negative sizes, got ", shape);
+    n *= s;
+  }
+  const int64_t n_blocks = (n + block_size - 1) / block_size;
+  TORCH_CHECK(data.numel() == data_bytes(n, bits), "data: expected ", data_bytes(n, bits),
+              " bytes for ", n, " values at ", bits, " bits, got ", data.numel());
+  TORCH_CHECK(scales.numel() == n_blocks, "scales: expected ", n_blocks, " blocks of ",
+              block_size, " for ", n, " values, got ", scales.numel());
+  return n;
+}
+
 // -- causal_attention_decode ------------------------------------------------------------------
 // The scales of the KV caches: none for float caches; for int8 caches (k_cache and v_cache both
 // int8) one float32 absmax / 127 per cached vector, sizes (B, nh, Tmax), on the caches' device.

@@ -184,27 +184,8 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& data, const at::Tensor& sc
                                     at::IntArrayRef shape, int64_t block_size, int64_t bits,
                                     at::ScalarType dtype) {
   check_cpu(data, "data");
-  check_cpu(scales, "scales");
-  TORCH_CHECK(data.scalar_type() == at::kByte, "data: expected uint8, got ", data.scalar_type());
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, "scales: expected float32, got ",
-              scales.scalar_type());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
-              "dtype: expected float32 or bfloat16, got ", dtype);
-  check_block_args(block_size, bits);
-  check_dim(data, 1, "data");
-  check_dim(scales, 1, "scales");
-  check_contiguous(data, "data");
-  check_contiguous(scales, "scales");
-  int64_t n = 1;
-  for (int64_t s : shape) {
-    TORCH_CHECK(s >= 0, "shape: expected non-negative sizes, got ", shape);
-    n *= s;
-  }
+  const int64_t n = check_dequantize_args(data, scales, shape, block_size, bits, dtype);
   const int64_t n_blocks = (n + block_size - 1) / block_size;
-  TORCH_CHECK(data.numel() == data_bytes(n, bits), "data: expected ", data_bytes(n, bits),
-              " bytes for ", n, " values at ", bits, " bits, got ", data.numel());
-  TORCH_CHECK(scales.numel() == n_blocks, "scales: expected ", n_blocks, " blocks of ",
-              block_size, " for ", n, " values, got ", scales.numel());
   auto out = at::empty(shape, data.options().dtype(dtype));
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "dequantize_blockwise", [&] {
