@@ -5,8 +5,10 @@
 
 TORCH_LIBRARY(ryzen_llm, m) {
   // sum = x + residual (empty when residual is None); out = LayerNorm(sum); mean/rstd per row (float32; float64 for float64 x).
-  m.def("add_layer_norm_forward(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
-  m.def("add_layer_norm_backward(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // A float32 x may take a bfloat16 residual and emit out as out_dtype bfloat16 (autocast); the backward then
+  // reads a bfloat16 grad_out and, given residual_dtype, also returns grad_residual in it (else grad_residual is empty).
+  m.def("add_layer_norm_forward(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
+  m.def("add_layer_norm_backward(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor weight, Tensor mean, Tensor rstd, ScalarType? residual_dtype=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // y = GELU(x + bias), exact erf form; the backward also reduces grad_bias over all rows of x.
   m.def("bias_gelu_forward(Tensor x, Tensor bias) -> Tensor");
   m.def("bias_gelu_backward(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor grad_x, Tensor grad_bias)");

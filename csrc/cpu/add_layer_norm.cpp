@@ -2,6 +2,12 @@
 // One pass reads x and residual and writes sum and out (4 row-sized streams instead of the 6 of
 // an add followed by a LayerNorm); only mean and rstd (2 floats per row) are saved besides sum.
 // Backward: one pass per row for grad_input, per-thread partial sums for grad_weight/grad_bias.
+//
+// Under bf16 autocast the residual stream stays float32 while the branches run in bfloat16: a
+// float32 x then takes a bfloat16 residual, emits out in bfloat16 (out_dtype) for the next
+// linear, and in the backward reads a bfloat16 grad_out and writes the residual's bfloat16
+// gradient beside grad_input. Each of those four tensors would otherwise be a separate cast
+// (a read and a write of the whole activation); the values are the same bits as those casts.
 #include "common.h"
 #include "fast_math.h"
 
@@ -14,23 +20,29 @@ namespace {
 
 // Element types are seen through Elem<scalar_t> (raw bits for bfloat16) so that the conversions
 // inline into every multiversioned clone and the loops vectorise.
-template <typename scalar_t, typename acc_t, typename raw_t = typename Elem<scalar_t>::raw_t>
+// res_t: the residual's element type; out_t: out's (both scalar_t unless mixed, see above).
+template <typename scalar_t, typename res_t, typename out_t, typename acc_t,
+          typename raw_t = typename Elem<scalar_t>::raw_t,
+          typename res_raw_t = typename Elem<res_t>::raw_t,
+          typename out_raw_t = typename Elem<out_t>::raw_t>
 RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
-    const raw_t* x, const raw_t* residual, const raw_t* weight, const raw_t* bias,
-    raw_t* out, raw_t* sum, acc_t* mean_out, acc_t* rstd_out, acc_t* scratch,
+    const raw_t* x, const res_raw_t* residual, const raw_t* weight, const raw_t* bias,
+    out_raw_t* out, raw_t* sum, acc_t* mean_out, acc_t* rstd_out, acc_t* scratch,
     int64_t row_begin, int64_t row_end, int64_t C, double eps) {
   using E = Elem<scalar_t>;
+  using ER = Elem<res_t>;
+  using EO = Elem<out_t>;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const raw_t* xr = x + r * C;
     acc_t mean = 0;
     if (residual != nullptr) {
-      const raw_t* rr = residual + r * C;
+      const res_raw_t* rr = residual + r * C;
       raw_t* sr = sum + r * C;
 #pragma omp simd reduction(+ : mean)
       for (int64_t c = 0; c < C; ++c) {
         // Round the sum to the storage dtype first: the saved sum and the normalised output
         // must describe the same tensor.
-        raw_t s = E::store(E::load(xr[c]) + E::load(rr[c]));
+        raw_t s = E::store(E::load(xr[c]) + ER::load(rr[c]));
         sr[c] = s;
         scratch[c] = E::load(s);
         mean += scratch[c];
@@ -51,10 +63,10 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
     }
     var /= static_cast<acc_t>(C);
     const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-    raw_t* outr = out + r * C;
+    out_raw_t* outr = out + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      outr[c] = E::store((scratch[c] - mean) * rstd * E::load(weight[c]) + E::load(bias[c]));
+      outr[c] = EO::store((scratch[c] - mean) * rstd * E::load(weight[c]) + E::load(bias[c]));
     }
     mean_out[r] = mean;
     rstd_out[r] = rstd;
@@ -62,15 +74,22 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_rows(
 }
 
 // grad_input = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_sum, with g = grad_out * w.
-// grad_weight / grad_bias accumulate into this thread's partial rows.
-template <typename scalar_t, typename acc_t, typename raw_t = typename Elem<scalar_t>::raw_t>
+// grad_weight / grad_bias accumulate into this thread's partial rows. gout_t: grad_out's element
+// type; grad_residual (gres_t), when not null, receives the same values as grad_input.
+template <typename scalar_t, typename gout_t, typename gres_t, typename acc_t,
+          typename raw_t = typename Elem<scalar_t>::raw_t,
+          typename gout_raw_t = typename Elem<gout_t>::raw_t,
+          typename gres_raw_t = typename Elem<gres_t>::raw_t>
 RYZEN_LLM_TARGET_CLONES void add_layer_norm_backward_rows(
-    const raw_t* grad_out, const raw_t* grad_sum, const raw_t* input, const raw_t* weight,
-    const acc_t* mean, const acc_t* rstd, raw_t* grad_input, acc_t* grad_weight_part,
-    acc_t* grad_bias_part, acc_t* xhat, int64_t row_begin, int64_t row_end, int64_t C) {
+    const gout_raw_t* grad_out, const raw_t* grad_sum, const raw_t* input, const raw_t* weight,
+    const acc_t* mean, const acc_t* rstd, raw_t* grad_input, gres_raw_t* grad_residual,
+    acc_t* grad_weight_part, acc_t* grad_bias_part, acc_t* xhat, int64_t row_begin,
+    int64_t row_end, int64_t C) {
   using E = Elem<scalar_t>;
+  using EG = Elem<gout_t>;
+  using ER = Elem<gres_t>;
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const raw_t* go = grad_out + r * C;
+    const gout_raw_t* go = grad_out + r * C;
     const raw_t* in = input + r * C;
     const acc_t m = mean[r];
     const acc_t s = rstd[r];
@@ -78,7 +97,7 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_backward_rows(
 #pragma omp simd reduction(+ : sum_g, sum_gx)
     for (int64_t c = 0; c < C; ++c) {
       acc_t xh = (E::load(in[c]) - m) * s;
-      acc_t dy = E::load(go[c]);
+      acc_t dy = EG::load(go[c]);
       xhat[c] = xh;
       grad_weight_part[c] += dy * xh;
       grad_bias_part[c] += dy;
@@ -89,20 +108,42 @@ RYZEN_LLM_TARGET_CLONES void add_layer_norm_backward_rows(
     const acc_t mean_g = sum_g / static_cast<acc_t>(C);
     const acc_t mean_gx = sum_gx / static_cast<acc_t>(C);
     raw_t* gi = grad_input + r * C;
-    if (grad_sum != nullptr) {
-      const raw_t* gs = grad_sum + r * C;
+    const raw_t* gs = grad_sum != nullptr ? grad_sum + r * C : nullptr;
+    if (grad_residual != nullptr) {
+      gres_raw_t* gr = grad_residual + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        acc_t g = E::load(go[c]) * E::load(weight[c]);
+        acc_t g = EG::load(go[c]) * E::load(weight[c]);
+        acc_t v = s * (g - mean_g - xhat[c] * mean_gx);
+        if (gs != nullptr) v += E::load(gs[c]);
+        const raw_t stored = E::store(v);
+        gi[c] = stored;
+        gr[c] = ER::store(E::load(stored));  // as grad_input.to(residual dtype)
+      }
+    } else if (gs != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t g = EG::load(go[c]) * E::load(weight[c]);
         gi[c] = E::store(s * (g - mean_g - xhat[c] * mean_gx) + E::load(gs[c]));
       }
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        acc_t g = E::load(go[c]) * E::load(weight[c]);
+        acc_t g = EG::load(go[c]) * E::load(weight[c]);
         gi[c] = E::store(s * (g - mean_g - xhat[c] * mean_gx));
       }
     }
+  }
+}
+
+// The element types a float32 LayerNorm may mix with: its own, or bfloat16 (autocast's CPU
+// dtype). Calls f(type tag) with c10::BFloat16 or float.
+template <typename F>
+void with_mixed_type(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) {
+    f(c10::BFloat16());
+  } else {
+    f(float());
   }
 }
 
@@ -129,52 +170,78 @@ void check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight,
   check_contiguous(bias, "bias");
 }
 
+// A dtype that may differ from x's only as float32 x with bfloat16 (see the top of the file).
+void check_mixed_dtype(at::ScalarType t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t == x.scalar_type() || (x.scalar_type() == at::kFloat && t == at::kBFloat16),
+              name, ": expected dtype ", x.scalar_type(),
+              x.scalar_type() == at::kFloat ? " or bfloat16" : "", " (input is ", x.scalar_type(),
+              "), got ", t);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
-    const at::Tensor& bias, double eps) {
+    const at::Tensor& bias, double eps, c10::optional<at::ScalarType> out_dtype) {
   check_layer_norm_params(x, weight, bias);
   TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
   const bool has_residual = residual.has_value();
   if (has_residual) {
     check_same_device(*residual, x, "residual", "input");
-    check_same_dtype(*residual, x, "residual", "input");
+    check_mixed_dtype(residual->scalar_type(), x, "residual");
     check_shape(*residual, x.sizes(), "residual");
     check_contiguous(*residual, "residual");
   }
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  check_mixed_dtype(out_type, x, "out_dtype");
   const int64_t C = x.size(-1);
   const int64_t N = x.numel() / C;
-  auto out = at::empty_like(x);
+  auto out = at::empty_like(x, x.options().dtype(out_type));
   auto sum = has_residual ? at::empty_like(x) : at::empty({0}, x.options());
   auto stat_shape = x.sizes().vec();
   stat_shape.pop_back();
   auto mean = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
   auto rstd = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layer_norm_forward", [&] {
+  const at::ScalarType res_type = has_residual ? residual->scalar_type() : x.scalar_type();
+  auto run = [&](auto x_tag, auto res_tag, auto out_tag) {
+    using scalar_t = decltype(x_tag);
+    using res_t = decltype(res_tag);
+    using out_t = decltype(out_tag);
     using acc_t = at::opmath_type<scalar_t>;
     using E = Elem<scalar_t>;
-    const auto* res_ptr = has_residual ? E::ptr(*residual) : nullptr;
+    const auto* res_ptr = has_residual ? Elem<res_t>::ptr(*residual) : nullptr;
     at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(C);
-      add_layer_norm_rows<scalar_t, acc_t>(
-          E::ptr(x), res_ptr, E::ptr(weight), E::ptr(bias),
-          E::ptr(out), has_residual ? E::ptr(sum) : nullptr,
-          mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), scratch.data(), begin, end, C, eps);
+      add_layer_norm_rows<scalar_t, res_t, out_t, acc_t>(
+          E::ptr(x), res_ptr, E::ptr(weight), E::ptr(bias), Elem<out_t>::ptr(out),
+          has_residual ? E::ptr(sum) : nullptr, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+          scratch.data(), begin, end, C, eps);
     });
+  };
+  if (x.scalar_type() == at::kFloat && (res_type != at::kFloat || out_type != at::kFloat)) {
+    with_mixed_type(res_type, [&](auto res_tag) {
+      with_mixed_type(out_type, [&](auto out_tag) { run(float(), res_tag, out_tag); });
+    });
+    return {out, sum, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layer_norm_forward", [&] {
+    run(scalar_t(), scalar_t(), scalar_t());
   });
   return {out, sum, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
+// grad_residual: the residual's gradient in residual_dtype when that differs from input's (the
+// values of grad_input, rounded once); otherwise empty and grad_input serves both.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_sum,
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
-    const at::Tensor& rstd) {
+    const at::Tensor& rstd, c10::optional<at::ScalarType> residual_dtype) {
   check_cpu(input, "input");
   check_float_dtype(input, "input");
   check_contiguous(input, "input");
   TORCH_CHECK(input.dim() >= 1, "input: expected at least 1 dimension, got a 0-D tensor");
   const int64_t C = input.size(-1);
   const int64_t N = input.numel() / C;
-  check_same_dtype(grad_out, input, "grad_out", "input");
+  check_cpu(grad_out, "grad_out");
+  check_mixed_dtype(grad_out.scalar_type(), input, "grad_out");
   check_shape(grad_out, input.sizes(), "grad_out");
   check_contiguous(grad_out, "grad_out");
   check_same_dtype(weight, input, "weight", "input");
@@ -193,10 +260,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
     check_shape(*grad_sum, input.sizes(), "grad_sum");
     check_contiguous(*grad_sum, "grad_sum");
   }
+  const at::ScalarType res_type = residual_dtype.value_or(input.scalar_type());
+  check_mixed_dtype(res_type, input, "residual_dtype");
+  const bool separate_residual = res_type != input.scalar_type();
   auto grad_input = at::empty_like(input);
+  auto grad_residual = separate_residual ? at::empty_like(input, input.options().dtype(res_type))
+                                         : at::empty({0}, input.options());
   at::Tensor grad_weight, grad_bias;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "add_layer_norm_backward", [&] {
+  auto run = [&](auto in_tag, auto gout_tag, auto gres_tag) {
+    using scalar_t = decltype(in_tag);
+    using gout_t = decltype(gout_tag);
+    using gres_t = decltype(gres_tag);
     using acc_t = at::opmath_type<scalar_t>;
+    using E = Elem<scalar_t>;
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
     const int64_t per_chunk = (N + chunks - 1) / chunks;
     // One partial (grad_weight, grad_bias) row pair per chunk, reduced in a fixed order so the
@@ -209,11 +285,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
         const int64_t end = std::min(N, begin + per_chunk);
         if (begin >= end) continue;
         acc_t* part = partial.data() + chunk * 2 * C;
-        using E = Elem<scalar_t>;
-        add_layer_norm_backward_rows<scalar_t, acc_t>(
-            E::ptr(grad_out), has_grad_sum ? E::ptr(*grad_sum) : nullptr, E::ptr(input),
-            E::ptr(weight), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-            E::ptr(grad_input), part, part + C, xhat.data(), begin, end, C);
+        add_layer_norm_backward_rows<scalar_t, gout_t, gres_t, acc_t>(
+            Elem<gout_t>::ptr(grad_out), has_grad_sum ? E::ptr(*grad_sum) : nullptr,
+            E::ptr(input), E::ptr(weight), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+            E::ptr(grad_input), separate_residual ? Elem<gres_t>::ptr(grad_residual) : nullptr,
+            part, part + C, xhat.data(), begin, end, C);
       }
     });
     std::vector<acc_t> gw(C, acc_t(0)), gb(C, acc_t(0));
@@ -230,8 +306,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
       grad_weight.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(gw[c]);
       grad_bias.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(gb[c]);
     }
-  });
-  return {grad_input, grad_weight, grad_bias};
+  };
+  if (input.scalar_type() == at::kFloat &&
+      (grad_out.scalar_type() != at::kFloat || separate_residual)) {
+    with_mixed_type(grad_out.scalar_type(), [&](auto gout_tag) {
+      with_mixed_type(res_type, [&](auto gres_tag) { run(float(), gout_tag, gres_tag); });
+    });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "add_layer_norm_backward",
+                                   [&] { run(scalar_t(), scalar_t(), scalar_t()); });
+  }
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 }  // namespace

@@ -2,6 +2,9 @@
 // for the statistics (kept in registers-sized chunks through L1) and once for the output.
 // Backward: one block per row for grad_input; grad_weight/grad_bias via per-block partial rows
 // reduced by a second kernel, in a fixed order (deterministic).
+// Mixed dtypes (a float32 x with a reduced-precision residual, out_dtype, grad_out or
+// residual_dtype: autocast's residual stream) are converted with casts around the kernels here;
+// the CPU kernels read and write them in the same pass.
 #include "cuda_common.cuh"
 
 #include <ATen/AccumulateType.h>
@@ -134,12 +137,26 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A dtype that may differ from x's only as float32 x with bfloat16 or float16.
+void check_mixed_dtype(at::ScalarType t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t == x.scalar_type() ||
+                  (x.scalar_type() == at::kFloat && (t == at::kBFloat16 || t == at::kHalf)),
+              name, ": expected dtype ", x.scalar_type(),
+              x.scalar_type() == at::kFloat ? " or bfloat16/float16" : "", " (input is ",
+              x.scalar_type(), "), got ", t);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cuda(
-    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
-    const at::Tensor& bias, double eps) {
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual_in, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, c10::optional<at::ScalarType> out_dtype) {
   check_inputs(x, weight, bias);
   TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  check_mixed_dtype(out_type, x, "out_dtype");
+  c10::optional<at::Tensor> residual = residual_in;
   if (residual.has_value()) {
+    check_mixed_dtype(residual->scalar_type(), x, "residual");
+    if (residual->scalar_type() != x.scalar_type()) residual = residual->to(x.scalar_type());
     TORCH_CHECK(residual->device() == x.device() && residual->scalar_type() == x.scalar_type() &&
                     residual->sizes() == x.sizes() && residual->is_contiguous(),
                 "residual: expected a contiguous ", x.scalar_type(), " tensor of sizes ", x.sizes(),
@@ -154,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
   stat_shape.pop_back();
   auto mean = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
   auto rstd = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
-  if (N == 0) return {out, sum, mean, rstd};
+  if (N == 0) return {out.to(out_type), sum, mean, rstd};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_layer_norm_forward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
@@ -165,14 +182,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
         rstd.data_ptr<acc_t>(), C, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (out_type != x.scalar_type()) out = out.to(out_type);
   return {out, sum, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
-    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_sum,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
+    const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_sum,
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
-    const at::Tensor& rstd) {
+    const at::Tensor& rstd, c10::optional<at::ScalarType> residual_dtype) {
   check_cuda(input, "input");
+  check_mixed_dtype(grad_out_in.scalar_type(), input, "grad_out");
+  const at::ScalarType res_type = residual_dtype.value_or(input.scalar_type());
+  check_mixed_dtype(res_type, input, "residual_dtype");
+  const at::Tensor grad_out = grad_out_in.scalar_type() == input.scalar_type()
+                                  ? grad_out_in
+                                  : grad_out_in.to(input.scalar_type());
   TORCH_CHECK(input.is_contiguous() && grad_out.is_contiguous(),
               "input/grad_out: expected contiguous tensors");
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
@@ -193,7 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
   auto grad_input = at::empty_like(input);
   auto grad_weight = at::empty_like(weight);
   auto grad_bias = at::empty_like(weight);
-  if (N == 0) return {grad_input, grad_weight.zero_(), grad_bias.zero_()};
+  auto residual_grad = [&] {
+    return res_type != input.scalar_type() ? grad_input.to(res_type)
+                                           : at::empty({0}, input.options());
+  };
+  if (N == 0) return {grad_input, grad_weight.zero_(), grad_bias.zero_(), residual_grad()};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "add_layer_norm_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
@@ -216,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
         grad_bias.data_ptr<scalar_t>(), strips, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, grad_weight, grad_bias, residual_grad()};
 }
 
 }  // namespace

@@ -10,41 +10,53 @@ _LIB = "ryzen_llm"
 if extension_loaded():
 
     @torch.library.register_fake(f"{_LIB}::add_layer_norm_forward")
-    def _(x, residual, weight, bias, eps):
+    def _(x, residual, weight, bias, eps, out_dtype=None):
         stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats = x.new_empty(x.shape[:-1], dtype=stats_dtype)
         sum_ = torch.empty_like(x) if residual is not None else x.new_empty((0,))
-        return torch.empty_like(x), sum_, stats, torch.empty_like(stats)
+        return torch.empty_like(x, dtype=out_dtype or x.dtype), sum_, stats, torch.empty_like(stats)
 
     @torch.library.register_fake(f"{_LIB}::add_layer_norm_backward")
-    def _(grad_out, grad_sum, input, weight, mean, rstd):
-        return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(weight)
+    def _(grad_out, grad_sum, input, weight, mean, rstd, residual_dtype=None):
+        separate = residual_dtype is not None and residual_dtype != input.dtype
+        grad_residual = (torch.empty_like(input, dtype=residual_dtype) if separate
+                         else input.new_empty((0,)))
+        return (torch.empty_like(input), torch.empty_like(weight), torch.empty_like(weight),
+                grad_residual)
 
     def _setup_context(ctx, inputs, output):
-        x, residual, weight, bias, eps = inputs
+        x, residual, weight, bias, eps = inputs[:5]
         out, sum_, mean, rstd = output
         ctx.set_materialize_grads(False)  # no zero tensors for outputs nobody differentiates
         ctx.has_residual = residual is not None
+        ctx.residual_dtype = (residual.dtype if residual is not None and residual.dtype != x.dtype
+                              else None)
         ctx.save_for_backward(sum_ if residual is not None else x, weight, mean, rstd)
 
     def _backward(ctx, grad_out, grad_sum, grad_mean, grad_rstd):
         input, weight, mean, rstd = ctx.saved_tensors
         if grad_out is None and grad_sum is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if grad_out is None:
             grad_out = torch.zeros_like(input)
         if not ctx.has_residual:
             grad_sum = None  # the op's sum output is empty; x is returned by the wrapper instead
-        grad_input, grad_weight, grad_bias = torch.ops.ryzen_llm.add_layer_norm_backward(
-            grad_out.contiguous(),
-            grad_sum.contiguous() if grad_sum is not None else None,
-            input,
-            weight,
-            mean,
-            rstd,
+        grad_input, grad_weight, grad_bias, grad_residual = (
+            torch.ops.ryzen_llm.add_layer_norm_backward(
+                grad_out.contiguous(),
+                grad_sum.contiguous() if grad_sum is not None else None,
+                input,
+                weight,
+                mean,
+                rstd,
+                ctx.residual_dtype,
+            )
         )
-        grad_residual = grad_input if ctx.has_residual else None
-        return grad_input, grad_residual, grad_weight, grad_bias, None
+        if not ctx.has_residual:
+            grad_residual = None
+        elif ctx.residual_dtype is None:
+            grad_residual = grad_input
+        return grad_input, grad_residual, grad_weight, grad_bias, None, None
 
     torch.library.register_autograd(
         f"{_LIB}::add_layer_norm_forward", _backward, setup_context=_setup_context
@@ -58,14 +70,30 @@ def add_layer_norm(
     bias: torch.Tensor,
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused (x + residual, LayerNorm(x + residual)); see reference.add_layer_norm."""
-    if residual is not None and residual.dtype != x.dtype:
-        residual = residual.to(x.dtype)  # under autocast the branch output may be bf16
+    """Fused (x + residual, LayerNorm(x + residual)); see reference.add_layer_norm.
+
+    Under autocast with a float32 x (the residual stream), the branch output `residual` may be in
+    the autocast dtype and the normalised output comes back in it: every consumer of that output
+    is a linear that autocast would cast to it anyway, and the kernel writes the same rounded
+    values in its one pass instead of a separate cast forward and backward."""
+    kind = x.device.type
+    mixable = _MIXABLE.get(kind, ()) if x.dtype == torch.float32 else ()
+    out_dtype = None
+    if mixable and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        out_dtype = dtype if dtype in mixable else None
+    if residual is not None and residual.dtype != x.dtype and residual.dtype not in mixable:
+        residual = residual.to(x.dtype)
     out, sum_, _, _ = torch.ops.ryzen_llm.add_layer_norm_forward(
         x.contiguous(),
         residual.contiguous() if residual is not None else None,
         weight.to(x.dtype),
         bias.to(x.dtype),
         eps,
+        out_dtype,
     )
     return (sum_ if residual is not None else x), out
+
+
+# The reduced dtypes a float32 residual stream may mix with in the kernels, per device type.
+_MIXABLE = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float16)}

@@ -11,10 +11,10 @@ namespace {
 
 using LayerNormForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    double);
-using LayerNormBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    double, std::optional<at::ScalarType>);
+using LayerNormBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&);
+    const at::Tensor&, const at::Tensor&, std::optional<at::ScalarType>);
 
 // Naive add + LayerNorm forward and backward over rows of length C, in double.
 void naive_add_layer_norm(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
@@ -72,8 +72,9 @@ TEST_CASE(add_layer_norm_matches_naive_loop) {
       auto x = at::randn(shape, opts), r = at::randn(shape, opts);
       auto w = at::randn({C}, opts), b = at::randn({C}, opts);
       auto dy = at::randn(shape, opts), ds = at::randn(shape, opts);
-      auto [out, sum, mean, rstd] = fwd.call(x, r, w, b, 1e-5);
-      auto [dx, dw, db] = bwd.call(dy, ds, sum, w, mean, rstd);
+      auto [out, sum, mean, rstd] = fwd.call(x, r, w, b, 1e-5, std::nullopt);
+      auto [dx, dw, db, dr] = bwd.call(dy, ds, sum, w, mean, rstd, std::nullopt);
+      EXPECT(dr.numel() == 0, "grad_residual is empty when the residual has input's dtype");
       at::Tensor e_out, e_sum, e_dx, e_dw, e_db;
       naive_add_layer_norm(x, r, w, b, dy, ds, 1e-5, e_out, e_sum, e_dx, e_dw, e_db);
       const int64_t N = x.numel() / C;
@@ -90,15 +91,47 @@ TEST_CASE(add_layer_norm_matches_naive_loop) {
   }
 }
 
+// float32 x with a bfloat16 residual, out and grad_out (autocast): the same values as the
+// float32 op on the widened residual, rounded once to bfloat16.
+TEST_CASE(add_layer_norm_mixed_bfloat16_matches_float32) {
+  auto fwd = harness::op<LayerNormForward>("ryzen_llm::add_layer_norm_forward");
+  auto bwd = harness::op<LayerNormBackward>("ryzen_llm::add_layer_norm_backward");
+  at::manual_seed(1);
+  for (const std::vector<int64_t>& shape : std::vector<std::vector<int64_t>>{{3, 7}, {97, 48}, {2, 5, 129}}) {
+    const int64_t C = shape.back();
+    auto x = at::randn(shape), r = at::randn(shape).to(at::kBFloat16);
+    auto w = at::randn({C}), b = at::randn({C});
+    auto dy = at::randn(shape).to(at::kBFloat16), ds = at::randn(shape);
+    auto [out, sum, mean, rstd] = fwd.call(x, r, w, b, 1e-5, at::kBFloat16);
+    auto [e_out, e_sum, e_mean, e_rstd] = fwd.call(x, r.to(at::kFloat), w, b, 1e-5, std::nullopt);
+    EXPECT(out.scalar_type() == at::kBFloat16 && sum.scalar_type() == at::kFloat, "dtypes");
+    EXPECT(at::equal(out, e_out.to(at::kBFloat16)), "out is the float32 result rounded once");
+    EXPECT(at::equal(sum, e_sum) && at::equal(mean, e_mean), "sum and statistics in float32");
+    auto [dx, dw, db, dr] = bwd.call(dy, ds, sum, w, mean, rstd, at::kBFloat16);
+    auto [e_dx, e_dw, e_db, e_dr] = bwd.call(dy.to(at::kFloat), ds, sum, w, mean, rstd, std::nullopt);
+    EXPECT(at::equal(dx, e_dx) && at::equal(dw, e_dw) && at::equal(db, e_db), "float32 grads");
+    EXPECT(dr.scalar_type() == at::kBFloat16 && at::equal(dr, e_dx.to(at::kBFloat16)),
+           "grad_residual is grad_input rounded once");
+  }
+  auto x = at::randn({4, 8}), w = at::randn({8}), b = at::randn({8});
+  EXPECT_THROWS(fwd.call(x, at::randn({4, 8}).to(at::kHalf), w, b, 1e-5, std::nullopt),
+                "residual: expected dtype");
+  EXPECT_THROWS(fwd.call(x, std::nullopt, w, b, 1e-5, at::kHalf), "out_dtype: expected dtype");
+  EXPECT_THROWS(fwd.call(x.to(at::kDouble), at::randn({4, 8}).to(at::kBFloat16), w.to(at::kDouble),
+                         b.to(at::kDouble), 1e-5, std::nullopt),
+                "residual: expected dtype");
+}
+
 TEST_CASE(add_layer_norm_rejects_bad_input) {
   auto fwd = harness::op<LayerNormForward>("ryzen_llm::add_layer_norm_forward");
   auto x = at::randn({4, 8}), w = at::randn({8}), b = at::randn({8});
-  EXPECT_THROWS(fwd.call(x, at::randn({4, 7}), w, b, 1e-5), "residual: expected sizes");
-  EXPECT_THROWS(fwd.call(x, std::nullopt, at::randn({7}), b, 1e-5), "weight: expected sizes");
-  EXPECT_THROWS(fwd.call(x.to(at::kInt), std::nullopt, w, b, 1e-5), "input: expected float32");
-  EXPECT_THROWS(fwd.call(at::randn({8, 4}).t(), std::nullopt, at::randn({4}), at::randn({4}), 1e-5),
+  const std::optional<at::ScalarType> same;
+  EXPECT_THROWS(fwd.call(x, at::randn({4, 7}), w, b, 1e-5, same), "residual: expected sizes");
+  EXPECT_THROWS(fwd.call(x, std::nullopt, at::randn({7}), b, 1e-5, same), "weight: expected sizes");
+  EXPECT_THROWS(fwd.call(x.to(at::kInt), std::nullopt, w, b, 1e-5, same), "input: expected float32");
+  EXPECT_THROWS(fwd.call(at::randn({8, 4}).t(), std::nullopt, at::randn({4}), at::randn({4}), 1e-5, same),
                "input: expected a contiguous tensor");
-  EXPECT_THROWS(fwd.call(x, std::nullopt, w, b, -1.0), "eps: expected a positive value");
+  EXPECT_THROWS(fwd.call(x, std::nullopt, w, b, -1.0, same), "eps: expected a positive value");
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ryzen_llm.ops.add_layer_norm  # noqa: F401  (registers the fake and autograd kernels)
 from ryzen_llm.ops import reference
 from tests.ops.conftest import DEVICES, assert_within_pytorch_error, requires_extension
 
@@ -88,6 +89,67 @@ def test_opcheck():
         torch.ops.ryzen_llm.add_layer_norm_backward,
         (grad, grad.clone(), x.detach(), w.detach(), mean, rstd),
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 80), (3, 97, 48), (2, 200, 64)])
+def test_autocast_mixed_dtypes_are_the_casts_bit_for_bit(device, with_residual, shape):
+    """Under bf16 autocast a float32 x takes the bf16 branch output and returns out in bf16: the
+    same bits as widening the residual, running the float32 op and rounding out (forward and
+    every gradient, the residual's in bf16)."""
+    x, r, w, b = make_inputs(shape, torch.float32, device, with_residual)
+    if r is not None:
+        r = r.detach().bfloat16().requires_grad_()
+    g = torch.Generator().manual_seed(2)
+    grad_sum = torch.randn(shape, generator=g).to(device)
+    grad_out = torch.randn(shape, generator=g).to(device).bfloat16()
+    inputs = [t for t in (x, r, w, b) if t is not None]
+
+    with torch.autocast(device, dtype=torch.bfloat16):
+        s1, o1 = fused(x, r, w, b)
+    assert (s1.dtype, o1.dtype) == (torch.float32, torch.bfloat16)
+    g1 = torch.autograd.grad((s1, o1) if r is not None else (o1,),
+                             inputs, (grad_sum, grad_out) if r is not None else (grad_out,))
+
+    s2, o2 = fused(x, r.float() if r is not None else None, w, b)
+    o2 = o2.bfloat16()
+    g2 = torch.autograd.grad((s2, o2) if r is not None else (o2,),
+                             inputs, (grad_sum, grad_out) if r is not None else (grad_out,))
+    assert torch.equal(s1, s2) and torch.equal(o1, o2)
+    for name, a, c in zip(["x", "residual", "weight", "bias"] if r is not None
+                          else ["x", "weight", "bias"], g1, g2):
+        assert a.dtype == c.dtype and torch.equal(a, c), f"grad {name}"
+
+
+def test_opcheck_mixed_dtypes():
+    x, r, w, b = make_inputs((4, 5, 24), torch.float32, "cpu", True)
+    r = r.detach().bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.ryzen_llm.add_layer_norm_forward,
+                          (x, r, w, b, 1e-5, torch.bfloat16))
+    out, s, mean, rstd = torch.ops.ryzen_llm.add_layer_norm_forward(
+        x.detach(), r.detach(), w.detach(), b.detach(), 1e-5, torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.ryzen_llm.add_layer_norm_backward,
+        (torch.randn_like(out), torch.randn_like(s), s, w.detach(), mean, rstd, torch.bfloat16),
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (lambda x, r, w, b: (x, r.half(), w, b, 1e-5), "residual: expected dtype"),
+        (lambda x, r, w, b: (x, r, w, b, 1e-5, torch.float16), "out_dtype: expected dtype"),
+        (lambda x, r, w, b: (x.double(), r.bfloat16(), w.double(), b.double(), 1e-5),
+         "residual: expected dtype"),
+        (lambda x, r, w, b: (x.bfloat16(), r, w.bfloat16(), b.bfloat16(), 1e-5),
+         "residual: expected dtype"),
+    ],
+)
+def test_mixed_dtypes_outside_float32_with_bfloat16_raise_named_error(args, message):
+    x, r, w, b = [t.detach() for t in make_inputs((6, 8), torch.float32, "cpu", True)]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.add_layer_norm_forward(*args(x, r, w, b))
 
 
 def test_torch_compile_fullgraph():
