@@ -268,18 +268,21 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   // a few rows, so a plain buffer rather than an ATen op per call.
   const uint16_t* wp = Elem<c10::BFloat16>::ptr(weight);
   const float* xf = x.data_ptr<float>();
-  std::vector<uint16_t> xb(static_cast<size_t>(M * K));
+  // A tensor rather than a std::vector: torch's allocator aligns it to 64 bytes, so the
+  // 64-byte loads of x never straddle two cache lines (that alone cost a third of the speed).
+  at::Tensor x_bf16 = at::empty({M, K}, x.options().dtype(at::kBFloat16));
+  uint16_t* xb = Elem<c10::BFloat16>::ptr(x_bf16);
   for (int64_t i = 0; i < M * K; ++i) xb[i] = Elem<c10::BFloat16>::store(xf[i]);
 #if defined(RYZEN_LLM_DECODE_AVX512)
   if (bf16_dot_available()) {
     parallel([&](int64_t n0, int64_t n1) {
-      rows_block_bf16_dot(xb.data(), wp, yp, M, K, N, n0, n1, ep);
+      rows_block_bf16_dot(xb, wp, yp, M, K, N, n0, n1, ep);
     });
     return y;
   }
 #endif
-  std::vector<float> xr(xb.size());
-  for (size_t i = 0; i < xb.size(); ++i) xr[i] = Elem<c10::BFloat16>::load(xb[i]);
+  std::vector<float> xr(static_cast<size_t>(M * K));
+  for (size_t i = 0; i < xr.size(); ++i) xr[i] = Elem<c10::BFloat16>::load(xb[i]);
   parallel([&](int64_t n0, int64_t n1) {
     rows_block<uint16_t>(xr.data(), wp, yp, M, K, N, n0, n1, ep);
   });
