@@ -773,7 +773,8 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
   }
 }
 
-// One new query per (batch, head) against the first cache_lengths[b] cache rows, streamed key
+// One new query per (batch, head) against the first cache_lengths[b] cache rows (the portable
+// path; decode_head_avx512 below runs instead where it applies), streamed key
 // row by key row (scores, softmax, then the probability-weighted value rows). An int8 cache
 // (cache_t int8_t) is dequantized on the fly: each code row is widened in registers and its
 // float32 scale multiplies the row's score (keys) or probability (values), so no dequantized
@@ -821,6 +822,111 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
   for (int64_t d = 0; d < D; ++d) dst[d] = to_storage<scalar_t>(o[d] * inv);
 }
 
+#if defined(RYZEN_LLM_BF16_DOT)
+// The decode head on AVX-512 for float32 queries with float32 or int8 caches and a head dim that
+// is a multiple of 16 (NV vectors): q stays in registers, 16 keys' dot products are summed
+// across lanes at once (a transposed tree: 45 shuffles and adds instead of 16 horizontal sums),
+// and the output row accumulates in registers instead of memory. The same per-row arithmetic
+// whatever the batch, so a row's result does not depend on the rows beside it.
+#define RYZEN_LLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+bool avx512_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+
+RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Lane j of the result is the sum of the lanes of v[j] (v[n..15] count as zeros).
+RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], z[4], s[2];
+  for (int p = 0; p < 8; ++p)  // lanes i + i+8: keys 2p, 2p+1 in the low, high halves
+    w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int q = 0; q < 4; ++q)  // lanes i + i+4: 128-bit block k holds key 4q+k
+    z[q] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * q], w[2 * q + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[2 * q], w[2 * q + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int h = 0; h < 2; ++h)  // lanes i + i+2 within each block
+    s[h] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * h], z[2 * h + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(z[2 * h], z[2 * h + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4k + m holds key 4m + k: back to key order
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+template <int NV, typename cache_t>
+RYZEN_LLM_AVX512_TARGET void decode_head_avx512(const float* qr, const cache_t* k, int64_t skt,
+                                                const cache_t* v, int64_t svt,
+                                                const float* k_scale, const float* v_scale,
+                                                int64_t len, float scale, float* dst, float* s) {
+  constexpr bool kQuantized = std::is_same_v<cache_t, int8_t>;
+  __m512 qv[NV];
+  for (int c = 0; c < NV; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qr + 16 * c), _mm512_set1_ps(scale));
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - j0));
+    __m512 dots[16];
+    for (int jj = 0; jj < 16; ++jj) {
+      if (jj >= n) {
+        dots[jj] = _mm512_setzero_ps();
+        continue;
+      }
+      const cache_t* kr = k + (j0 + jj) * skt;
+      __m512 acc = _mm512_mul_ps(qv[0], load16(kr));
+      for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), acc);
+      dots[jj] = acc;
+    }
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    __m512 sc = sum_lanes16(dots);
+    if constexpr (kQuantized) sc = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(m, k_scale + j0));
+    _mm512_mask_storeu_ps(s + j0, m, sc);
+    mx = _mm512_mask_max_ps(mx, m, mx, sc);
+  }
+  const float row_max = _mm512_reduce_max_ps(mx);
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) {
+    const float p = softmax_exp(s[j] - row_max);
+    s[j] = p;
+    sum += p;
+  }
+  __m512 o[NV];
+  for (int c = 0; c < NV; ++c) o[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; ++j) {
+    const cache_t* vr = v + j * svt;
+    const __m512 p = _mm512_set1_ps(kQuantized ? s[j] * v_scale[j] : s[j]);
+    for (int c = 0; c < NV; ++c) o[c] = _mm512_fmadd_ps(p, load16(vr + 16 * c), o[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(len > 0 ? 1.0f / sum : 0.0f);
+  for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+
+// The AVX-512 head for this head dim, or null where the portable one runs.
+template <typename cache_t>
+auto decode_head_avx512_for(int64_t D) -> decltype(&decode_head_avx512<2, cache_t>) {
+  if (!avx512_available() || D % 16 != 0) return nullptr;
+  switch (D / 16) {
+    case 2: return &decode_head_avx512<2, cache_t>;
+    case 3: return &decode_head_avx512<3, cache_t>;
+    case 4: return &decode_head_avx512<4, cache_t>;
+    case 5: return &decode_head_avx512<5, cache_t>;
+    case 6: return &decode_head_avx512<6, cache_t>;
+    case 7: return &decode_head_avx512<7, cache_t>;
+    case 8: return &decode_head_avx512<8, cache_t>;
+    default: return nullptr;
+  }
+}
+#endif
+
 // Every (batch, head) of a decode step; scales are (B, H, Tmax) contiguous, null for float caches.
 template <typename scalar_t, typename cache_t, typename acc_t>
 void causal_attention_decode_all(const at::Tensor& q, const at::Tensor& k_cache,
@@ -834,6 +940,24 @@ void causal_attention_decode_all(const at::Tensor& q, const at::Tensor& k_cache,
   const cache_t* vp = v_cache.data_ptr<cache_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Tmax * D));
+#if defined(RYZEN_LLM_BF16_DOT)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // Query rows must be contiguous along the head dim (they are: checked_operand).
+    if (auto head = decode_head_avx512_for<cache_t>(D)) {
+      at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> s(std::max<int64_t>(Tmax, 1) + 16);
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const int64_t bi = bh / H, hi = bh % H;
+          head(qp + sq.at(bi, hi), kp + sk.at(bi, hi), sk.t, vp + sv.at(bi, hi), sv.t,
+               k_scale != nullptr ? k_scale + bh * Tmax : nullptr,
+               v_scale != nullptr ? v_scale + bh * Tmax : nullptr, len[bi],
+               static_cast<float>(scale), op + so.at(bi, hi), s.data());
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s(std::max<int64_t>(Tmax, 1)), qa(D), o(D);
     for (int64_t bh = begin; bh < end; ++bh) {

@@ -309,52 +309,63 @@ TEST_CASE(decode_linear_matches_naive_loop) {
 }
 
 // ---- causal attention decode against an int8 KV cache ----------------------------------------
-TEST_CASE(causal_attention_decode_int8_matches_naive_loop) {
+// int8 caches (any q dtype) and float32 caches with float32 q: the AVX-512 head where the head dim
+// is a multiple of 16 (48, 64, 80 here), the portable one for 33.
+TEST_CASE(causal_attention_decode_matches_naive_loop) {
   using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
   auto decode = harness::op<Fn>("ryzen_llm::causal_attention_decode");
   at::manual_seed(4);
   // (B, H, Tmax, D); row lengths: the full cache, one key, a ragged one.
   for (auto [B, H, Tmax, D] : std::vector<std::array<int64_t, 4>>{
-           {1, 2, 1, 64}, {3, 2, 97, 48}, {3, 1, 128, 80}}) {
+           {1, 2, 1, 64}, {3, 2, 97, 48}, {3, 1, 128, 80}, {2, 2, 40, 33}}) {
     const std::vector<int64_t> all_lens = {Tmax, 1, Tmax / 2 + 3};
     const std::vector<int64_t> lens(all_lens.begin(), all_lens.begin() + B);
     auto lengths = at::tensor(lens, at::kLong);
-    auto kc = at::randint(-127, 128, {B, H, Tmax, D}, at::kChar);
-    auto vc = at::randint(-127, 128, {B, H, Tmax, D}, at::kChar);
-    auto ks = at::rand({B, H, Tmax}) * 0.05, vs = at::rand({B, H, Tmax}) * 0.05;
     const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-    for (auto dtype : {at::kFloat, at::kBFloat16}) {
-      auto q = at::randn({B, H, 1, D}).to(dtype);
-      auto out = decode.call(q, kc, vc, lengths, scale, ks, vs);
-      EXPECT(out.scalar_type() == dtype, "out dtype %s", c10::toString(out.scalar_type()));
-      auto Q = q.to(at::kDouble).contiguous();
-      const double* qp = Q.data_ptr<double>();
-      const int8_t *kp = kc.data_ptr<int8_t>(), *vp = vc.data_ptr<int8_t>();
+    for (bool quantized : {true, false}) {
+      auto kc = quantized ? at::randint(-127, 128, {B, H, Tmax, D}, at::kChar)
+                          : at::randn({B, H, Tmax, D});
+      auto vc = quantized ? at::randint(-127, 128, {B, H, Tmax, D}, at::kChar)
+                          : at::randn({B, H, Tmax, D});
+      auto ks = quantized ? at::rand({B, H, Tmax}) * 0.05 : at::ones({B, H, Tmax});
+      auto vs = quantized ? at::rand({B, H, Tmax}) * 0.05 : at::ones({B, H, Tmax});
+      auto K = kc.to(at::kDouble), V = vc.to(at::kDouble);
+      const double *kp = K.data_ptr<double>(), *vp = V.data_ptr<double>();
       const float *ksp = ks.data_ptr<float>(), *vsp = vs.data_ptr<float>();
-      auto expected = at::zeros({B, H, D}, at::kDouble);
-      double* ep = expected.data_ptr<double>();
-      std::vector<double> p(Tmax);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t bh = b * H + h, L = lens[b];
-          double mx = -1e300, sum = 0;
-          for (int64_t j = 0; j < L; ++j) {
-            double dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += qp[bh * D + d] * kp[(bh * Tmax + j) * D + d];
-            p[j] = dot * ksp[bh * Tmax + j] * scale;
-            mx = std::max(mx, p[j]);
+      for (auto dtype : {at::kFloat, at::kBFloat16}) {
+        if (!quantized && dtype != at::kFloat) continue;  // float caches take q's dtype
+        auto q = at::randn({B, H, 1, D}).to(dtype);
+        auto out = quantized ? decode.call(q, kc, vc, lengths, scale, ks, vs)
+                             : decode.call(q, kc, vc, lengths, scale, std::nullopt, std::nullopt);
+        EXPECT(out.scalar_type() == dtype, "out dtype %s", c10::toString(out.scalar_type()));
+        auto Q = q.to(at::kDouble).contiguous();
+        const double* qp = Q.data_ptr<double>();
+        auto expected = at::zeros({B, H, D}, at::kDouble);
+        double* ep = expected.data_ptr<double>();
+        std::vector<double> p(Tmax);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t bh = b * H + h, L = lens[b];
+            double mx = -1e300, sum = 0;
+            for (int64_t j = 0; j < L; ++j) {
+              double dot = 0;
+              for (int64_t d = 0; d < D; ++d) dot += qp[bh * D + d] * kp[(bh * Tmax + j) * D + d];
+              p[j] = dot * ksp[bh * Tmax + j] * scale;
+              mx = std::max(mx, p[j]);
+            }
+            for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+            for (int64_t j = 0; j < L; ++j)
+              for (int64_t d = 0; d < D; ++d)
+                ep[bh * D + d] += p[j] / sum * vsp[bh * Tmax + j] * vp[(bh * Tmax + j) * D + d];
           }
-          for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
-          for (int64_t j = 0; j < L; ++j)
-            for (int64_t d = 0; d < D; ++d)
-              ep[bh * D + d] += p[j] / sum * vsp[bh * Tmax + j] * vp[(bh * Tmax + j) * D + d];
-        }
-      const double amax = std::max(1.0, expected.abs().max().item<double>());
-      const double tol = (dtype == at::kBFloat16 ? 8e-3 : 2e-6) * amax;
-      const double err = harness::max_abs_diff(out.reshape({B, H, D}), expected);
-      EXPECT(err < tol, "B %ld Tmax %ld D %ld dtype %s: max error %.3e, bound %.3e", (long)B,
-             (long)Tmax, (long)D, c10::toString(dtype), err, tol);
+        const double amax = std::max(1.0, expected.abs().max().item<double>());
+        const double tol = (dtype == at::kBFloat16 ? 8e-3 : 2e-6) * amax;
+        const double err = harness::max_abs_diff(out.reshape({B, H, D}), expected);
+        EXPECT(err < tol, "B %ld Tmax %ld D %ld dtype %s %s cache: max error %.3e, bound %.3e",
+               (long)B, (long)Tmax, (long)D, c10::toString(dtype), quantized ? "int8" : "float32",
+               err, tol);
+      }
     }
   }
   auto q = at::randn({2, 2, 1, 16});
