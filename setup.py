@@ -31,7 +31,8 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/python_module.cpp", "csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/python_module.cpp", "csrc/registration.cpp", "csrc/decode_block.cpp"] + sorted(
+        glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DRYZEN_LLM_EXTENSION"]
     extra = {"cxx": cxx}
     kwargs = dict(

@@ -35,6 +35,10 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // y = x @ weight.T + bias, GELU'd when gelu; x (M, K) float32, weight (N, K) float32/bfloat16,
   // bias (N,) float32; each row's result is independent of M (batch-invariant decode GEMM).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
+  // One transformer block of a decode step (csrc/decode_block.cpp): x (B, C) residual stream, h (B, C)
+  // = ln1(x); writes the new keys/values (int8 codes + scales for an int8 cache) at the flat slots
+  // (B * nh,) and attends to lengths[b] keys; returns (x + attn + ffn, next LayerNorm of it).
+  m.def("decode_block(Tensor x, Tensor h, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, Tensor ln2_weight, Tensor ln2_bias, float ln2_eps, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, Tensor next_weight, Tensor next_bias, float next_eps, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, Tensor(d!)? v_scale, Tensor slots, Tensor lengths, int n_heads) -> (Tensor x_out, Tensor h_out)");
   // Process state, not tensor math: c10's CPU allocator caches blocks of >= min_bytes by exact size
   // while enabled (the trainer's steps). disable/release return the bytes freed; stats are
   // [cached, in use, most held since enable] in bytes.

@@ -48,7 +48,7 @@ def self_check(op: str, device: str) -> tuple[bool, str]:
     g = torch.Generator().manual_seed(0)
     args = _inputs(op, device, g)
     if args is None:
-        return True, "optimizer op: checked by its tests, not here"
+        return True, "no self-check here (optimizer or generation op): checked by its tests"
     with warnings.catch_warnings():  # other ops falling back is not this check's business
         warnings.simplefilter("ignore")
         fused_kernels = KernelSet(3, overrides={op: "fused"})

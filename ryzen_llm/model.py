@@ -352,6 +352,8 @@ class ScaledTransformerModel(nn.Module):
         Every linear layer runs through kernels.decode_linear: fused (level >= 2), each row's
         result is the same whatever the batch holds; the weights may be bfloat16
         (cast_linear_weights), which rounds the activations entering them to bfloat16 as well.
+        With the fused ops a decode step runs each block as one kernels.decode_block op: the
+        same kernels in the same order, bit for bit, without the Python between them.
         """
         B, T = idx.shape
         if cache.batch < B:
@@ -391,13 +393,21 @@ class ScaledTransformerModel(nn.Module):
             x = self.tok_emb(idx.long()) + self.pos_emb[:T]  # (B, T, C)
             last = lengths - 1
         first = self.blocks[0].ln1 if len(self.blocks) else self.ln_f
-        x, h = self.kernels.add_layer_norm(x, None, first.weight, first.bias, first.eps)
+        k = self.kernels
+        x, h = k.add_layer_norm(x, None, first.weight, first.bias, first.eps)
+        one_op = last is None and k.fused_decode_block  # decode: each block as one fused op
+        if one_op:
+            x, h = x[:, 0], h[:, 0]  # (B, C)
         for i, block in enumerate(self.blocks):
             next_ln = self.blocks[i + 1].ln1 if i + 1 < len(self.blocks) else self.ln_f
             kc, vc, ks, vs = cache.layer(i, B)
-            x, h = block.forward_cached(x, h, kc, vc, step, next_ln, ks, vs)
+            if one_op:
+                x, h = k.decode_block(x, h, block, next_ln, kc, vc, ks, vs, step.slots,
+                                      step.lengths)
+            else:
+                x, h = block.forward_cached(x, h, kc, vc, step, next_ln, ks, vs)
         if last is None:
-            h = h[:, 0]  # (B, C)
+            h = h if one_op else h[:, 0]  # (B, C)
             cache.lengths[:B] += 1
         else:
             h = h[torch.arange(B), last]  # (B, C): each row's last real token

@@ -32,12 +32,16 @@ LEVEL_OF_OP: dict[str, int] = {
     "causal_attention": 2,
     "causal_attention_decode": 2,
     "decode_linear": 2,
+    "decode_block": 2,
     "gelu_feed_forward": 3,
     "adamw": 3,
 }
 OPS = tuple(LEVEL_OF_OP)
 # Ops only generation calls (ryzen_llm.engine); a training run reports them as not called.
-INFERENCE_OPS = frozenset({"causal_attention_decode", "decode_linear"})
+INFERENCE_OPS = frozenset({"causal_attention_decode", "decode_linear", "decode_block"})
+
+# The ops a fused decode_block runs inside it, per call (quantize_kv only with an int8 cache).
+DECODE_BLOCK_OPS = {"decode_linear": 4, "causal_attention_decode": 1, "add_layer_norm": 2}
 
 
 def _fused_registry() -> dict[str, Callable]:
@@ -48,6 +52,7 @@ def _fused_registry() -> dict[str, Callable]:
     from ryzen_llm.ops.add_layer_norm import add_layer_norm
     from ryzen_llm.ops.bias_gelu import bias_gelu
     from ryzen_llm.ops.causal_attention import causal_attention, causal_attention_decode
+    from ryzen_llm.ops.decode_block import decode_block
     from ryzen_llm.ops.decode_linear import decode_linear
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
@@ -59,6 +64,7 @@ def _fused_registry() -> dict[str, Callable]:
         "causal_attention": causal_attention,
         "causal_attention_decode": causal_attention_decode,
         "decode_linear": decode_linear,
+        "decode_block": decode_block,
         "gelu_feed_forward": gelu_feed_forward,
         "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
     }
@@ -186,6 +192,24 @@ class KernelSet:
         """x @ weight.T + bias (GELU'd when gelu) for generation; the fused kernel's rows do not
         depend on the batch (see ryzen_llm.ops.decode_linear)."""
         return self._run("decode_linear", x, weight, bias, gelu)
+
+    @property
+    def fused_decode_block(self) -> bool:
+        """True when a decode step's blocks run as one fused op each: decode_block and every op
+        it runs inside are fused (an op forced to its reference keeps the composed path)."""
+        return all(self.choices[op].impl == "fused" for op in ("decode_block", *DECODE_BLOCK_OPS))
+
+    def decode_block(self, x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots,
+                     lengths):
+        """One block of a decode step in one fused op (see ryzen_llm.ops.decode_block); only
+        when fused_decode_block. The ops it runs inside are counted too."""
+        self.calls[("decode_block", "fused")] += 1
+        for op, n in DECODE_BLOCK_OPS.items():
+            self.calls[(op, "fused")] += n
+        if k_scale is not None:
+            self.calls[("quantize_kv", "fused")] += 1
+        return self._fn["decode_block"](x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale,
+                                        slots, lengths)
 
     @property
     def batch_invariant_decode(self) -> bool:

@@ -1,0 +1,40 @@
+"""One transformer block of a decode step as one op: the Python face of
+torch.ops.ryzen_llm.decode_block (csrc/decode_block.cpp).
+
+It runs the same fused kernels, in the same order, as the composed decode path of
+ScaledTransformerModel.forward_with_cache (qkv decode_linear, the KV-cache write, the decode
+attention, the output projection, add + LayerNorm, the GELU feed-forward, the next add +
+LayerNorm), so its result is bit for bit that path's; it only removes the Python and dispatch
+around them (~20 calls per block). Inference only (no autograd); k_cache, v_cache and, for an
+int8 cache, k_scale and v_scale are written in place."""
+from __future__ import annotations
+
+import torch
+
+from ryzen_llm.ops._extension import extension_loaded
+
+_LIB = "ryzen_llm"
+
+if extension_loaded():
+
+    @torch.library.register_fake(f"{_LIB}::decode_block")
+    def _(x, h, qkv_weight, qkv_bias, proj_weight, proj_bias, ln2_weight, ln2_bias, ln2_eps,
+          fc1_weight, fc1_bias, fc2_weight, fc2_bias, next_weight, next_bias, next_eps, k_cache,
+          v_cache, k_scale, v_scale, slots, lengths, n_heads):
+        return torch.empty_like(x), torch.empty_like(x)
+
+
+def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots, lengths):
+    """(x, h) after `block` (a model Block) for one new token per row: x (B, C) the residual
+    stream, h (B, C) = block.ln1(x); returns (new x, next_ln(new x)). slots (B * nh,) are the
+    flat (row, head, position) cache indices of the new keys, lengths (B,) the valid keys per
+    row after the write."""
+    attn, mlp = block.attn, block.mlp
+    return torch.ops.ryzen_llm.decode_block(
+        x, h,
+        attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+        block.ln2.weight, block.ln2.bias, block.ln2.eps,
+        mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+        next_ln.weight, next_ln.bias, next_ln.eps,
+        k_cache, v_cache, k_scale, v_scale, slots, lengths, attn.n_heads,
+    )
