@@ -73,6 +73,33 @@ RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Writes a tile's R x NR sums through the epilogue. The bias add and GELU run on all 16 slots of
+// one vector (unused slots hold zeros): every output of the kernel takes the same vector
+// instructions, whatever tile it sat in, and GELU costs a vector per tile instead of ~15 ns per
+// output (which at 32 rows was 4x the multiply-adds of fc1).
+template <int R, int NR>
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET void store_tile(const __m512 (&acc)[R][NR], int64_t n,
+                                                         int64_t n1, float* y, int64_t N,
+                                                         Epilogue ep) {
+  static_assert(R * NR <= 16, "a tile is at most 16 sums");
+  alignas(64) float v[16] = {};
+  alignas(64) float b[16] = {};
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR; ++j) {
+      v[i * NR + j] = _mm512_reduce_add_ps(acc[i][j]);
+      if (ep.bias != nullptr) b[i * NR + j] = ep.bias[std::min<int64_t>(n + j, n1 - 1)];
+    }
+  if (ep.gelu) {
+#pragma omp simd simdlen(16)
+    for (int f = 0; f < 16; ++f) v[f] = gelu_value(v[f] + b[f]);
+  } else {
+#pragma omp simd simdlen(16)
+    for (int f = 0; f < 16; ++f) v[f] += b[f];
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NR && n + j < n1; ++j) y[i * N + n + j] = v[i * NR + j];
+}
+
 // R input rows against NR weight rows, each of the R x NR dot products in its own register
 // walking K in the same order: a row's result does not depend on the tile it ran in. Weight rows
 // past the block are clamped copies whose results are dropped.
@@ -102,9 +129,7 @@ RYZEN_LLM_AVX512_TARGET void tile_avx512(const float* x, const W* w, int64_t K, 
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < NR && n + j < n1; ++j)
-      y[i * N + n + j] = ep(_mm512_reduce_add_ps(acc[i][j]), n + j);
+  store_tile<R, NR>(acc, n, n1, y, N, ep);
 }
 
 // Rows m0..m0+R-1 against weight rows n0..n1-1; fewer rows get more weight rows per tile so that
@@ -144,9 +169,7 @@ RYZEN_LLM_BF16_DOT_TARGET void tile_bf16_dot(const uint16_t* x, const uint16_t* 
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < NR && n + j < n1; ++j)
-      y[i * N + n + j] = ep(_mm512_reduce_add_ps(acc[i][j]), n + j);
+  store_tile<R, NR>(acc, n, n1, y, N, ep);
 }
 
 template <int R>
