@@ -27,8 +27,8 @@ c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool gelu) {
   static const auto op =
       op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           bool)>("ryzen_llm::decode_linear");
-  return op.call(x, w, b, gelu);
+                           bool, int64_t)>("ryzen_llm::decode_linear");
+  return op.call(x, w, b, gelu, -1);  // a packed weight's output count comes from the bias
 }
 
 // (x + residual, LayerNorm(x + residual))

@@ -33,8 +33,10 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // q's dtype, or int8 codes with k_scale/v_scale float32 (B, nh, Tmax), one absmax/127 per cached vector.
   m.def("causal_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
   // y = x @ weight.T + bias, GELU'd when gelu; x (M, K) float32, weight (N, K) float32/bfloat16,
-  // bias (N,) float32; each row's result is independent of M (batch-invariant decode GEMM).
-  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor");
+  // bias (N,) float32; each row's result is independent of M (batch-invariant decode GEMM). The weight may
+  // also be bfloat16 packed by ryzen_llm.ops.decode_linear.pack_decode_weight, (ceil(N/16), ceil(K/2), 16, 2),
+  // N then given by out_features or the bias.
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu, int out_features=-1) -> Tensor");
   // One transformer block of a decode step (csrc/decode_block.cpp): x (B, C) residual stream, h (B, C)
   // = ln1(x); writes the new keys/values (int8 codes + scales for an int8 cache) at the flat slots
   // (B * nh,) and attends to lengths[b] keys; returns (x + attn + ffn, next LayerNorm of it).

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ryzen_llm.config import ModelConfig
+from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops.decode_linear import pack_decode_weight
 from ryzen_llm.ops.dispatch import KernelSet
 
 
@@ -59,7 +61,9 @@ class CausalSelfAttention(nn.Module):
         stored as int8 codes with one scale per vector. Prefill attends to the exact keys and
         values of the prompt; only later decode steps read the codes."""
         B, T, C = x.shape
-        qkv = self.kernels.decode_linear(x, self.qkv.weight, self.qkv.bias).view(B, T, 3, self.n_heads, self.head_dim)
+        kern = self.kernels
+        qkv = kern.decode_linear(x, kern.decode_weight(self.qkv), self.qkv.bias).view(
+            B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         scale = 1.0 / math.sqrt(self.head_dim)
         if k_scale is not None:
@@ -86,8 +90,8 @@ class CausalSelfAttention(nn.Module):
                 k_scale[:, :, :T] = ks_new
                 v_scale[:, :, :T] = vs_new
             y = self.kernels.causal_attention(q, k, v, step.key_padding_mask, scale)
-        return self.kernels.decode_linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight,
-                                         self.proj.bias)
+        return kern.decode_linear(y.transpose(1, 2).reshape(B, T, C),
+                                  kern.decode_weight(self.proj), self.proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -138,7 +142,8 @@ class Block(nn.Module):
         a = self.attn.forward_cached(h, k_cache, v_cache, step, k_scale, v_scale)
         x, h = k.add_layer_norm(x, a, self.ln2.weight, self.ln2.bias, self.ln2.eps)
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        m = k.decode_linear(k.decode_linear(h, fc1.weight, fc1.bias, True), fc2.weight, fc2.bias)
+        m = k.decode_linear(k.decode_linear(h, k.decode_weight(fc1), fc1.bias, True),
+                            k.decode_weight(fc2), fc2.bias)
         return k.add_layer_norm(x, m, next_ln.weight, next_ln.bias, next_ln.eps)
 
 
@@ -259,14 +264,18 @@ class ScaledTransformerModel(nn.Module):
     def cast_linear_weights(self, dtype: torch.dtype) -> "ScaledTransformerModel":
         """Stores the weight matrices of every linear layer (attention, feed-forward, LM head) in
         dtype, for generation: a decode step is bound by reading weights, and bfloat16 halves
-        the bytes. Biases, embeddings and LayerNorms stay float32; activations and accumulation
+        the bytes. With bfloat16 each linear also keeps `decode_weight`, the same values packed
+        for the fused decode_linear's outer-product kernel (pack_decode_weight; one more copy of
+        the bfloat16 weights), which the fused ops read instead. Biases, embeddings and LayerNorms stay float32; activations and accumulation
         stay float32 (forward_with_cache widens the weights in registers). forward() and loss()
         need float32 weights: cast back with torch.float32 before training."""
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+        packed = dtype == torch.bfloat16 and extension_loaded()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.to(dtype)
+                module.decode_weight = pack_decode_weight(module.weight.data) if packed else None
         self.linear_weight_dtype = dtype
         return self
 
@@ -412,7 +421,8 @@ class ScaledTransformerModel(nn.Module):
         else:
             h = h[torch.arange(B), last]  # (B, C): each row's last real token
             cache.lengths[:B] = lengths
-        return self.kernels.decode_linear(h, self.lm_head.weight, None)  # (B, V)
+        return k.decode_linear(h, k.decode_weight(self.lm_head), None,
+                               out_features=self.config.vocab_size)  # (B, V)
 
     def loss(
         self,

@@ -24,17 +24,25 @@ if extension_loaded():
         return torch.empty_like(x), torch.empty_like(x)
 
 
+def _weight(linear):
+    """The packed bfloat16 weight where cast_linear_weights made one (the fused decode_linear reads
+    it), else the weight itself."""
+    packed = getattr(linear, "decode_weight", None)
+    return packed if packed is not None else linear.weight
+
+
 def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots, lengths):
     """(x, h) after `block` (a model Block) for one new token per row: x (B, C) the residual
     stream, h (B, C) = block.ln1(x); returns (new x, next_ln(new x)). slots (B * nh,) are the
     flat (row, head, position) cache indices of the new keys, lengths (B,) the valid keys per
     row after the write."""
     attn, mlp = block.attn, block.mlp
+    w = _weight
     return torch.ops.ryzen_llm.decode_block(
         x, h,
-        attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+        w(attn.qkv), attn.qkv.bias, w(attn.proj), attn.proj.bias,
         block.ln2.weight, block.ln2.bias, block.ln2.eps,
-        mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+        w(mlp.fc1), mlp.fc1.bias, w(mlp.fc2), mlp.fc2.bias,
         next_ln.weight, next_ln.bias, next_ln.eps,
         k_cache, v_cache, k_scale, v_scale, slots, lengths, attn.n_heads,
     )

@@ -188,10 +188,21 @@ class KernelSet:
         self.calls[("quantize_kv", impl)] += 1
         return self._quantize_kv(x)
 
-    def decode_linear(self, x, weight, bias, gelu=False):
+    def decode_linear(self, x, weight, bias, gelu=False, out_features=-1):
         """x @ weight.T + bias (GELU'd when gelu) for generation; the fused kernel's rows do not
-        depend on the batch (see ryzen_llm.ops.decode_linear)."""
+        depend on the batch (see ryzen_llm.ops.decode_linear). weight: decode_weight(linear);
+        out_features: N, needed with a packed weight and no bias."""
+        if out_features >= 0 and weight.dim() != 2:
+            return self._run("decode_linear", x, weight, bias, gelu, out_features)
         return self._run("decode_linear", x, weight, bias, gelu)
+
+    def decode_weight(self, linear: torch.nn.Linear) -> torch.Tensor:
+        """The weight decode_linear reads for `linear`: its packed bfloat16 copy
+        (ScaledTransformerModel.cast_linear_weights) where the fused kernel runs, else the weight."""
+        packed = getattr(linear, "decode_weight", None)
+        if packed is not None and self.choices["decode_linear"].impl == "fused":
+            return packed
+        return linear.weight
 
     @property
     def fused_decode_block(self) -> bool:

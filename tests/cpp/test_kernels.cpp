@@ -276,17 +276,28 @@ TEST_CASE(adamw_matches_naive_loop) {
 }
 
 // ---- decode linear ----------------------------------------------------------------------------
+// The weight layout of ryzen_llm.ops.decode_linear.pack_decode_weight: (ceil(N/16), ceil(K/2), 16, 2).
+at::Tensor pack_decode_weight(const at::Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1), N16 = (N + 15) / 16, K2 = (K + 1) / 2;
+  auto p = at::zeros({N16 * 16, K2 * 2}, w.options());
+  p.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  return p.view({N16, 16, K2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
 TEST_CASE(decode_linear_matches_naive_loop) {
-  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                        int64_t);
   auto lin = harness::op<Fn>("ryzen_llm::decode_linear");
   at::manual_seed(5);
   struct Shape { int64_t M, K, N; };
-  for (auto wdtype : {at::kFloat, at::kBFloat16})
+  for (int layout = 0; layout < 3; ++layout)  // float32, bfloat16, packed bfloat16
     for (auto [M, K, N] : std::vector<Shape>{{1, 7, 3}, {5, 33, 50}, {4, 512, 130}, {9, 80, 17}})
       for (bool gelu_on : {false, true}) {
+        const auto wdtype = layout == 0 ? at::kFloat : at::kBFloat16;
         auto x = at::randn({M, K}), w = (at::randn({N, K}) / std::sqrt(double(K))).to(wdtype);
         auto b = at::randn({N});
-        auto y = lin.call(x, w, b, gelu_on);
+        const at::Tensor wl = layout == 2 ? pack_decode_weight(w) : w;
+        auto y = lin.call(x, wl, b, gelu_on, -1);
         // bfloat16 weights take x rounded to bfloat16 (autocast's rule).
         auto X = x.to(wdtype).to(at::kDouble).contiguous(), W = w.to(at::kDouble).contiguous();
         auto B = b.to(at::kDouble).contiguous();
@@ -302,10 +313,16 @@ TEST_CASE(decode_linear_matches_naive_loop) {
         EXPECT(harness::max_abs_diff(y, ey) < 1e-5 * std::sqrt(double(K)) * 4, "M %ld K %ld N %ld",
                (long)M, (long)K, (long)N);
         // A row alone gives the bits it has in the batch.
-        auto last = lin.call(x.narrow(0, M - 1, 1).contiguous(), w, b, gelu_on);
-        EXPECT(at::equal(last, y.narrow(0, M - 1, 1)), "row %ld alone differs", (long)(M - 1));
+        auto last = lin.call(x.narrow(0, M - 1, 1).contiguous(), wl, b, gelu_on, -1);
+        EXPECT(at::equal(last, y.narrow(0, M - 1, 1)), "row %ld alone differs (layout %d)",
+               (long)(M - 1), layout);
       }
-  EXPECT_THROWS(lin.call(at::randn({2, 8}), at::randn({3, 7}), std::nullopt, false), "weight");
+  EXPECT_THROWS(lin.call(at::randn({2, 8}), at::randn({3, 7}), std::nullopt, false, -1), "weight");
+  auto packed = pack_decode_weight(at::randn({20, 8}).to(at::kBFloat16));
+  EXPECT_THROWS(lin.call(at::randn({2, 8}), packed, std::nullopt, false, -1),
+                "out_features: required");
+  EXPECT_THROWS(lin.call(at::randn({2, 8}), packed, std::nullopt, false, 40), "do not fit");
+  EXPECT_THROWS(lin.call(at::randn({2, 10}), packed, std::nullopt, false, 20), "packed for 8");
 }
 
 // ---- causal attention decode against an int8 KV cache ----------------------------------------

@@ -15,10 +15,17 @@ pytestmark = requires_extension
 SHAPES = [(1, 7, 3), (3, 33, 50), (4, 512, 1536), (5, 1024, 512), (32, 512, 2048), (97, 80, 97)]
 
 
-def fused(x, w, b, gelu):
-    from ryzen_llm.ops.decode_linear import decode_linear
+def fused(x, w, b, gelu, packed=False):
+    """decode_linear; packed: with the weight (bfloat16) in pack_decode_weight's layout."""
+    from ryzen_llm.ops.decode_linear import decode_linear, pack_decode_weight
 
+    if packed:
+        return decode_linear(x, pack_decode_weight(w), b, gelu, out_features=w.shape[0])
     return decode_linear(x, w, b, gelu)
+
+
+# float32 weights, bfloat16 weights as (N, K) rows, and bfloat16 weights packed
+LAYOUTS = [torch.float32, torch.bfloat16, "packed"]
 
 
 def make_inputs(M, K, N, seed=0):
@@ -30,11 +37,13 @@ def make_inputs(M, K, N, seed=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matches_reference_within_pytorch_error(shape, wdtype, gelu, with_bias):
+def test_matches_reference_within_pytorch_error(shape, layout, gelu, with_bias):
     x, w, b = make_inputs(*shape)
+    packed = layout == "packed"
+    wdtype = torch.bfloat16 if packed else layout
     w = w.to(wdtype)  # the weights as stored; the reference widens these same values
     if wdtype == torch.bfloat16:  # x meets bfloat16 weights rounded to bfloat16 (autocast's rule)
         x = x.bfloat16().float()
@@ -42,38 +51,65 @@ def test_matches_reference_within_pytorch_error(shape, wdtype, gelu, with_bias):
     ref64 = reference.decode_linear(x.double(), w.double(), None if b is None else b.double(),
                                     gelu)
     plain = reference.decode_linear(x, w, b, gelu)
-    got = fused(x, w, b, gelu)
-    assert got.dtype == torch.float32
-    assert_within_pytorch_error(f"y {shape} {wdtype} gelu={gelu}", got, plain, ref64)
+    got = fused(x, w, b, gelu, packed)
+    assert got.dtype == torch.float32 and got.shape == plain.shape
+    assert_within_pytorch_error(f"y {shape} {layout} gelu={gelu}", got, plain, ref64)
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-def test_rows_are_bitwise_independent_of_the_batch(wdtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_are_bitwise_independent_of_the_batch(layout):
     """Any slice of rows gives exactly the rows of the whole batch (ATen's GEMM does not)."""
-    x, w, b = make_inputs(40, 512, 1536)
-    w = w.to(wdtype)
-    whole = fused(x, w, b, True)
+    packed = layout == "packed"
+    x, w, b = make_inputs(40, 512, 1530)  # N: not a multiple of 16 (a partial packed block)
+    w = w.to(torch.bfloat16 if packed else layout)
+    whole = fused(x, w, b, True, packed)
     for m in range(1, 41):
         for start in sorted({0, 1, 40 - m}):
             if start + m <= 40:
-                assert torch.equal(fused(x[start:start + m], w, b, True), whole[start:start + m]), (
+                assert torch.equal(fused(x[start:start + m], w, b, True, packed),
+                                   whole[start:start + m]), (
                     f"rows {start}..{start + m - 1} differ from the same rows in a batch of 40")
     # The row order within the batch does not matter either.
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(fused(x[perm], w, b, True), whole[perm])
+    assert torch.equal(fused(x[perm], w, b, True, packed), whole[perm])
 
 
-def test_rows_are_bitwise_independent_of_the_thread_count():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_are_bitwise_independent_of_the_thread_count(layout):
+    packed = layout == "packed"
     x, w, b = make_inputs(9, 512, 1024)
+    w = w.to(torch.bfloat16 if packed else layout)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fused(x, w, b, False)
+        one = fused(x, w, b, False, packed)
         torch.set_num_threads(max(2, before))
-        many = fused(x, w, b, False)
+        many = fused(x, w, b, False, packed)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
+
+
+def test_packed_layout_and_its_named_errors():
+    from ryzen_llm.ops.decode_linear import decode_linear, pack_decode_weight
+
+    w = torch.randn(20, 7).bfloat16()
+    p = pack_decode_weight(w)
+    assert p.shape == (2, 4, 16, 2) and p.dtype == torch.bfloat16
+    assert torch.equal(p[0, :, 3, :].reshape(-1)[:7], w[3])  # output 3's weights, in K order
+    assert not p[1, :, 4:].any() and not p[:, 3, :, 1].any()  # zeros past N = 20 and K = 7
+    x = torch.randn(2, 7)
+    with pytest.raises(RuntimeError, match="out_features: required"):
+        torch.ops.ryzen_llm.decode_linear(x, p, None, False)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        decode_linear(x, p, None, out_features=40)
+    with pytest.raises(RuntimeError, match="packed for 8 input features"):
+        decode_linear(torch.randn(2, 9), p, None, out_features=20)
+    with pytest.raises(RuntimeError, match="a packed .4-D. weight must be bfloat16"):
+        decode_linear(x, p.float(), None, out_features=20)
+    with pytest.raises(ValueError, match="weight: expected a .N, K. matrix"):
+        pack_decode_weight(p)
+    torch.library.opcheck(torch.ops.ryzen_llm.decode_linear, (x, p, torch.randn(20), True, -1))
 
 
 def test_bfloat16_weights_round_x_like_autocast():
