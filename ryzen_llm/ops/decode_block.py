@@ -31,18 +31,29 @@ def _weight(linear):
     return packed if packed is not None else linear.weight
 
 
+def _block_args(block, next_ln) -> tuple:
+    """The block's parameters in the op's order. Looked up once and kept on the block (a decode
+    step would otherwise spend ~25 module attribute lookups per block on them); in-place updates
+    of the parameters show through, and cast_linear_weights, which replaces the packed weights,
+    drops the kept tuple."""
+    kept = block.__dict__.get("_decode_block_args")
+    if kept is not None and kept[0] is next_ln:
+        return kept[1]
+    attn, mlp, w = block.attn, block.mlp, _weight
+    args = (w(attn.qkv), attn.qkv.bias, w(attn.proj), attn.proj.bias,
+            block.ln2.weight, block.ln2.bias, block.ln2.eps,
+            w(mlp.fc1), mlp.fc1.bias, w(mlp.fc2), mlp.fc2.bias,
+            next_ln.weight, next_ln.bias, next_ln.eps)
+    block.__dict__["_decode_block_args"] = (next_ln, args)
+    return args
+
+
 def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots, lengths):
     """(x, h) after `block` (a model Block) for one new token per row: x (B, C) the residual
     stream, h (B, C) = block.ln1(x); returns (new x, next_ln(new x)). slots (B * nh,) are the
     flat (row, head, position) cache indices of the new keys, lengths (B,) the valid keys per
     row after the write."""
-    attn, mlp = block.attn, block.mlp
-    w = _weight
     return torch.ops.ryzen_llm.decode_block(
-        x, h,
-        w(attn.qkv), attn.qkv.bias, w(attn.proj), attn.proj.bias,
-        block.ln2.weight, block.ln2.bias, block.ln2.eps,
-        w(mlp.fc1), mlp.fc1.bias, w(mlp.fc2), mlp.fc2.bias,
-        next_ln.weight, next_ln.bias, next_ln.eps,
-        k_cache, v_cache, k_scale, v_scale, slots, lengths, attn.n_heads,
+        x, h, *_block_args(block, next_ln), k_cache, v_cache, k_scale, v_scale, slots, lengths,
+        block.attn.n_heads,
     )

@@ -124,3 +124,15 @@ def test_int8_cache_without_scales_raises_named_error():
     args[18] = None
     with pytest.raises(RuntimeError, match="k_scale, v_scale: required with an int8 cache"):
         torch.ops.ryzen_llm.decode_block(*args)
+
+
+def test_recasting_the_weights_reaches_the_op(monkeypatch):
+    """The op's arguments kept on each block follow cast_linear_weights."""
+    recast = _model(SHAPES[1], torch.bfloat16)
+    _decode(recast, torch.float32, True, monkeypatch)  # keeps the bf16 arguments on the blocks
+    recast.cast_linear_weights(torch.float32)
+    fresh = _model(SHAPES[1], torch.bfloat16).cast_linear_weights(torch.float32)
+    got, _ = _decode(recast, torch.float32, True, monkeypatch)
+    want, _ = _decode(fresh, torch.float32, True, monkeypatch)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
