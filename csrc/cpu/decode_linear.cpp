@@ -74,6 +74,17 @@ RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// v += b, then GELU when asked, on all 16 lanes at once (one vector's worth of outputs).
+RYZEN_LLM_INLINE void epilogue16(float* v, const float* b, bool gelu) {
+  if (gelu) {
+#pragma omp simd simdlen(16)
+    for (int f = 0; f < 16; ++f) v[f] = gelu_value(v[f] + b[f]);
+  } else {
+#pragma omp simd simdlen(16)
+    for (int f = 0; f < 16; ++f) v[f] += b[f];
+  }
+}
+
 // Writes a tile's R x NR sums through the epilogue. The bias add and GELU run on all 16 slots of
 // one vector (unused slots hold zeros): every output of the kernel takes the same vector
 // instructions, whatever tile it sat in, and GELU costs a vector per tile instead of ~15 ns per
@@ -90,13 +101,7 @@ RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET void store_tile(const __m512 (&acc)[R][
       v[i * NR + j] = _mm512_reduce_add_ps(acc[i][j]);
       if (ep.bias != nullptr) b[i * NR + j] = ep.bias[std::min<int64_t>(n + j, n1 - 1)];
     }
-  if (ep.gelu) {
-#pragma omp simd simdlen(16)
-    for (int f = 0; f < 16; ++f) v[f] = gelu_value(v[f] + b[f]);
-  } else {
-#pragma omp simd simdlen(16)
-    for (int f = 0; f < 16; ++f) v[f] += b[f];
-  }
+  epilogue16(v, b, ep.gelu);
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NR && n + j < n1; ++j) y[i * N + n + j] = v[i * NR + j];
 }
@@ -216,13 +221,7 @@ RYZEN_LLM_BF16_DOT_TARGET void packed_tile(const uint16_t* x, int64_t ldx, const
     for (int i = 0; i < R; ++i) {
       alignas(64) float v[16];
       _mm512_store_ps(v, acc[i][j]);
-      if (ep.gelu) {
-#pragma omp simd simdlen(16)
-        for (int f = 0; f < 16; ++f) v[f] = gelu_value(v[f] + b[f]);
-      } else {
-#pragma omp simd simdlen(16)
-        for (int f = 0; f < 16; ++f) v[f] += b[f];
-      }
+      epilogue16(v, b, ep.gelu);
       _mm512_mask_storeu_ps(y + i * N + n, m, _mm512_load_ps(v));
     }
   }
@@ -331,6 +330,17 @@ void rows_block_bf16_dot(const uint16_t* x, const uint16_t* w, float* y, int64_t
 }
 #endif
 
+// The bias's float32 values for N outputs, or null without one.
+const float* checked_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
+              bias->scalar_type());
+  check_shape(*bias, {N}, "bias");
+  check_contiguous(*bias, "bias");
+  return bias->data_ptr<float>();
+}
+
 // x (M, K) against bfloat16 weights packed by pack_decode_weight: (ceil(N / 16), ceil(K / 2), 16, 2).
 at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, bool gelu,
@@ -347,15 +357,7 @@ at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(N >= 0, "out_features: required with a packed weight and no bias");
   TORCH_CHECK((N + 15) / 16 == nblocks, "out_features: ", N, " outputs do not fit the packed "
               "weight's ", nblocks, " blocks of 16");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
-                bias->scalar_type());
-    check_shape(*bias, {N}, "bias");
-    check_contiguous(*bias, "bias");
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const float* bias_ptr = checked_bias(bias, N);
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const Epilogue ep{bias_ptr, gelu};
@@ -399,15 +401,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight: expected (N, ", K, ") to match x's ", K,
               " input features, got sizes ", weight.sizes());
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
-                bias->scalar_type());
-    check_shape(*bias, {N}, "bias");
-    check_contiguous(*bias, "bias");
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const float* bias_ptr = checked_bias(bias, N);
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const Epilogue ep{bias_ptr, gelu};
