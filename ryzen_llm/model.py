@@ -266,9 +266,10 @@ class ScaledTransformerModel(nn.Module):
         dtype, for generation: a decode step is bound by reading weights, and bfloat16 halves
         the bytes. With bfloat16 each linear also keeps `decode_weight`, the same values packed
         for the fused decode_linear's outer-product kernel (pack_decode_weight; one more copy of
-        the bfloat16 weights), which the fused ops read instead. Biases, embeddings and LayerNorms stay float32; activations and accumulation
-        stay float32 (forward_with_cache widens the weights in registers). forward() and loss()
-        need float32 weights: cast back with torch.float32 before training."""
+        the bfloat16 weights), which the fused ops read instead. Biases, embeddings and
+        LayerNorms stay float32; activations and accumulation stay float32 (forward_with_cache
+        widens the weights in registers). forward() and loss() need float32 weights: cast back
+        with torch.float32 before training."""
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
         packed = dtype == torch.bfloat16 and extension_loaded()
