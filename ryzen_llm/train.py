@@ -465,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if world > 1:
+        from ryzen_llm.distributed import shutdown
+
+        shutdown()  # every rank is done with the group: tear it down before the interpreter exits
     if rank != 0:
         return 0
     report = build_report(config, metrics, run_dir)

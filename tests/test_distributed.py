@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
 from ryzen_llm.data import BatchSampler
+from ryzen_llm.distributed import shutdown
 from ryzen_llm.ops._extension import extension_loaded
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16)
@@ -42,9 +43,11 @@ def _worker(rank: int, ratio: float, out_dir: str) -> None:
                   "fp32_wire_bytes": gc.fp32_wire_bytes if gc else 0}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
+        del step, model, sampler, gc  # the DDP model and the hook state hold the group
+        shutdown()  # neither rank tears gloo down while the other still talks to it
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an error above: tear down without waiting for the other
+            dist.destroy_process_group()
 
 
 def run_two_processes(tmp_path, ratio: float) -> list[dict]:
