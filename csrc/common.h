@@ -66,3 +66,31 @@ inline int64_t row_grain(int64_t row_len) {
 #else
 #define RYZEN_LLM_TARGET_CLONES
 #endif
+
+// Hand-written AVX-512 paths (intrinsics in functions of their own target, chosen at run time):
+// built with GCC >= 11 on x86-64, except in the sanitizer build, which tests the portable code.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
+    !defined(RYZEN_LLM_NO_MULTIVERSION)
+#define RYZEN_LLM_AVX512 1
+#include <immintrin.h>
+#define RYZEN_LLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define RYZEN_LLM_AVX512_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,fma,avx512bf16")))
+namespace ryzen_llm {
+inline bool avx512_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+// vdpbf16ps: bfloat16 pairs multiplied and summed into float32 lanes
+inline bool avx512_bf16_available() {
+  static const bool ok = avx512_available() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+}  // namespace ryzen_llm
+#else
+namespace ryzen_llm {
+inline bool avx512_available() { return false; }
+inline bool avx512_bf16_available() { return false; }
+}  // namespace ryzen_llm
+#endif

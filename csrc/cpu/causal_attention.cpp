@@ -229,21 +229,12 @@ RYZEN_LLM_ALWAYS_INLINE void pack_transposed(const scalar_t* src, int64_t ld, in
 // they are and accumulate in fp32 with vdpbf16ps (2 products per lane per instruction), where the
 // CPU has it; elsewhere the fp32 path above runs. B is packed "VNNI" style: 32-bit word
 // (kk, c) holds the pair (row c, dims 2kk and 2kk+1).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
-    !defined(RYZEN_LLM_NO_MULTIVERSION)
-#define RYZEN_LLM_BF16_DOT 1
-#include <immintrin.h>
-#define RYZEN_LLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-bool bf16_dot_available() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
+#if defined(RYZEN_LLM_AVX512)
 
 // A's bf16 pair (r, kk) is the 4 bytes at byte offset r * ars + kk * acs: rows of a tensor
 // (ars = 2 * row stride, acs = 4) or a grid of packed pairs.
 template <int R, int NV, bool kAccumulate = false>
-inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
+inline __attribute__((always_inline)) RYZEN_LLM_AVX512_BF16_TARGET void bf16_dot_block(
     const char* A, int64_t ars, int64_t acs, const uint32_t* B, int64_t ldb, float* C,
     int64_t ldc, int64_t K2) {
   __m512 acc[R][NV];
@@ -266,7 +257,7 @@ inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_block(
 }
 
 template <int R, bool kAccumulate = false>
-inline __attribute__((always_inline)) RYZEN_LLM_BF16_TARGET void bf16_dot_rows(
+inline __attribute__((always_inline)) RYZEN_LLM_AVX512_BF16_TARGET void bf16_dot_rows(
     const char* A, int64_t ars, int64_t acs, const uint32_t* B, int64_t ldb, float* C,
     int64_t ldc, int64_t N, int64_t K2) {
   int64_t j = 0;
@@ -283,7 +274,7 @@ inline const char* bf16_rows(const c10::BFloat16* A, int64_t r, int64_t ld) {
 
 // O (M x D, fp32) += P (M x N as bf16, row stride ldp) * V (pair-packed along keys, D words per
 // key pair); row r only reads the key pairs up to its diagonal. D is a multiple of 16.
-RYZEN_LLM_BF16_TARGET void bf16_probs_values(const c10::BFloat16* P, int64_t ldp,
+RYZEN_LLM_AVX512_BF16_TARGET void bf16_probs_values(const c10::BFloat16* P, int64_t ldp,
                                              const uint32_t* Vp, int64_t D, float* O, int64_t M,
                                              int64_t N, int64_t q0, int64_t j0) {
   int64_t r = 0;
@@ -297,7 +288,7 @@ RYZEN_LLM_BF16_TARGET void bf16_probs_values(const c10::BFloat16* P, int64_t ldp
 
 // S (M x npad) = A (M x 2*K2, bf16 rows, row stride lda) * packed B, causally trimmed: row r
 // (query q0 + r) needs columns (keys j0 + c) up to the diagonal only, rounded to 16.
-RYZEN_LLM_BF16_TARGET void bf16_scores(const c10::BFloat16* A, int64_t lda, const uint32_t* B,
+RYZEN_LLM_AVX512_BF16_TARGET void bf16_scores(const c10::BFloat16* A, int64_t lda, const uint32_t* B,
                                        int64_t npad, float* S, int64_t M, int64_t K2, int64_t q0,
                                        int64_t j0) {
   int64_t r = 0;
@@ -312,7 +303,7 @@ RYZEN_LLM_BF16_TARGET void bf16_scores(const c10::BFloat16* A, int64_t lda, cons
 // pairs, word (qq, c) = (X[2qq][c], X[2qq+1][c]) at Xp[qq * ldx + c]; Bp (query-row pairs x D
 // words). Key row c only sees query rows at or below the diagonal, so its reduction starts at
 // the pair holding query row j0 + c.
-RYZEN_LLM_BF16_TARGET void bf16_key_grads(const uint32_t* Xp, int64_t ldx,
+RYZEN_LLM_AVX512_BF16_TARGET void bf16_key_grads(const uint32_t* Xp, int64_t ldx,
                                           const uint32_t* Bp, int64_t D, float* C, int64_t N,
                                           int64_t M, int64_t q0, int64_t j0) {
   const char* X = reinterpret_cast<const char*>(Xp);
@@ -332,8 +323,6 @@ RYZEN_LLM_BF16_TARGET void bf16_key_grads(const uint32_t* Xp, int64_t ldx,
                            D, pairs - kk0);
   }
 }
-#else
-inline bool bf16_dot_available() { return false; }
 #endif
 
 // Query-row pairs of an M x N fp32 tile (row stride lds) as bf16: word (qq, c) of dst (row
@@ -461,7 +450,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
     const int64_t j1 = std::min(i1, j0 + kForwardBlockK), N = j1 - j0, npad = round_up(N, kPad);
     const scalar_t* k = a.k + a.sk.at(bi, hi) + j0 * a.sk.t;
     acc_t* S = w.s.data();
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (w.bf16_dot) {
         pack_pairs_transposed(k, a.sk.t, N, D, npad, w.kt_pairs.data());
@@ -529,7 +518,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
     }
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (w.bf16_pv) {
         pack_row_pairs(a.v + a.sv.at(bi, hi) + j0 * a.sv.t, a.sv.t, N, D, w.v_pairs.data());
@@ -628,7 +617,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
   }
   acc_t* dQ = w.dq.data();
   std::fill(dQ, dQ + T * D, acc_t(0));
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (w.bf16_all) {  // pairs along T; tiles start at even rows, so one packing serves all
       pack_row_pairs(a.q + a.sq.at(bi, hi), a.sq.t, T, D, w.q_pairs.data());
@@ -641,7 +630,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
   for (int64_t j0 = 0; j0 < T; j0 += kBackwardBlockK) {
     const int64_t j1 = std::min(T, j0 + kBackwardBlockK), N = j1 - j0, npad = round_up(N, kPad);
     if (w.bf16_dot) {
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         pack_pairs_transposed(a.k + a.sk.at(bi, hi) + j0 * a.sk.t, a.sk.t, N, D, npad,
                               w.kt_pairs.data());
@@ -666,7 +655,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
       auto by_query = [&](int64_t r, int64_t rows) {
         return std::array<int64_t, 3>{causal_end(i0, j0, r, rows, kPad, npad), 0, D};
       };
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (w.bf16_dot)
           bf16_scores(a.q + a.sq.at(bi, hi) + i0 * a.sq.t, a.sq.t, w.kt_pairs.data(), npad, P, M,
@@ -702,7 +691,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
       auto by_query_k = [&](int64_t r, int64_t rows) {
         return std::array<int64_t, 3>{D, 0, causal_end(i0, j0, r, rows, 1, N)};
       };
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (w.bf16_all) {  // dV += P^T dO
           interleave_rows_bf16(P, npad, M, N, i0, j0, w.interleaved.data(), npad);
@@ -713,7 +702,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
 #endif
       if (!w.bf16_all)
         gemm_bounded<acc_t>(P, 1, npad, GOi, ldgo, dV, D, N, true, by_key);  // dV += P^T dO
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (w.bf16_dot)
           bf16_scores(grad_out + sgo.at(bi, hi) + i0 * sgo.t, sgo.t, w.vt_pairs.data(), npad, dP,
@@ -731,7 +720,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
 #pragma omp simd
         for (int64_t c = 0; c < cend; ++c) dp[c] = c < limit ? p[c] * (dp[c] - dr) : acc_t(0);
       }
-#ifdef RYZEN_LLM_BF16_DOT
+#ifdef RYZEN_LLM_AVX512
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (w.bf16_all) {
           interleave_rows_bf16(dP, npad, M, N, i0, j0, w.interleaved.data(), npad);  // dS^T Q
@@ -822,20 +811,12 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
   for (int64_t d = 0; d < D; ++d) dst[d] = to_storage<scalar_t>(o[d] * inv);
 }
 
-#if defined(RYZEN_LLM_BF16_DOT)
+#if defined(RYZEN_LLM_AVX512)
 // The decode head on AVX-512 for float32 queries with float32 or int8 caches and a head dim that
 // is a multiple of 16 (NV vectors): q stays in registers, 16 keys' dot products are summed
 // across lanes at once (a transposed tree: 45 shuffles and adds instead of 16 horizontal sums),
 // and the output row accumulates in registers instead of memory. The same per-row arithmetic
 // whatever the batch, so a row's result does not depend on the rows beside it.
-#define RYZEN_LLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-
-bool avx512_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok;
-}
-
 RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p) {
   return _mm512_loadu_ps(p);
 }
@@ -940,7 +921,7 @@ void causal_attention_decode_all(const at::Tensor& q, const at::Tensor& k_cache,
   const cache_t* vp = v_cache.data_ptr<cache_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Tmax * D));
-#if defined(RYZEN_LLM_BF16_DOT)
+#if defined(RYZEN_LLM_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
     // Query rows must be contiguous along the head dim (they are: checked_operand).
     if (auto head = decode_head_avx512_for<cache_t>(D)) {
@@ -981,7 +962,7 @@ bool bf16_dot_path(int64_t D) {
       const char* env = std::getenv("RYZEN_LLM_BF16_DOT");
       return env == nullptr || std::string(env) != "0";
     }();
-    return allowed && D % 2 == 0 && bf16_dot_available();
+    return allowed && D % 2 == 0 && avx512_bf16_available();
   }
 }
 

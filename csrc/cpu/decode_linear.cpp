@@ -22,15 +22,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
-    !defined(RYZEN_LLM_NO_MULTIVERSION)
-#define RYZEN_LLM_DECODE_AVX512 1
-#include <immintrin.h>
-#define RYZEN_LLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-#define RYZEN_LLM_BF16_DOT_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,fma,avx512bf16")))
-#endif
-
 namespace ryzen_llm {
 namespace {
 
@@ -45,18 +36,7 @@ struct Epilogue {
   }
 };
 
-#if defined(RYZEN_LLM_DECODE_AVX512)
-bool avx512_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok;
-}
-
-bool bf16_dot_available() {
-  static const bool ok = avx512_available() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
+#if defined(RYZEN_LLM_AVX512)
 RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p, __mmask16 m) {
   return _mm512_maskz_loadu_ps(m, p);
 }
@@ -149,7 +129,7 @@ RYZEN_LLM_AVX512_TARGET void rows_avx512(const float* x, const W* w, float* y, i
 
 // The same tiles on bfloat16 x and weights with vdpbf16ps: 32 values of K per instruction.
 template <int R, int NR>
-RYZEN_LLM_BF16_DOT_TARGET void tile_bf16_dot(const uint16_t* x, const uint16_t* w, int64_t K,
+RYZEN_LLM_AVX512_BF16_TARGET void tile_bf16_dot(const uint16_t* x, const uint16_t* w, int64_t K,
                                              int64_t n, int64_t n1, float* y, int64_t N,
                                              Epilogue ep) {
   const uint16_t* wr[NR];
@@ -179,7 +159,7 @@ RYZEN_LLM_BF16_DOT_TARGET void tile_bf16_dot(const uint16_t* x, const uint16_t* 
 }
 
 template <int R>
-RYZEN_LLM_BF16_DOT_TARGET void rows_bf16_dot(const uint16_t* x, const uint16_t* w, float* y,
+RYZEN_LLM_AVX512_BF16_TARGET void rows_bf16_dot(const uint16_t* x, const uint16_t* w, float* y,
                                              int64_t K, int64_t N, int64_t n0, int64_t n1,
                                              Epilogue ep) {
   constexpr int NR = R <= 2 ? 8 : 4;
@@ -193,7 +173,7 @@ RYZEN_LLM_BF16_DOT_TARGET void rows_bf16_dot(const uint16_t* x, const uint16_t* 
 // per block, and fewer loads per multiply-add than the dot products above (~1.5x their speed at
 // 32 rows). Every output is one sum over the K pairs in order, in its own lane, whatever M.
 template <int R, int NV>
-RYZEN_LLM_BF16_DOT_TARGET void packed_tile(const uint16_t* x, int64_t ldx, const uint16_t* w,
+RYZEN_LLM_AVX512_BF16_TARGET void packed_tile(const uint16_t* x, int64_t ldx, const uint16_t* w,
                                            int64_t K2, int64_t b0, int64_t nblocks, float* y,
                                            int64_t N, Epilogue ep) {
   __m512 acc[R][NV];
@@ -310,7 +290,7 @@ RYZEN_LLM_INLINE void chunked(int64_t M, int64_t K, int64_t n0, int64_t n1, size
 template <typename W>
 void rows_block(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
                 int64_t n1, Epilogue ep) {
-#if defined(RYZEN_LLM_DECODE_AVX512)
+#if defined(RYZEN_LLM_AVX512)
   if (avx512_available()) {
     chunked(M, K, n0, n1, sizeof(W), [&](auto r, int64_t m, int64_t c0, int64_t c1) {
       rows_avx512<W, decltype(r)::value>(x + m * K, w, y + m * N, K, N, c0, c1, ep);
@@ -321,7 +301,7 @@ void rows_block(const float* x, const W* w, float* y, int64_t M, int64_t K, int6
   rows_portable<W>(x, w, y, M, K, N, n0, n1, ep);
 }
 
-#if defined(RYZEN_LLM_DECODE_AVX512)
+#if defined(RYZEN_LLM_AVX512)
 void rows_block_bf16_dot(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K,
                          int64_t N, int64_t n0, int64_t n1, Epilogue ep) {
   chunked(M, K, n0, n1, sizeof(uint16_t), [&](auto r, int64_t m, int64_t c0, int64_t c1) {
@@ -372,8 +352,8 @@ at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(4, (16384 / std::max<int64_t>(1, K * M)) / 4 * 4);
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-#if defined(RYZEN_LLM_DECODE_AVX512)
-    if (bf16_dot_available()) {
+#if defined(RYZEN_LLM_AVX512)
+    if (avx512_bf16_available()) {
       packed_rows(xb, ldx, wp, K2, M, b0, b1, nblocks, yp, N, ep);
       return;
     }
@@ -428,8 +408,8 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor x_bf16 = at::empty({M, K}, x.options().dtype(at::kBFloat16));
   uint16_t* xb = Elem<c10::BFloat16>::ptr(x_bf16);
   for (int64_t i = 0; i < M * K; ++i) xb[i] = Elem<c10::BFloat16>::store(xf[i]);
-#if defined(RYZEN_LLM_DECODE_AVX512)
-  if (bf16_dot_available()) {
+#if defined(RYZEN_LLM_AVX512)
+  if (avx512_bf16_available()) {
     parallel([&](int64_t n0, int64_t n1) {
       rows_block_bf16_dot(xb, wp, yp, M, K, N, n0, n1, ep);
     });
