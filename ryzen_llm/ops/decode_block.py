@@ -24,22 +24,16 @@ if extension_loaded():
         return torch.empty_like(x), torch.empty_like(x)
 
 
-def _weight(linear):
-    """The packed bfloat16 weight where cast_linear_weights made one (the fused decode_linear reads
-    it), else the weight itself."""
-    packed = getattr(linear, "decode_weight", None)
-    return packed if packed is not None else linear.weight
-
-
-def _block_args(block, next_ln) -> tuple:
-    """The block's parameters in the op's order. Looked up once and kept on the block (a decode
-    step would otherwise spend ~25 module attribute lookups per block on them); in-place updates
-    of the parameters show through, and cast_linear_weights, which replaces the packed weights,
-    drops the kept tuple."""
+def _block_args(block, next_ln, weight_of) -> tuple:
+    """The block's parameters in the op's order, each linear's weight as weight_of(linear) gives it
+    (KernelSet.decode_weight: the packed copy where there is one). Looked up once and kept on the
+    block (a decode step would otherwise spend ~25 module attribute lookups per block on them);
+    in-place updates of the parameters show through, and cast_linear_weights, which replaces the
+    packed weights, drops the kept tuple."""
     kept = block.__dict__.get("_decode_block_args")
     if kept is not None and kept[0] is next_ln:
         return kept[1]
-    attn, mlp, w = block.attn, block.mlp, _weight
+    attn, mlp, w = block.attn, block.mlp, weight_of
     args = (w(attn.qkv), attn.qkv.bias, w(attn.proj), attn.proj.bias,
             block.ln2.weight, block.ln2.bias, block.ln2.eps,
             w(mlp.fc1), mlp.fc1.bias, w(mlp.fc2), mlp.fc2.bias,
@@ -48,12 +42,13 @@ def _block_args(block, next_ln) -> tuple:
     return args
 
 
-def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots, lengths):
+def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots, lengths,
+                 weight_of):
     """(x, h) after `block` (a model Block) for one new token per row: x (B, C) the residual
     stream, h (B, C) = block.ln1(x); returns (new x, next_ln(new x)). slots (B * nh,) are the
     flat (row, head, position) cache indices of the new keys, lengths (B,) the valid keys per
-    row after the write."""
+    row after the write; weight_of(linear): the weight decode_linear reads for a linear."""
     return torch.ops.ryzen_llm.decode_block(
-        x, h, *_block_args(block, next_ln), k_cache, v_cache, k_scale, v_scale, slots, lengths,
+        x, h, *_block_args(block, next_ln, weight_of), k_cache, v_cache, k_scale, v_scale, slots, lengths,
         block.attn.n_heads,
     )

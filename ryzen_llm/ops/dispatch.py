@@ -220,7 +220,7 @@ class KernelSet:
         if k_scale is not None:
             self.calls[("quantize_kv", "fused")] += 1
         return self._fn["decode_block"](x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale,
-                                        slots, lengths)
+                                        slots, lengths, self.decode_weight)
 
     @property
     def batch_invariant_decode(self) -> bool:
