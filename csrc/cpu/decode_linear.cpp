@@ -11,7 +11,12 @@
 //
 // Each weight row is read from memory once per call and reused from L2 for every group of up to
 // 4 input rows; with 1 or 2 rows a tile spans 8 weight rows, so that enough independent sums are
-// in flight to hide the latency of the multiply-adds. Inference only: no autograd.
+// in flight to hide the latency of the multiply-adds.
+//
+// bfloat16 weights packed by pack_decode_weight (a 4-D weight) take another kernel: outer
+// products, each output summed over the K pairs in order in its own lane (see packed_tile) -
+// another order than the dot products' but, again, the same whatever the batch. Bias and GELU
+// run 16 outputs at a time in both. Inference only: no autograd.
 #include "common.h"
 #include "fast_math.h"
 
