@@ -26,6 +26,20 @@ from ryzen_llm.ops.dispatch import KernelSet
 WARMUP, REPEATS = 3, 10
 
 
+class Results(list):
+    """The rows measured so far, rewritten to the JSON file (if any) after each one."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        self.path = path
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(list(self), f, indent=1)
+
+
 def time_ms(fn) -> float:
     for _ in range(WARMUP):
         fn()
@@ -74,9 +88,24 @@ def rand(*shape, dtype=torch.bfloat16, grad=True, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).to(dtype).requires_grad_(grad)
 
 
+def bench_attention(results):
+    from ryzen_llm.ops.causal_attention import causal_attention
+
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=64**-0.5)  # noqa: E731
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = str(dtype).replace("torch.", "")
+        for T in (128, 256, 512, 1024, 2048):
+            B = max(1, 16 * 128 // T)
+            q, k, v = (rand(B, 8, T, 64, dtype=dtype) for _ in range(3))
+            ref = lambda q, k, v: reference.causal_attention(q, k, v, None, 64**-0.5)  # noqa: E731
+            compare(f"causal_attention {tag} B{B} nh8 T{T} hs64", {
+                "eager": ref, "compile": torch.compile(ref), "sdpa": sdpa,
+                "fused": lambda q, k, v: causal_attention(q, k, v, None, 64**-0.5)},
+                [q, k, v], results)
+
+
 def bench_ops(results):
     from ryzen_llm.ops.bias_gelu import bias_gelu
-    from ryzen_llm.ops.causal_attention import causal_attention
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -98,17 +127,6 @@ def bench_ops(results):
             "eager": lambda h, w: reference.linear_cross_entropy(h, w, targets),
             "compile": torch.compile(lambda h, w: reference.linear_cross_entropy(h, w, targets)),
             "fused": lambda h, w: linear_cross_entropy(h, w, targets)}, [h, w], results)
-    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=64**-0.5)  # noqa: E731
-    for dtype in (torch.float32, torch.bfloat16):
-        tag = str(dtype).replace("torch.", "")
-        for T in (128, 256, 512, 1024, 2048):
-            B = max(1, 16 * 128 // T)
-            q, k, v = (rand(B, 8, T, 64, dtype=dtype) for _ in range(3))
-            ref = lambda q, k, v: reference.causal_attention(q, k, v, None, 64**-0.5)  # noqa: E731
-            compare(f"causal_attention {tag} B{B} nh8 T{T} hs64", {
-                "eager": ref, "compile": torch.compile(ref), "sdpa": sdpa,
-                "fused": lambda q, k, v: causal_attention(q, k, v, None, 64**-0.5)},
-                [q, k, v], results)
     # AdamW and quantize: no backward; time the op itself.
     from ryzen_llm.ops.adamw import FusedAdamW
     from ryzen_llm.ops.quantize import quantize_blockwise
@@ -176,7 +194,8 @@ def bench_train_step(results):
             peak = torch.cuda.max_memory_allocated() / 2**20
             extra = ""
             if isinstance(step, TrainStep):
-                extra = f" ops: {step.kernels.summary()}"
+                used = {op: sorted(s["calls"]) for op, s in step.kernels.summary().items() if s["calls"]}
+                extra = f" ops: {used}"
             print(f"micro-step {name:<44} {ms:8.2f} ms  {16 * 128 / ms * 1e3:10.0f} tok/s  "
                   f"peak {peak:7.0f} MiB{extra}", flush=True)
             results.append({"op": f"micro-step {name}", "ms": ms, "peak_mib": peak})
@@ -188,6 +207,26 @@ def bench_train_step(results):
         torch.cuda.empty_cache()
 
 
+def profile_level3_step(rows: int = 20) -> None:
+    """The CUDA kernels of one level-3 micro-step, by total device time (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = ModelConfig()
+    torch.manual_seed(0)
+    model = ScaledTransformerModel(config).cuda()
+    idx = torch.randint(0, config.vocab_size, (16, config.max_seq_len), device="cuda")
+    step = TrainStep(model, level=3)
+    for _ in range(3):
+        step(idx, idx)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(idx, idx)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows), flush=True)
+    del model, step
+    torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="write the results here")
@@ -196,12 +235,16 @@ def main(argv=None) -> int:
         print("SKIPPED: CUDA unavailable; nothing was benchmarked")
         return 1
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}")
-    results: list[dict] = []
-    bench_ops(results)
+    results = Results(args.json)
+    # The training step first, then attention, then the other ops: a run cut short by a time
+    # limit still has the numbers that matter most, and the JSON holds every finished row.
     bench_train_step(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    try:
+        profile_level3_step()
+    except Exception:  # the profile is a diagnostic: its failure must not stop the benchmarks
+        traceback.print_exc()
+    bench_attention(results)
+    bench_ops(results)
     return 0
 
 

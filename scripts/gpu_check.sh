@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU verification in one go (about 8 minutes on one H100), results under $OUT
+# The whole GPU verification in one go (at most about 10 minutes on one H100), results under $OUT
 # (default ./gpu_results), at most 8 files:
 #   env.txt      torch / CUDA versions and nvidia-smi
 #   install.log  the editable build of ryzen_llm._C with the CUDA kernels
@@ -14,7 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+# The interpreter that holds the CUDA torch (python3 where no `python` is on the PATH).
+PY=${PYTHON:-$(command -v python || command -v python3)}
 # Build only for the GPU that is here (halves nvcc time); set it to "8.0;9.0" for both.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export RYZEN_LLM_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -40,12 +41,12 @@ step() {  # step NAME LIMIT_S LOG COMMAND...
 
 # --no-deps: the GPU machine has no network; its own CUDA torch must stay (setup.py pins the
 # torch it builds against, so an index lookup could only fail or replace it).
-step install 240 install.log $PY -m pip install --no-build-isolation --no-deps -e ".[test]"
-step doctor 30 doctor.log $PY -m ryzen_llm.doctor --device cuda
-step tests 150 tests.log $PY -m pytest tests/ops -k cuda -q -rs -p no:cacheprovider
-step bench 150 bench.log $PY benchmarks/bench_cuda.py --json "$OUT/bench.json"
+step install 200 install.log $PY -m pip install --no-build-isolation --no-deps -e ".[test]"
+step doctor 40 doctor.log $PY -m ryzen_llm.doctor --device cuda
+step tests 120 tests.log $PY -m pytest tests/ops -k cuda -q -rs -p no:cacheprovider
+step bench 170 bench.log $PY benchmarks/bench_cuda.py --json "$OUT/bench.json"
 runs=$(mktemp -d)
-step train 150 train.log $PY -m ryzen_llm.train --preset quick training.device=cuda --no-progress \
+step train 100 train.log $PY -m ryzen_llm.train --preset quick training.device=cuda --no-progress \
   --output-dir "$runs" --name gpu
 for m in "$runs"/gpu/*/metrics.json; do
   [ -f "$m" ] && { echo "--- $m"; $PY -c 'import json,sys; m=json.load(open(sys.argv[1])); [m.pop(k, None) for k in ("step_losses", "grad_norms")]; print(json.dumps(m, indent=1))' "$m"; } >> "$OUT/train.log" 2>&1
