@@ -179,7 +179,7 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.kernels.calls[("adamw", self.kernels.choices["adamw"].impl)] += 1
+        self.kernels.count(("adamw", self.kernels.choices["adamw"].impl))
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return total / self.grad_accum_steps

@@ -136,3 +136,21 @@ def test_levels_agree_with_baseline_in_fp32(level):
         ):
             continue  # not training-model ops; the fused FFN does its own GELU
         assert set(info["calls"]) == {info["impl"]}, (op, info)
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_torch_compile_traces_once(level):
+    """The kernel set's call counter is not part of a compiled graph: the same shapes run again
+    without a recompile (a counter dynamo guards on would recompile on every call)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ScaledTransformerModel(SMALL)
+    KernelOptimizer(level).apply(model)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 16))
+    compiled = torch.compile(model.loss, backend="aot_eager")
+    eager = model.loss(idx, idx)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(idx, idx), eager, rtol=1e-5, atol=1e-6)

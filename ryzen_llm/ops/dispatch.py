@@ -158,8 +158,14 @@ class KernelSet:
                 stacklevel=2,
             )
 
+    def count(self, key: tuple[str, str], n: int = 1) -> None:
+        """Counts n calls of key = (op, impl). Not while torch.compile traces: the counter is a
+        Python side effect, and dynamo would guard on its value and recompile on every call."""
+        if not torch.compiler.is_compiling():
+            self.calls[key] += n
+
     def _run(self, op: str, *args):
-        self.calls[self._key[op]] += 1
+        self.count(self._key[op])
         return self._fn[op](*args)
 
     def add_layer_norm(self, x, residual, weight, bias, eps):
@@ -185,7 +191,7 @@ class KernelSet:
         """int8 codes (..., hs) and float32 scales (...) of keys or values x (..., hs), for an
         int8 KV cache (reference.quantize_kv; bit-identical fused or not)."""
         impl = self.choices["causal_attention_decode"].impl
-        self.calls[("quantize_kv", impl)] += 1
+        self.count(("quantize_kv", impl))
         return self._quantize_kv(x)
 
     def decode_linear(self, x, weight, bias, gelu=False, out_features=-1):
@@ -214,11 +220,11 @@ class KernelSet:
                      lengths):
         """One block of a decode step in one fused op (see ryzen_llm.ops.decode_block); only
         when fused_decode_block. The ops it runs inside are counted too."""
-        self.calls[("decode_block", "fused")] += 1
+        self.count(("decode_block", "fused"))
         for op, n in DECODE_BLOCK_OPS.items():
-            self.calls[(op, "fused")] += n
+            self.count((op, "fused"), n)
         if k_scale is not None:
-            self.calls[("quantize_kv", "fused")] += 1
+            self.count(("quantize_kv", "fused"))
         return self._fn["decode_block"](x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale,
                                         slots, lengths, self.decode_weight)
 
@@ -231,7 +237,7 @@ class KernelSet:
         if self.choices["gelu_feed_forward"].impl == "fused":
             return self._run("gelu_feed_forward", x, w1, b1, w2, b2)
         # Not fused as a whole: the GEMMs stay ATen's and bias + GELU goes through its own op.
-        self.calls[("gelu_feed_forward", "reference")] += 1
+        self.count(("gelu_feed_forward", "reference"))
         return F.linear(self.bias_gelu(F.linear(x, w1), b1), w2, b2)
 
     def linear_cross_entropy(self, h, weight, targets, ignore_index):
