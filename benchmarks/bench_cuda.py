@@ -179,7 +179,8 @@ def bench_train_step(results):
     targets = torch.roll(idx, -1, dims=1)
     runs = {
         "level 0 (fp32 eager reference)": lambda m: TrainStep(m, level=0),
-        "level 3 (fused, bf16 autocast)": lambda m: TrainStep(m, level=3),
+        "level 3 (fused, bf16 autocast, CUDA graph)": lambda m: TrainStep(m, level=3),
+        "level 3 without the CUDA graph": lambda m: TrainStep(m, level=3, cuda_graph=False),
         "eager bf16 autocast + SDPA": lambda m: plain_step(m, True, True, None),
         "torch.compile default (bf16 + SDPA)": lambda m: plain_step(m, True, True, "default"),
         "torch.compile reduce-overhead (bf16 + SDPA)": lambda m: plain_step(m, True, True, "reduce-overhead"),
@@ -194,8 +195,9 @@ def bench_train_step(results):
             peak = torch.cuda.max_memory_allocated() / 2**20
             extra = ""
             if isinstance(step, TrainStep):
+                extra = f" graph: {step.graph_status};"
                 used = {op: sorted(s["calls"]) for op, s in step.kernels.summary().items() if s["calls"]}
-                extra = f" ops: {used}"
+                extra += f" ops: {used}"
             print(f"micro-step {name:<44} {ms:8.2f} ms  {16 * 128 / ms * 1e3:10.0f} tok/s  "
                   f"peak {peak:7.0f} MiB{extra}", flush=True)
             results.append({"op": f"micro-step {name}", "ms": ms, "peak_mib": peak})
@@ -208,14 +210,14 @@ def bench_train_step(results):
 
 
 def profile_level3_step(rows: int = 20) -> None:
-    """The CUDA kernels of one level-3 micro-step, by total device time (where the time goes)."""
+    """The CUDA kernels of one level-3 micro-step (launched one by one), by total device time."""
     from torch.profiler import ProfilerActivity, profile
 
     config = ModelConfig()
     torch.manual_seed(0)
     model = ScaledTransformerModel(config).cuda()
     idx = torch.randint(0, config.vocab_size, (16, config.max_seq_len), device="cuda")
-    step = TrainStep(model, level=3)
+    step = TrainStep(model, level=3, cuda_graph=False)  # the kernels, not one graph replay
     for _ in range(3):
         step(idx, idx)
     torch.cuda.synchronize()

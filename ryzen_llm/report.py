@@ -138,6 +138,8 @@ def print_report(report: dict[str, Any]) -> None:
             for op, info in m["ops"].items()
         )
         print(f"ops ({which}): {used}")
+        if m.get("cuda_graph", "off") != "off":
+            print(f"cuda graph ({which}): {m['cuda_graph']}")
     for which, items in report["fallbacks"].items():
         for item in items:
             print(f"WARNING ({which}): fused op unavailable, ran the reference: {item}")

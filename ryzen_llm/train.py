@@ -276,6 +276,7 @@ def train_run(
         "level": level,
         "device": str(device),
         "bf16_autocast": step.bf16,
+        "cuda_graph": step.graph_status,
         "completed": completed,
         "interrupted": interrupted,
         "nonfinite": state["nonfinite"],

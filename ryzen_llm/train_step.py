@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -61,9 +64,30 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+@dataclass
+class _CapturedStep:
+    """The forward and backward of every micro-batch of one step, recorded in one CUDA graph:
+    static inputs to copy batches into, and the tensors each replay rewrites (the per-micro-batch
+    losses, the gradients, their total norm)."""
+
+    graph: torch.cuda.CUDAGraph
+    shape: tuple
+    idx: torch.Tensor
+    targets: torch.Tensor
+    losses: torch.Tensor
+    grads: list
+    norm: torch.Tensor
+    calls: Counter  # the kernel-set calls one replay stands for
+
+
 class TrainStep:
     """Forward, backward, gradient clipping and the AdamW update, with everything the
-    optimization level implies (fused ops, fused AdamW and bf16 autocast at level 3)."""
+    optimization level implies (fused ops, fused AdamW and bf16 autocast at level 3; on a GPU,
+    level 3 also replays each step's forward and backward as one CUDA graph)."""
+
+    # Eager steps of a batch shape before its step is captured: cuBLAS handles, autocast and the
+    # optimizer's state are set up outside the capture, as CUDA graphs require.
+    GRAPH_WARMUP_STEPS = 2
 
     def __init__(
         self,
@@ -80,6 +104,7 @@ class TrainStep:
         kernel_overrides: dict[str, str] | None = None,
         compression_ratio: float = 0.0,
         distributed: bool = False,
+        cuda_graph: bool | None = None,
     ):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps: must be >= 1, got {grad_accum_steps}")
@@ -121,6 +146,21 @@ class TrainStep:
             from ryzen_llm.distributed import register_int8_allreduce_hook
 
             self.grad_compression = register_int8_allreduce_hook(self.ddp)
+        # Small models on a big GPU are bound by kernel launches: at level 3 the forward and
+        # backward of a step are captured once per run and replayed (clipping and the AdamW
+        # update stay eager: their NaN check and learning rate change every step). Not with DDP,
+        # whose all-reduce hooks would be frozen into the graph.
+        if cuda_graph is None:
+            cuda_graph = level >= 3 and self.device.type == "cuda" and self.ddp is None
+        elif cuda_graph and (self.device.type != "cuda" or self.ddp is not None):
+            raise ValueError(
+                "cuda_graph: needs a model on a CUDA device and no DistributedDataParallel "
+                f"(device {self.device}, distributed {self.ddp is not None})"
+            )
+        self.cuda_graph = cuda_graph
+        self.graph_status = "on: not captured yet" if cuda_graph else "off"
+        self._captured: _CapturedStep | None = None
+        self._eager_steps_by_shape: Counter = Counter()
         self.step_count = 0
         self.last_grad_norm = float("nan")
         # Bytes autograd saved for backward in one micro-batch, measured on the first call.
@@ -145,6 +185,19 @@ class TrainStep:
         self.model.train()
         idx = idx.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        if self.cuda_graph:
+            mean_loss = self._graph_forward_backward(idx, targets)
+            if mean_loss is not None:
+                self._update(graph=True)
+                return mean_loss
+            if self._captured is not None:  # the graph's gradients must not accumulate here
+                self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = self._forward_backward(idx, targets)
+        self._update(graph=False)
+        return mean_loss
+
+    def _forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
+        """Forward and backward of every micro-batch, eagerly; returns the mean loss."""
         total = 0.0
         micro_batches = list(zip(idx.chunk(self.grad_accum_steps), targets.chunk(self.grad_accum_steps)))
         for i, (micro_idx, micro_targets) in enumerate(micro_batches):
@@ -163,14 +216,95 @@ class TrainStep:
                     )
                 (loss / self.grad_accum_steps).backward()
             total += loss_value.item()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.max_grad_norm is not None and self.max_grad_norm > 0:
+        return total / self.grad_accum_steps
+
+    def _graph_forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
+        """Forward and backward by replaying the captured graph (capturing it once the batch
+        shape has had its warm-up steps). Returns the mean loss, or None where this step runs
+        eagerly (warm-up, another batch shape, or a capture that failed, which is reported)."""
+        shape = (tuple(idx.shape), tuple(targets.shape), idx.dtype, targets.dtype)
+        cap = self._captured
+        if cap is None:
+            self._eager_steps_by_shape[shape] += 1
+            if self._eager_steps_by_shape[shape] <= self.GRAPH_WARMUP_STEPS:
+                return None
+            cap = self._capture(idx, targets, shape)
+            if cap is None:
+                return None
+        elif cap.shape != shape:
+            return None  # one graph per run, for its usual batch shape; other shapes run eagerly
+        cap.idx.copy_(idx, non_blocking=True)
+        cap.targets.copy_(targets, non_blocking=True)
+        params = self._params()
+        for p, g in zip(params, cap.grads):  # an eager step in between sets .grad to None
+            p.grad = g
+        cap.graph.replay()
+        self.kernels.calls.update(cap.calls)
+        values = torch.cat([cap.losses, cap.norm.reshape(1).float()]).tolist()  # the one sync
+        losses, self._graph_norm = values[:-1], values[-1]
+        for loss in losses:
+            if not math.isfinite(loss):
+                raise NonFiniteError(
+                    f"step {self.step_count}: loss is {loss}; the update was not applied"
+                )
+        return sum(losses) / len(losses)
+
+    def _capture(self, idx: torch.Tensor, targets: torch.Tensor, shape: tuple) -> _CapturedStep | None:
+        params = self._params()
+        before = Counter(self.kernels.calls)
+        static_idx, static_targets = idx.clone(), targets.clone()
+        # Gradients start as None so that the captured backward allocates them in the graph's
+        # memory pool; every replay then rewrites them in place.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(graph):
+                losses = []
+                for micro_idx, micro_targets in zip(static_idx.chunk(self.grad_accum_steps),
+                                                    static_targets.chunk(self.grad_accum_steps)):
+                    loss = self._forward(micro_idx, micro_targets)
+                    (loss / self.grad_accum_steps).backward()
+                    losses.append(loss.detach().float())
+                static_losses = torch.stack(losses)
+                grads = [p.grad for p in params]
+                norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        except Exception as exc:  # the step still runs, eagerly, and the reason is reported
+            self.cuda_graph = False
+            self.graph_status = f"off: capture failed ({type(exc).__name__}: {exc})"
+            self.kernels.calls = before
+            self.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"level {self.level}: CUDA graph capture failed, the step runs "
+                          f"without it: {type(exc).__name__}: {exc}", stacklevel=3)
+            return None
+        calls = Counter(self.kernels.calls)
+        calls.subtract(before)
+        self.kernels.calls = before  # capturing ran nothing: replays count
+        self._captured = _CapturedStep(graph, shape, static_idx, static_targets, static_losses,
+                                       grads, norm, +calls)
+        self.graph_status = f"on: batch {list(idx.shape)} captured at step {self.step_count}"
+        return self._captured
+
+    def _params(self) -> list:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _update(self, graph: bool) -> None:
+        """Clipping and the AdamW step (eager in both modes), after a NaN/inf check."""
+        params = self._params()
+        if graph:
+            # The total norm was computed inside the graph; the clipping is torch's, with it.
+            norm = self._graph_norm
+            if self.max_grad_norm is not None and self.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm,
+                                                     self._captured.norm)
+        elif self.max_grad_norm is not None and self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.last_grad_norm = float(norm)
         if not math.isfinite(self.last_grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            if not graph:  # a graph's gradients live in its pool and are rewritten next replay
+                self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
                 f"step {self.step_count}: gradient norm is {self.last_grad_norm}; "
                 "the update was not applied"
@@ -180,9 +314,9 @@ class TrainStep:
             group["lr"] = lr
         self.optimizer.step()
         self.kernels.count(("adamw", self.kernels.choices["adamw"].impl))
-        self.optimizer.zero_grad(set_to_none=True)
+        if not graph:
+            self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return total / self.grad_accum_steps
 
     def _forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of one micro-batch, with the saved activations compressed when asked; the

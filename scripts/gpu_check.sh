@@ -4,7 +4,8 @@
 #   env.txt      torch / CUDA versions and nvidia-smi
 #   install.log  the editable build of ryzen_llm._C with the CUDA kernels
 #   doctor.log   python -m ryzen_llm.doctor --device cuda
-#   tests.log    pytest tests/ops -k cuda (the op tests' CUDA cases)
+#   tests.log    pytest tests/ops tests/test_convergence.py -k cuda (the CUDA cases; the CUDA
+#                graph of level 3 against its eager step)
 #   bench.log    benchmarks/bench_cuda.py (fused vs eager vs torch.compile vs SDPA; micro-steps)
 #   bench.json   the same numbers, machine-readable
 #   train.log    the quick preset on the GPU: baseline (level 0) and optimized (level 3)
@@ -43,7 +44,10 @@ step() {  # step NAME LIMIT_S LOG COMMAND...
 # torch it builds against, so an index lookup could only fail or replace it).
 step install 200 install.log $PY -m pip install --no-build-isolation --no-deps -e ".[test]"
 step doctor 40 doctor.log $PY -m ryzen_llm.doctor --device cuda
-step tests 120 tests.log $PY -m pytest tests/ops -k cuda -q -rs -p no:cacheprovider
+# pytest-xdist where it is installed: a worker that crashes is replaced and the run goes on.
+xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4")
+step tests 150 tests.log $PY -m pytest tests/ops tests/test_convergence.py -k cuda -q -rfEs \
+  --tb=short -p no:cacheprovider $xdist
 step bench 170 bench.log $PY benchmarks/bench_cuda.py --json "$OUT/bench.json"
 runs=$(mktemp -d)
 step train 100 train.log $PY -m ryzen_llm.train --preset quick training.device=cuda --no-progress \

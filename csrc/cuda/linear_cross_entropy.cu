@@ -3,14 +3,18 @@
 // times (max, sum of exp, gradient; the row stays in L2) and turns them in place into
 // d(loss)/d(logits) = (softmax - onehot) / n_valid while writing the row's loss term, and two
 // more GEMMs give the chunk's grad_h rows and add its share of grad_weight (Liger-Kernel's scheme).
-// Target validation and n_valid cost one device-to-host copy per call (the CPU op raises on a bad
-// target too, so the check cannot be skipped).
+// n_valid stays on the device (the kernel and the final division read it there). Target
+// validation costs one device-to-host copy per call, as the CPU op raises on a bad target too;
+// while the stream is being captured into a CUDA graph (TrainStep at level 3) no copy is allowed,
+// so the check is skipped there and a row with an out-of-range target makes the loss NaN instead
+// (TrainStep then raises NonFiniteError before the update).
 #include "cuda_common.cuh"
 #include "op_checks.h"
 #include "common.h"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -32,13 +36,20 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 template <typename scalar_t, typename acc_t>
 __global__ void softmax_nll_rows_kernel(scalar_t* __restrict__ logits,
                                         const int64_t* __restrict__ targets, int64_t ignore_index,
-                                        double scale, bool need_grad,
+                                        const int64_t* __restrict__ n_valid, bool need_grad,
                                         double* __restrict__ loss_rows, int64_t V) {
   __shared__ acc_t shared[32];
   const int64_t r = blockIdx.x;
   scalar_t* l = logits + r * V;
   const int64_t t = targets[r];
-  const bool valid = t != ignore_index;
+  const bool in_range = t >= 0 && t < V;
+  const bool valid = t != ignore_index && in_range;
+  if (t != ignore_index && !in_range) {  // only reachable under graph capture (see the top)
+    if (threadIdx.x == 0) loss_rows[r] = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
+  // Mean over zero targets is 0/0 = nan, as in F.cross_entropy; the gradients are then zero.
+  const double scale = *n_valid > 0 ? 1.0 / static_cast<double>(*n_valid) : 0.0;
   const acc_t target_logit = valid ? static_cast<acc_t>(l[t]) : acc_t(0);  // read before any write
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
@@ -83,18 +94,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda
   const int64_t N = shape.N, V = shape.V;
   const c10::cuda::CUDAGuard guard(h.device());
 
-  // One sync: the number of out-of-range targets and of valid ones.
   const at::Tensor valid = targets.ne(ignore_index);
-  const at::Tensor bad = valid.logical_and(targets.lt(0).logical_or(targets.ge(V)));
-  const at::Tensor counts = at::stack({bad.sum(), valid.sum()}).cpu();
-  const int64_t n_bad = counts[0].item<int64_t>(), n_valid = counts[1].item<int64_t>();
-  if (n_bad > 0) {
-    const int64_t i = bad.to(at::kInt).argmax().item<int64_t>();
-    TORCH_CHECK(false, "targets: id ", targets[i].item<int64_t>(), " at position ", i,
-                " is out of range [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+  const at::Tensor n_valid = valid.sum();  // int64, on the device
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    // One sync: are there out-of-range targets?
+    const at::Tensor bad = valid.logical_and(targets.lt(0).logical_or(targets.ge(V)));
+    if (bad.any().item<bool>()) {
+      const int64_t i = bad.to(at::kInt).argmax().item<int64_t>();
+      TORCH_CHECK(false, "targets: id ", targets[i].item<int64_t>(), " at position ", i,
+                  " is out of range [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+    }
   }
-  // Mean over zero targets is 0/0 = nan, as in F.cross_entropy; the gradients are then zero.
-  const double scale = n_valid > 0 ? 1.0 / static_cast<double>(n_valid) : 0.0;
 
   at::Tensor loss_rows = at::zeros({N}, h.options().dtype(at::kDouble));
   const bool need_grad = need_grad_h || need_grad_weight;
@@ -105,16 +115,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "linear_cross_entropy_cuda", [&] {
           using acc_t = at::acc_type<scalar_t, true>;
           softmax_nll_rows_kernel<scalar_t, acc_t><<<rows, threads_for_row(V), 0, stream>>>(
-              logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>() + r0, ignore_index, scale,
-              need_grad, loss_rows.data_ptr<double>() + r0, V);
+              logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>() + r0, ignore_index,
+              n_valid.data_ptr<int64_t>(), need_grad, loss_rows.data_ptr<double>() + r0, V);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
   const auto loss_dtype = linear_cross_entropy_loss_dtype(h);
-  at::Tensor loss = n_valid > 0
-                        ? loss_rows.sum().div_(static_cast<double>(n_valid)).to(loss_dtype)
-                        : at::full({}, std::numeric_limits<double>::quiet_NaN(),
-                                   h.options().dtype(loss_dtype));
+  // float64 sum / int64 count on the device: 0/0 = nan with no valid target.
+  at::Tensor loss = loss_rows.sum().div_(n_valid).to(loss_dtype);
   return {loss, grad_h, grad_weight};
 }
 
