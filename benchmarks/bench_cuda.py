@@ -232,6 +232,8 @@ def profile_level3_step(rows: int = 20) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--only", choices=("train", "attention", "ops"),
+                        help="run only this part (default: all three)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("SKIPPED: CUDA unavailable; nothing was benchmarked")
@@ -240,13 +242,17 @@ def main(argv=None) -> int:
     results = Results(args.json)
     # The training step first, then attention, then the other ops: a run cut short by a time
     # limit still has the numbers that matter most, and the JSON holds every finished row.
-    bench_train_step(results)
-    try:
-        profile_level3_step()
-    except Exception:  # the profile is a diagnostic: its failure must not stop the benchmarks
-        traceback.print_exc()
-    bench_attention(results)
-    bench_ops(results)
+    if args.only in (None, "train"):
+        bench_train_step(results)
+    if args.only is None:
+        try:
+            profile_level3_step()
+        except Exception:  # the profile is a diagnostic: its failure must not stop the benchmarks
+            traceback.print_exc()
+    if args.only in (None, "attention"):
+        bench_attention(results)
+    if args.only in (None, "ops"):
+        bench_ops(results)
     return 0
 
 

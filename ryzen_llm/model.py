@@ -234,6 +234,15 @@ class _CacheStep:
     key_padding_mask: torch.Tensor | None  # (B, T) bool (prefill)
 
 
+def value_checks_allowed(t: torch.Tensor) -> bool:
+    """Whether checks of t's values (token ids in range), which read them on the host, may run:
+    not while torch.compile traces nor while a CUDA graph is captured, where a host read would
+    break the graph (TrainStep checks each batch on the host before replaying its graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class ScaledTransformerModel(nn.Module):
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
@@ -284,6 +293,15 @@ class ScaledTransformerModel(nn.Module):
     linear_weight_dtype = torch.float32
 
     # -- input checks -----------------------------------------------------------------------
+    def check_targets(self, targets: torch.Tensor, ignore_index: int = -100) -> None:
+        """ValueError naming the first target id outside the vocabulary (ignore_index aside)."""
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets: id {int(targets[bad][0])} is out of range for vocab_size "
+                f"{self.config.vocab_size}"
+            )
+
     def _check_input(self, idx: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
@@ -295,7 +313,7 @@ class ScaledTransformerModel(nn.Module):
             raise ValueError(
                 f"idx: sequence length {T} is outside 1..max_seq_len ({self.config.max_seq_len})"
             )
-        if idx.numel() and not torch.compiler.is_compiling():  # value checks would break graphs
+        if idx.numel() and value_checks_allowed(idx):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = hi if hi >= self.config.vocab_size else lo
@@ -441,12 +459,8 @@ class ScaledTransformerModel(nn.Module):
         h = self.hidden_states(idx, attention_mask)
         B, T, C = h.shape
         targets = targets.long()
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
-        if not torch.compiler.is_compiling() and bool(bad.any()):
-            raise ValueError(
-                f"targets: id {int(targets[bad][0])} is out of range for vocab_size "
-                f"{self.config.vocab_size}"
-            )
+        if value_checks_allowed(targets):
+            self.check_targets(targets, ignore_index)
         return self.kernels.linear_cross_entropy(
             h.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T), ignore_index
         )

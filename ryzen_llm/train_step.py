@@ -183,6 +183,11 @@ class TrainStep:
                 f"{self.grad_accum_steps}"
             )
         self.model.train()
+        if self.cuda_graph:
+            # A replayed graph checks nothing: the batch is checked here, on the host where the
+            # trainer's batches are, as the eager forward checks it.
+            self.model._check_input(idx, None)
+            self.model.check_targets(targets)
         idx = idx.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.cuda_graph:

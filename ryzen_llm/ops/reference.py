@@ -210,7 +210,9 @@ def quantize_blockwise(
     blocks = F.pad(flat, (0, pad)).view(n_blocks, block_size)
     nonfinite = ~torch.isfinite(blocks).all(dim=1)
     amax = torch.where(torch.isnan(blocks), 0.0, blocks.abs()).amax(dim=1) if n_blocks else blocks.new_zeros(0)
-    scale = amax / qmax
+    # Divided by a tensor: ATen's CUDA division by a Python scalar multiplies by its reciprocal,
+    # which can differ from amax / qmax in the last bit.
+    scale = amax / torch.full_like(amax, qmax)
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     flush = torch.isinf(inv)
     scale = torch.where(flush, 0.0, scale)
@@ -218,7 +220,8 @@ def quantize_blockwise(
     scale = torch.where(nonfinite, float("nan"), scale)
     v = torch.where(nonfinite[:, None], 0.0, blocks) * inv[:, None]
     if stochastic:
-        u = F.pad(stochastic_uniform(n, seed, offset), (0, pad)).view(n_blocks, block_size)
+        u = F.pad(stochastic_uniform(n, seed, offset).to(blocks.device), (0, pad))
+        u = u.view(n_blocks, block_size)
         q = torch.floor(v + u)
     else:
         q = torch.round(v)

@@ -90,8 +90,11 @@ def test_bf16_params_follow_fp32_master(device):
         opt_ours.step()
         opt_master.step()
     for p, q in zip(ours, master):
-        assert max_ulps(opt_ours.state[p]["master_param"], q.detach()) <= 8
-        torch.testing.assert_close(p.detach(), q.detach().to(torch.bfloat16), rtol=0, atol=0)
+        ours_master = opt_ours.state[p]["master_param"]
+        assert max_ulps(ours_master, q.detach()) <= 8
+        # The parameter is exactly our master's rounding (torch's master may round to the
+        # neighbouring bfloat16 where the two masters differ by an ulp across a rounding edge).
+        torch.testing.assert_close(p.detach(), ours_master.to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_state_dict_round_trip_and_torch_compatible():
