@@ -191,14 +191,15 @@ class TrainStep:
         idx = idx.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.cuda_graph:
-            mean_loss = self._graph_forward_backward(idx, targets)
-            if mean_loss is not None:
-                self._update(graph=True)
+            replayed = self._graph_forward_backward(idx, targets)
+            if replayed is not None:
+                mean_loss, graph_norm = replayed
+                self._update(graph_norm)
                 return mean_loss
             if self._captured is not None:  # the graph's gradients must not accumulate here
                 self.optimizer.zero_grad(set_to_none=True)
         mean_loss = self._forward_backward(idx, targets)
-        self._update(graph=False)
+        self._update()
         return mean_loss
 
     def _forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
@@ -223,10 +224,12 @@ class TrainStep:
             total += loss_value.item()
         return total / self.grad_accum_steps
 
-    def _graph_forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
+    def _graph_forward_backward(self, idx: torch.Tensor,
+                                targets: torch.Tensor) -> tuple[float, float] | None:
         """Forward and backward by replaying the captured graph (capturing it once the batch
-        shape has had its warm-up steps). Returns the mean loss, or None where this step runs
-        eagerly (warm-up, another batch shape, or a capture that failed, which is reported)."""
+        shape has had its warm-up steps). Returns the mean loss and the gradients' total norm,
+        or None where this step runs eagerly (warm-up, another batch shape, or a capture that
+        failed, which is reported)."""
         shape = (tuple(idx.shape), tuple(targets.shape), idx.dtype, targets.dtype)
         cap = self._captured
         if cap is None:
@@ -246,13 +249,13 @@ class TrainStep:
         cap.graph.replay()
         self.kernels.calls.update(cap.calls)
         values = torch.cat([cap.losses, cap.norm.reshape(1).float()]).tolist()  # the one sync
-        losses, self._graph_norm = values[:-1], values[-1]
+        losses, norm = values[:-1], values[-1]
         for loss in losses:
             if not math.isfinite(loss):
                 raise NonFiniteError(
                     f"step {self.step_count}: loss is {loss}; the update was not applied"
                 )
-        return sum(losses) / len(losses)
+        return sum(losses) / len(losses), norm
 
     def _capture(self, idx: torch.Tensor, targets: torch.Tensor, shape: tuple) -> _CapturedStep | None:
         params = self._params()
@@ -293,12 +296,13 @@ class TrainStep:
     def _params(self) -> list:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _update(self, graph: bool) -> None:
-        """Clipping and the AdamW step (eager in both modes), after a NaN/inf check."""
+    def _update(self, graph_norm: float | None = None) -> None:
+        """Clipping and the AdamW step (eager in both modes), after a NaN/inf check.
+        graph_norm: the gradients' total norm, computed inside the replayed graph."""
         params = self._params()
+        graph = graph_norm is not None
         if graph:
-            # The total norm was computed inside the graph; the clipping is torch's, with it.
-            norm = self._graph_norm
+            norm = graph_norm  # the clipping is torch's, with the norm the graph computed
             if self.max_grad_norm is not None and self.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm,
                                                      self._captured.norm)

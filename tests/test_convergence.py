@@ -24,8 +24,10 @@ def losses(level: int, device: str = "cpu", odd_batch_at: int | None = None,
     starts = torch.randint(0, 256, (STEPS, 8, 1), generator=g)
     seqs = (starts + torch.arange(MINI.max_seq_len + 1)) % 256
     # odd_batch_at: that step gets half the batch (another shape than the captured one).
-    out = [step(seqs[i, : 4 if i == odd_batch_at else 8, :-1], seqs[i, : 4 if i == odd_batch_at else 8, 1:])
-           for i in range(STEPS)]
+    out = []
+    for i in range(STEPS):
+        batch = seqs[i, : 4 if i == odd_batch_at else 8]
+        out.append(step(batch[:, :-1], batch[:, 1:]))
     return out, step
 
 
