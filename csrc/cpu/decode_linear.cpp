@@ -230,6 +230,29 @@ void packed_rows(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, 
 }
 #endif
 
+// One row of x rounded to bfloat16 (round to nearest even, as autocast), zero-padded to ldx.
+RYZEN_LLM_TARGET_CLONES void round_row_bf16(const float* x, uint16_t* xb, int64_t K, int64_t ldx) {
+  for (int64_t k = 0; k < K; ++k) xb[k] = Elem<c10::BFloat16>::store(x[k]);
+  for (int64_t k = K; k < ldx; ++k) xb[k] = 0;
+}
+
+// x (M, K) float32 rounded to bfloat16 (to nearest even, as autocast rounds activations), rows
+// zero-padded to ldx >= K. A tensor rather than a std::vector: torch's allocator aligns it to 64
+// bytes, so the kernels' 64-byte loads of x never straddle two cache lines. Rows in parallel, each
+// an auto-vectorised loop: a prefill's thousand rows would otherwise cost a serial pass.
+at::Tensor rounded_bf16(const at::Tensor& x, int64_t ldx) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, ldx}, x.options().dtype(at::kBFloat16));
+  uint16_t* xb = Elem<c10::BFloat16>::ptr(out);
+  const float* xf = x.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)),
+                   [&](int64_t m0, int64_t m1) {
+                     for (int64_t m = m0; m < m1; ++m)
+                       round_row_bf16(xf + m * K, xb + m * ldx, K, ldx);
+                   });
+  return out;
+}
+
 // The portable path: the same 16-lane order in plain loops (auto-vectorised per clone).
 RYZEN_LLM_INLINE float widen(float w) { return w; }
 RYZEN_LLM_INLINE float widen(uint16_t w) { return Elem<c10::BFloat16>::load(w); }
@@ -348,11 +371,8 @@ at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
   const Epilogue ep{bias_ptr, gelu};
   // x rounded to bfloat16, rows padded to an even length (the pad pairs with zero weights)
   const int64_t ldx = 2 * K2;
-  at::Tensor x_bf16 = at::zeros({M, ldx}, x.options().dtype(at::kBFloat16));
-  uint16_t* xb = Elem<c10::BFloat16>::ptr(x_bf16);
-  const float* xf = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xb[m * ldx + k] = Elem<c10::BFloat16>::store(xf[m * K + k]);
+  const at::Tensor x_bf16 = rounded_bf16(x, ldx);
+  const uint16_t* xb = Elem<c10::BFloat16>::ptr(x_bf16);
   const uint16_t* wp = Elem<c10::BFloat16>::ptr(weight);
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(4, (16384 / std::max<int64_t>(1, K * M)) / 4 * 4);
@@ -404,15 +424,10 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     parallel([&](int64_t n0, int64_t n1) { rows_block<float>(xp, wp, yp, M, K, N, n0, n1, ep); });
     return y;
   }
-  // bfloat16 weights: x rounded to bfloat16 (to nearest even), as autocast rounds activations;
-  // a few rows, so a plain buffer rather than an ATen op per call.
+  // bfloat16 weights: x rounded to bfloat16 as well
   const uint16_t* wp = Elem<c10::BFloat16>::ptr(weight);
-  const float* xf = x.data_ptr<float>();
-  // A tensor rather than a std::vector: torch's allocator aligns it to 64 bytes, so the
-  // 64-byte loads of x never straddle two cache lines.
-  at::Tensor x_bf16 = at::empty({M, K}, x.options().dtype(at::kBFloat16));
-  uint16_t* xb = Elem<c10::BFloat16>::ptr(x_bf16);
-  for (int64_t i = 0; i < M * K; ++i) xb[i] = Elem<c10::BFloat16>::store(xf[i]);
+  const at::Tensor x_bf16 = rounded_bf16(x, K);
+  const uint16_t* xb = Elem<c10::BFloat16>::ptr(x_bf16);
 #if defined(RYZEN_LLM_AVX512)
   if (avx512_bf16_available()) {
     parallel([&](int64_t n0, int64_t n1) {

@@ -112,11 +112,13 @@ def test_packed_layout_and_its_named_errors():
     torch.library.opcheck(torch.ops.ryzen_llm.decode_linear, (x, p, torch.randn(20), True, -1))
 
 
-def test_bfloat16_weights_round_x_like_autocast():
-    x, w, b = make_inputs(5, 96, 40)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("shape", [(5, 96, 40), (700, 81, 40)])  # (700, 81): rows rounded by
+def test_bfloat16_weights_round_x_like_autocast(packed, shape):  # several threads, odd K
+    x, w, b = make_inputs(*shape)
     w = w.bfloat16()
-    got = fused(x, w, b, False)
-    assert torch.equal(got, fused(x.bfloat16().float(), w, b, False))
+    got = fused(x, w, b, False, packed)
+    assert torch.equal(got, fused(x.bfloat16().float(), w, b, False, packed))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = torch.nn.functional.linear(x, w, b.bfloat16())  # bf16 out: compare loosely
     torch.testing.assert_close(got, ref.float(), atol=3e-2, rtol=2e-2)
