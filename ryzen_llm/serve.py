@@ -238,6 +238,13 @@ class Gate:
 
 
 # -- the app ----------------------------------------------------------------------------------
+async def client_gone(request: HTTPRequest) -> None:
+    """Returns when the client has disconnected: once the body is read, the ASGI server's next
+    message for the request is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(
     engine: Engine,
     *,
@@ -376,12 +383,22 @@ def create_app(
         return results, hits
 
     async def wait_for(request: HTTPRequest, reqs: list[Request], futs) -> None:
+        """Until every future is done. A client that disconnects is noticed at once (a task
+        waits for the server's disconnect message instead of polling), as is the per-request
+        timeout; either cancels the leftover work."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request_timeout_s
+        gone = asyncio.ensure_future(client_gone(request))
         pending = set(futs)
         try:
             while pending:
-                done, pending = await asyncio.wait(pending, timeout=0.05)
+                done, _ = await asyncio.wait(pending | {gone},
+                                             timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    metrics.cancelled.labels("client_disconnected").inc(len(reqs))
+                    raise APIError(499, "client closed the request", None, "cancelled")
+                pending -= done
                 for f in done:
                     exc = f.exception()
                     if isinstance(exc, EngineStopped):
@@ -389,16 +406,12 @@ def create_app(
                                        None, "unavailable")
                     if exc is not None and not isinstance(exc, RequestCancelled):
                         raise exc
-                if not pending:
-                    break
-                if await request.is_disconnected():
-                    metrics.cancelled.labels("client_disconnected").inc(len(reqs))
-                    raise APIError(499, "client closed the request", None, "cancelled")
-                if loop.time() > deadline:
+                if pending and loop.time() >= deadline:
                     metrics.cancelled.labels("timeout").inc(len(reqs))
                     raise APIError(504, f"the request took longer than {request_timeout_s} s",
                                    None, "timeout")
         finally:
+            gone.cancel()
             for r in reqs:
                 if not r.future.done():
                     r.cancel()
