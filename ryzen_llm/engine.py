@@ -270,7 +270,9 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self.ready = threading.Event()
+        # prefills: prompts prefilled; prefill_batches: forward passes that prefilled them
         self.stats = {"decode_steps": 0, "tokens_generated": 0, "prefills": 0,
+                      "prefill_batches": 0,
                       "max_batch_seen": 0}
         self._thread = threading.Thread(target=self._run, name="ryzen-llm-engine", daemon=True)
         if start:
@@ -324,28 +326,44 @@ class Engine:
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
                on_token=None) -> Request:
         """Queues one prompt; raises QueueFull when max_queue requests already wait."""
+        return self.submit_many([prompt], params, [on_token], field_name="inputs")[0]
+
+    def submit_many(self, prompts: Seq[str | list[int]], params: SamplingParams | None = None,
+                    on_tokens: Seq[Callable | None] | None = None,
+                    field_name: str = "prompts") -> list[Request]:
+        """Queues several prompts at once, all or none: they are admitted at the same token
+        boundary and prefilled as one batch (queued one by one, the scheduler could start on
+        the first while the others are still being tokenized). Raises ValueError naming
+        field_name[i] for a bad prompt, QueueFull when they do not all fit the queue now."""
         params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(ids)
         if params.n > self.max_batch_size:
             raise ValueError(f"n: at most {self.max_batch_size} candidates fit the batch "
                              "(max_batch_size)")
-        req = Request(ids, params, on_token)
+        if len(prompts) > self.max_queue:
+            raise ValueError(f"{field_name}: {len(prompts)} prompts can never fit the request "
+                             f"queue of {self.max_queue} (max_queue)")
+        on_tokens = list(on_tokens) if on_tokens is not None else [None] * len(prompts)
+        reqs = []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            self.check_prompt(ids, field_name if len(prompts) == 1 else f"{field_name}[{i}]")
+            reqs.append(Request(ids, params, on_tokens[i]))
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is stopping")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are already waiting")
-            self._pending.append(req)
+            if len(self._pending) + len(reqs) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting "
+                                f"(max_queue {self.max_queue})")
+            self._pending.extend(reqs)
             self._cv.notify()
-        return req
+        return reqs
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | None = None, timeout: float | None = None):
         """Generates for one prompt (returns one result) or a list (returns a list); the prompts
         run batched. A result: text, token_ids, logprobs, finish_reason, candidates, timings."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
-        reqs = [self.submit(p, params) for p in ([prompts] if single else prompts)]
+        reqs = self.submit_many([prompts] if single else prompts, params)
         out = [r.result(timeout) for r in reqs]
         return out[0] if single else out
 
@@ -444,6 +462,7 @@ class Engine:
         self.cache.lengths[row] = 0  # a one-token prompt takes the decode path from position 0
         logits = self.model.forward_with_cache(ids, self.cache.rows(row, row + 1))  # (1, V)
         self.stats["prefills"] += 1
+        self.stats["prefill_batches"] += 1
         n = req.params.n
         if n > 1:  # the candidates share the prompt's keys and values
             self.cache.copy_row(row, slice(row + 1, row + n))
@@ -469,6 +488,7 @@ class Engine:
             mask[j, :len(req.prompt_ids)] = 1
         logits = self.model.forward_with_cache(ids, self.cache.rows(r0, r0 + B), mask)  # (B, V)
         self.stats["prefills"] += B
+        self.stats["prefill_batches"] += 1
         placed, rows = [], []
         for j, req in enumerate(reqs):
             req.candidates[0].row = r0 + j

@@ -332,28 +332,24 @@ def create_app(
 
     def submit_all(prompts: list[str], params: SamplingParams, field: str,
                    on_token=None) -> list[Request]:
-        reqs: list[Request] = []
+        """The prompts of one request, queued together (so prefilled as one batch) or not at
+        all."""
         try:
+            ids = []
             for i, p in enumerate(prompts):
-                ids = engine.encode(p)
-                engine.check_prompt(ids, f"{field}[{i}]" if len(prompts) > 1 or field ==
+                ids.append(engine.encode(p))
+                engine.check_prompt(ids[-1], f"{field}[{i}]" if len(prompts) > 1 or field ==
                                     "inputs" else field)
-                cb = None if on_token is None else (lambda *a, _i=i: on_token(_i, *a))
-                reqs.append(engine.submit(ids, params, cb))
+            callbacks = None if on_token is None else [
+                (lambda *a, _i=i: on_token(_i, *a)) for i in range(len(prompts))]
+            return engine.submit_many(ids, params, callbacks, field_name=field)
         except QueueFull as exc:
-            for r in reqs:
-                r.cancel()
             raise APIError(429, f"server busy: {exc}; retry after {retry_after_s} s", None,
                            "rate_limit_exceeded", {"Retry-After": str(retry_after_s)}) from None
         except EngineStopped:
-            for r in reqs:
-                r.cancel()
             raise APIError(503, "the server is shutting down", None, "unavailable") from None
         except ValueError as exc:
-            for r in reqs:
-                r.cancel()
             raise APIError(400, str(exc), str(exc).split(":")[0]) from None
-        return reqs
 
     async def run_prompts(request: HTTPRequest, prompts: list[str], params: SamplingParams,
                           field: str, use_cache: bool) -> tuple[list[dict], list[bool]]:

@@ -310,6 +310,41 @@ def test_cancel_and_queue_full(ckpt):
         e.stop()
 
 
+def test_prompts_submitted_together_prefill_as_one_batch(ckpt):
+    """generate() and submit_many() queue their prompts at once: one prefill for all of them,
+    even while a decode step of other work is running."""
+    e = Engine.from_checkpoint(ckpt, max_batch_size=8, max_queue=8, warmup_steps=0,
+                               step_delay_s=0.002)
+    try:
+        longer = [p for p in PROMPTS if len(e.encode(p)) > 1]  # one-token ones decode alone
+        assert len(longer) >= 4
+        for busy in (False, True):  # the scheduler idle (woken by the first prompt) or decoding
+            other = e.submit(PROMPTS[5], SamplingParams(max_new_tokens=30)) if busy else None
+            while busy and e.batch_size == 0:
+                time.sleep(0.001)
+            before = dict(e.stats)
+            out = e.generate(longer, SamplingParams(max_new_tokens=3))
+            assert [r["completion_tokens"] for r in out] == [3] * len(longer)
+            assert e.stats["prefills"] - before["prefills"] == len(longer)
+            assert e.stats["prefill_batches"] - before["prefill_batches"] == 1, f"busy={busy}"
+            if other is not None:
+                other.result(30)
+        # all or none: a batch that does not fit the queue now is refused whole
+        blockers = e.submit_many(PROMPTS[:7], SamplingParams(max_new_tokens=60))
+        with pytest.raises(QueueFull):
+            e.submit_many(PROMPTS[:3])
+        assert e.queue_depth + e.batch_size == 7
+        for r in blockers:
+            r.cancel()
+        with pytest.raises(ValueError, match=r"^prompts: 16 prompts can never fit the request "
+                                             r"queue of 8 \(max_queue\)"):
+            e.submit_many(PROMPTS * 2)
+        with pytest.raises(ValueError, match=r"^prompts\[1\]: the prompt is empty"):
+            e.submit_many([PROMPTS[0], ""])
+    finally:
+        e.stop()
+
+
 def test_warmup_runs_before_ready(ckpt):
     e = Engine.from_checkpoint(ckpt, warmup_steps=40, start=False)
     assert not e.ready.is_set()

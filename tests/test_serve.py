@@ -244,6 +244,10 @@ def test_queue_full_is_429_with_retry_after(ckpt):
         r429 = [r for r in asyncio.run(fire()) if r.status_code == 429][0]
         assert int(r429.headers["retry-after"]) >= 1
         assert r429.json()["error"]["type"] == "rate_limit_exceeded"
+        # more prompts than the queue holds: a retry cannot help, so 400, not 429
+        r = httpx.post(s.url + "/infer", json={"inputs": PROMPTS[:2], "max_new_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "inputs", r.text
+        assert "can never fit the request queue of 1" in r.json()["error"]["message"]
     finally:
         s.close()
 
