@@ -1,7 +1,8 @@
 """The server as a real subprocess on loopback (`python -m ryzen_llm.serve`, 127.0.0.1, an
 ephemeral port), loaded by ryzen_llm.loadtest: streaming /v1/completions, greedy, 32-token
-prompts, 16 new tokens (ignore_eos), at fixed concurrency 1, 8 and 32 (closed loop) and at a
-Poisson arrival rate (open loop).
+prompts, 16 new tokens (ignore_eos), at fixed concurrency 1, 8 and 32 (closed loop), at a
+Poisson arrival rate (open loop), and one client sending 8 or 32 prompts per request (the batch
+of one generate() call).
 
 Each scenario records in extra_info: p50/p95/p99 end-to-end latency, time to first token,
 requests/s and generated tokens/s, errors by status, and the server process's CPU utilisation
@@ -41,6 +42,11 @@ SCENARIOS = {
     "concurrency 8": dict(concurrency=8, max_requests=48, duration=30),
     "concurrency 32": dict(concurrency=32, max_requests=96, duration=30),
     "Poisson 8/s": dict(rate=8.0, concurrency=64, duration=10),
+    # one client batching its prompts, the shape of one generate() call over a batch
+    "8 prompts per request": dict(concurrency=1, prompts_per_request=8, max_requests=16,
+                                  duration=30),
+    "32 prompts per request": dict(concurrency=1, prompts_per_request=32, max_requests=8,
+                                   duration=30),
 }
 SOAK_S = float(os.environ.get("RYZEN_LLM_SOAK_SECONDS", 600))  # shorten only to try it out
 RESULTS: dict[str, dict] = {}  # read by benchmarks/conftest.py for the summary

@@ -13,7 +13,9 @@ Two ways to send:
 Both stop sending at `--duration` seconds or `--max-requests` requests, whichever comes first,
 then wait up to `--grace` seconds for the requests in flight (the rest count as "cancelled").
 
-Each request is greedy with ignore_eos, so it generates exactly `--max-new-tokens` tokens.
+Each request is greedy with ignore_eos, so it generates exactly `--max-new-tokens` tokens per
+prompt; `--prompts-per-request K` sends K prompts in each request (a client batching its work,
+as one generate() call over K prompts does), taken in turn from the prompt list.
 Without `--stream` it POSTs /infer with use_cache false (the response cache would otherwise
 answer repeats); with `--stream` it POSTs /v1/completions with "stream": true (never cached)
 and also measures the time to the first token event. Percentiles are linearly interpolated
@@ -73,6 +75,7 @@ class LoadResult:
     max_requests: int | None
     stream: bool
     max_new_tokens: int
+    prompts_per_request: int = 1
     wall_s: float = 0.0
     sent: int = 0
     cancelled: int = 0  # still in flight when the grace period ended
@@ -97,6 +100,7 @@ class LoadResult:
             "url": self.url, "mode": self.mode, "concurrency": self.concurrency,
             "rate": self.rate, "duration_s": self.duration_s, "max_requests": self.max_requests,
             "stream": self.stream, "max_new_tokens": self.max_new_tokens,
+            "prompts_per_request": self.prompts_per_request,
             "wall_s": self.wall_s, "sent": self.sent, "completed": len(ok),
             "errors": dict(sorted(errors.items())), "error_count": sum(errors.values()),
             "requests_per_s": len(ok) / self.wall_s if self.wall_s else None,
@@ -113,7 +117,7 @@ class LoadResult:
         return out
 
 
-async def _one(client, t_run: float, t0: float, prompt: str, args: dict, stream: bool,
+async def _one(client, t_run: float, t0: float, prompts: list[str], args: dict, stream: bool,
                headers: dict) -> Sample:
     """One request sent at t0 (perf_counter seconds): the moment the load decided to send it
     (closed loop) or its scheduled arrival (Poisson), so a client running late counts against
@@ -122,7 +126,8 @@ async def _one(client, t_run: float, t0: float, prompt: str, args: dict, stream:
     ttft, tokens = None, 0
     try:
         if stream:
-            body = {"prompt": prompt, "max_tokens": args["max_new_tokens"], "temperature": 0,
+            body = {"prompt": prompts if len(prompts) > 1 else prompts[0],
+                    "max_tokens": args["max_new_tokens"], "temperature": 0,
                     "ignore_eos": True, "stream": True}
             async with client.stream("POST", "/v1/completions", json=body,
                                      headers=headers) as r:
@@ -135,14 +140,14 @@ async def _one(client, t_run: float, t0: float, prompt: str, args: dict, stream:
                         if "error" in event:  # a failure after the 200 header went out
                             status = f"stream-error-{event['error'].get('code')}"
                             break
-                        if event["choices"][0]["finish_reason"] is None:  # one event per token
+                        if event["choices"][0]["finish_reason"] is None:  # an event per token
                             tokens += 1
                             if ttft is None:
                                 ttft = (time.perf_counter() - t0) * 1e3
                 else:
                     await r.aread()
         else:
-            body = {"inputs": [prompt], "max_new_tokens": args["max_new_tokens"],
+            body = {"inputs": prompts, "max_new_tokens": args["max_new_tokens"],
                     "temperature": 0, "ignore_eos": True, "use_cache": False}
             r = await client.post("/infer", json=body, headers=headers)
             status = str(r.status_code)
@@ -157,7 +162,8 @@ async def run_load(url: str, *, concurrency: int = 1, duration: float = 10.0,
                    rate: float | None = None, max_requests: int | None = None,
                    prompts: Sequence[str] = (DEFAULT_PROMPT,), max_new_tokens: int = 16,
                    api_key: str | None = None, stream: bool = False, seed: int = 0,
-                   grace: float = 60.0, timeout: float = 120.0) -> LoadResult:
+                   grace: float = 60.0, timeout: float = 120.0,
+                   prompts_per_request: int = 1) -> LoadResult:
     """Sends load to url until duration seconds or max_requests requests; see the module doc."""
     import httpx
 
@@ -169,9 +175,14 @@ async def run_load(url: str, *, concurrency: int = 1, duration: float = 10.0,
         raise ValueError(f"duration: expected seconds > 0, got {duration!r}")
     if max_requests is not None and max_requests < 1:
         raise ValueError(f"max_requests: expected an int >= 1, got {max_requests!r}")
+    if not isinstance(prompts_per_request, int) or prompts_per_request < 1:
+        raise ValueError(f"prompts_per_request: expected an int >= 1, got "
+                         f"{prompts_per_request!r}")
     prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt")
     res = LoadResult(url, "poisson" if rate else "closed", concurrency, rate, duration,
-                     max_requests, stream, max_new_tokens)
+                     max_requests, stream, max_new_tokens, prompts_per_request)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     args = {"max_new_tokens": max_new_tokens}
     limit = max_requests if max_requests is not None else math.inf
@@ -183,9 +194,10 @@ async def run_load(url: str, *, concurrency: int = 1, duration: float = 10.0,
         tasks: list[asyncio.Task] = []
 
         def launch(t0: float) -> asyncio.Task:
-            prompt = prompts[res.sent % len(prompts)]
+            first = res.sent * prompts_per_request
+            group = [prompts[(first + j) % len(prompts)] for j in range(prompts_per_request)]
             res.sent += 1
-            return asyncio.ensure_future(_one(client, t_run, t0, prompt, args, stream, headers))
+            return asyncio.ensure_future(_one(client, t_run, t0, group, args, stream, headers))
 
         if rate is None:
             async def worker():
@@ -224,9 +236,11 @@ def format_result(d: dict) -> str:
     load = (f"concurrency {d['concurrency']}" if d["mode"] == "closed"
             else f"Poisson {d['rate']:g}/s (max {d['concurrency']} connections)")
     lat = d["latency_ms"]
+    k = d.get("prompts_per_request", 1)
     lines = [
         f"{d['url']}  {load}, {'streaming /v1/completions' if d['stream'] else '/infer'}, "
-        f"{d['max_new_tokens']} new tokens",
+        + (f"{k} prompts per request, " if k > 1 else "") + f"{d['max_new_tokens']} new tokens"
+        + (" each" if k > 1 else ""),
         f"  requests: {d['sent']} sent, {d['completed']} ok, {d['error_count']} errors "
         f"in {d['wall_s']:.1f} s",
         f"  latency:  p50 {ms(lat['p50'])}  p95 {ms(lat['p95'])}  p99 {ms(lat['p99'])}  "
@@ -254,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, help="stop after this many requests")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--prompts-per-request", type=int, default=1, metavar="K",
+                   help="prompts in each request (the prompt repeated K times)")
     p.add_argument("--stream", action="store_true",
                    help="streaming /v1/completions (measures time to first token)")
     p.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
@@ -269,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             args.url, concurrency=concurrency, duration=args.duration, rate=args.rate,
             max_requests=args.max_requests, prompts=[args.prompt],
             max_new_tokens=args.max_new_tokens, api_key=args.api_key, stream=args.stream,
-            seed=args.seed, grace=args.grace, timeout=args.timeout))
+            seed=args.seed, grace=args.grace, timeout=args.timeout,
+            prompts_per_request=args.prompts_per_request))
     except ValueError as exc:
         p.error(str(exc))
     d = res.to_dict()

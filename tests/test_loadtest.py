@@ -65,6 +65,17 @@ def test_streaming_measures_time_to_first_token(served):
     assert d["ttft_ms"]["p50"] <= d["latency_ms"]["p50"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_prompts_per_request(served, stream):
+    """Each request carries 3 prompts; the tokens of all three are counted."""
+    d = load(served.url, concurrency=2, duration=60, max_requests=4, stream=stream,
+             prompts_per_request=3)
+    assert d["completed"] == 4 and d["error_count"] == 0 and d["prompts_per_request"] == 3
+    assert [s[4] for s in d["samples"]] == [12] * 4 and d["generated_tokens"] == 48
+    with pytest.raises(ValueError, match="^prompts_per_request: expected an int >= 1"):
+        load(served.url, max_requests=1, prompts_per_request=0)
+
+
 def test_errors_are_counted_by_status(served):
     d = load(served.url, concurrency=2, duration=60, max_requests=5, api_key="wrong")
     assert d["completed"] == 0 and d["errors"] == {"401": 5} and d["error_count"] == 5
