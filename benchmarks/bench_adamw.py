@@ -1,5 +1,8 @@
 """AdamW on the seed model's parameters (about 10.5 M): FusedAdamW vs torch.optim.AdamW in its
-single-tensor, foreach and fused=True modes, float32; and FusedAdamW on bfloat16 parameters.
+single-tensor, foreach and fused=True modes, float32; and on bfloat16 parameters, FusedAdamW
+(float32 master copies and moments) beside torch's fused=True (moments in bfloat16, no master:
+fewer bytes, less precision). Each dtype is a group of its own, so that the report compares
+like with like.
 
 Run: PYTHONPATH=. pytest benchmarks/bench_adamw.py --benchmark-only"""
 from __future__ import annotations
@@ -41,7 +44,7 @@ def test_adamw_step(benchmark, name, dtype):
         p.grad = torch.randn_like(p) * 1e-2
     opt = make_optimizer(name, params)
     opt.step()  # state allocation outside the timing
-    benchmark.group = "adamw step (seed model)"
+    benchmark.group = f"adamw step (seed model) {dtype}"
     benchmark.pedantic(opt.step, rounds=10, iterations=1, warmup_rounds=2)
     n = sum(p.numel() for p in params)
     # Memory-bound minimum per parameter: fp32 p, g, m, v read + p, m, v written = 28 bytes;
