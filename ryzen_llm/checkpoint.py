@@ -8,8 +8,10 @@ A checkpoint is a folder:
     manifest.json           sha256 and size of every file above; written last
 
 It is written to a temporary folder beside the destination and renamed into place, so a reader
-sees either the old checkpoint or the complete new one, never a half-written file. Loading
-checks the manifest and names the file that is missing or does not match.
+sees either the old checkpoint or the complete new one, never a half-written file. An interrupt
+(Ctrl-C) at any point of a save leaves the previous checkpoint or the new one in place, and the
+next save of the same path works. Loading checks the manifest and names the file that is
+missing or does not match.
 """
 from __future__ import annotations
 
@@ -114,13 +116,23 @@ def save_checkpoint(
         for f in tmp.iterdir():  # on disk before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        # Swap: the previous checkpoint moves aside (a unique name, so that one a save
+        # interrupted while deleting it never blocks this one), the new one takes its place,
+        # then the previous one and any such leftovers are deleted.
         old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old)
+            os.replace(tmp, path)
+        except BaseException:
+            # interrupted between the two renames (the file system says where things are, not
+            # a flag an interrupt could beat): put the previous checkpoint back
+            if old is not None and not path.exists() and (old / MANIFEST_FILE).exists():
+                os.replace(old, path)
+            raise
+        for stale in path.parent.glob(f".{path.name}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
