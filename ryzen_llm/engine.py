@@ -330,11 +330,12 @@ class Engine:
 
     def submit_many(self, prompts: Seq[str | list[int]], params: SamplingParams | None = None,
                     on_tokens: Seq[Callable | None] | None = None,
-                    field_name: str = "prompts") -> list[Request]:
+                    field_name: str = "prompts", indexed: bool | None = None) -> list[Request]:
         """Queues several prompts at once, all or none: they are admitted at the same token
         boundary and prefilled as one batch (queued one by one, the scheduler could start on
         the first while the others are still being tokenized). Raises ValueError naming
-        field_name[i] for a bad prompt, QueueFull when they do not all fit the queue now."""
+        field_name[i] for a bad prompt (field_name alone when indexed is False; by default
+        indexed when there are several), QueueFull when they do not all fit the queue now."""
         params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
         if params.n > self.max_batch_size:
             raise ValueError(f"n: at most {self.max_batch_size} candidates fit the batch "
@@ -343,10 +344,11 @@ class Engine:
             raise ValueError(f"{field_name}: {len(prompts)} prompts can never fit the request "
                              f"queue of {self.max_queue} (max_queue)")
         on_tokens = list(on_tokens) if on_tokens is not None else [None] * len(prompts)
+        indexed = len(prompts) > 1 if indexed is None else indexed
         reqs = []
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            self.check_prompt(ids, field_name if len(prompts) == 1 else f"{field_name}[{i}]")
+            self.check_prompt(ids, f"{field_name}[{i}]" if indexed else field_name)
             reqs.append(Request(ids, params, on_tokens[i]))
         with self._cv:
             if self._stopping:

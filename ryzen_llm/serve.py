@@ -335,14 +335,10 @@ def create_app(
         """The prompts of one request, queued together (so prefilled as one batch) or not at
         all."""
         try:
-            ids = []
-            for i, p in enumerate(prompts):
-                ids.append(engine.encode(p))
-                engine.check_prompt(ids[-1], f"{field}[{i}]" if len(prompts) > 1 or field ==
-                                    "inputs" else field)
             callbacks = None if on_token is None else [
                 (lambda *a, _i=i: on_token(_i, *a)) for i in range(len(prompts))]
-            return engine.submit_many(ids, params, callbacks, field_name=field)
+            return engine.submit_many(prompts, params, callbacks, field_name=field,
+                                      indexed=len(prompts) > 1 or field == "inputs")
         except QueueFull as exc:
             raise APIError(429, f"server busy: {exc}; retry after {retry_after_s} s", None,
                            "rate_limit_exceeded", {"Retry-After": str(retry_after_s)}) from None
