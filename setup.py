@@ -73,7 +73,7 @@ setup(
         "uvicorn>=0.29",
         "prometheus_client>=0.20",
         "cachetools>=5.3",
-        "httpx>=0.25",
+        "aiohttp>=3.9",  # the load generator (ryzen_llm.loadtest)
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "expecttest", "httpx>=0.25"],
