@@ -9,11 +9,10 @@ included) and, for the engine, its own time-to-first-token and time-per-output-t
 transformers is an optional dependency (pip install -e ".[bench]"); without it the HF rows are
 skipped as "not measured", never replaced. Nothing asserts on time.
 
-Both run in this pytest process, whose main thread has run parallel torch work before (the HF
-peer, other benchmarks): the engine's scheduler thread then shares libgomp with a second
-OpenMP team, and its workers sleep between the short parallel regions of each decode step (see
-ryzen_llm.engine, "Threads"). The server (bench_serve.py) runs the engine in a process of its
-own, as deployed.
+Both run in this pytest process, whose main thread runs parallel torch work between the
+engine's calls (the HF peer, other benchmarks); each generate() hands back that thread's idle
+OpenMP workers before it waits, so that the engine's team is the only one while it runs (see
+ryzen_llm.engine, "Threads").
 
 Run: pytest benchmarks/bench_generate.py --benchmark-only
 """

@@ -15,8 +15,8 @@ minutes) asserts only on errors and on the server's RSS growth.
     PYTHONPATH=. python benchmarks/bench_serve.py [--json out.json] [--threads 1] [--infer]
 
 The standalone script runs the same scenarios, then times the peers without HTTP in the same
-run: the engine (in a process of its own, set up as the server is) and HF generate(), batch 1, 8,
-32. The load generator (ryzen_llm.loadtest) runs on the same cores as the server.
+run: the engine and HF generate(), batch 1, 8, 32, in this process. The load generator
+(ryzen_llm.loadtest) runs on the same cores as the server.
 """
 from __future__ import annotations
 
@@ -65,62 +65,35 @@ def measure(url: str, pid: int, prompts: list[str], stream: bool = True,
     return res, monitor
 
 
-def _median_ms(fn, n: int) -> float:
+def in_process_peers(path: Path, prompts: list[str], reps: int, exact: bool) -> dict:
+    """Median ms of one batch of generation without HTTP: the engine, and HF generate()."""
     import statistics
     import time
 
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def _engine_medians(path: Path, prompts: list[str], reps: int, exact: bool,
-                    threads: int) -> dict:
-    """Runs in a fresh process set up as the server sets itself up: its main thread takes one
-    torch thread before any torch work, so the engine's team is the only OpenMP team (see
-    ryzen_llm.engine, "Threads"); in a process whose main thread had run parallel work of its
-    own, every decode step would wait on sleeping workers."""
-    import torch
-
-    torch.set_num_threads(1)
+    from benchmarks._serving import hf_generate, hf_gpt2
     from ryzen_llm.engine import Engine, SamplingParams
 
-    e = Engine.from_checkpoint(path, exact=exact, threads=threads)
+    def median_ms(fn, n):
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    e = Engine.from_checkpoint(path, exact=exact)
     e.wait_ready()
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    out = {}
-    for batch in (1, 8, 32):
-        group = [prompts[j % len(prompts)] for j in range(batch)]
-        n = reps if batch == 1 else max(3, reps // 4)
-        out[f"engine batch {batch}"] = _median_ms(lambda: e.generate(group, params), n)
-    e.stop()
-    return out
-
-
-def in_process_peers(path: Path, prompts: list[str], reps: int, exact: bool) -> dict:
-    """Median ms of one batch of generation without HTTP: the engine (in a process of its own,
-    see _engine_medians), and HF generate() in this one, one after the other."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch
-
-    from benchmarks._serving import hf_generate, hf_gpt2
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        engine = pool.submit(_engine_medians, path, prompts, reps, exact,
-                             torch.get_num_threads()).result()
     hf, note = hf_gpt2()
     out = {"hf_transformers": note}
     for batch in (1, 8, 32):
+        group = [prompts[j % len(prompts)] for j in range(batch)]
         n = reps if batch == 1 else max(3, reps // 4)
-        out[f"engine batch {batch}"] = engine[f"engine batch {batch}"]
+        out[f"engine batch {batch}"] = median_ms(lambda: e.generate(group, params), n)
         if hf is not None:
-            out[f"HF generate() batch {batch}"] = _median_ms(hf_generate(hf, batch), n)
+            out[f"HF generate() batch {batch}"] = median_ms(hf_generate(hf, batch), n)
+    e.stop()
     return out
 
 

@@ -1,4 +1,5 @@
 """The KV-cache path of the model and the continuous-batching Engine."""
+import os
 import threading
 import time
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from ryzen_llm import Engine
+from ryzen_llm import engine as engine_module
 from ryzen_llm.checkpoint import CheckpointError, save_checkpoint
 from ryzen_llm.config import ModelConfig
 from ryzen_llm.engine import QueueFull, RequestCancelled, SamplingParams, decode_rows
@@ -400,3 +402,33 @@ def test_inexact_mode_decodes_without_dummy_rows(ckpt):
             torch.testing.assert_close(a["logprobs"], b["logprobs"], atol=1e-4, rtol=1e-4)
     finally:
         e.stop()
+
+
+@pytest.mark.skipif(engine_module._omp_pause is None or not os.path.isdir("/proc/self/task"),
+                    reason="the OpenMP runtime is not libgomp, or no /proc")
+def test_release_idle_openmp_workers_ends_the_calling_threads_workers():
+    """A thread that ran a 2-thread parallel region keeps one idle worker; releasing ends it
+    (and only it), and the next region starts it again."""
+    counts, released = [], []
+
+    def tasks():
+        return len(os.listdir("/proc/self/task"))
+
+    def work():
+        torch.set_num_threads(2)
+        x = torch.randn(1 << 22)  # ATen runs exp_ on 2 threads (grain 32768)
+        counts.append(tasks())
+        x.exp_()
+        counts.append(tasks())
+        released.append(engine_module.release_idle_openmp_workers())
+        counts.append(tasks())
+        x.exp_()
+        counts.append(tasks())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert released == [True]
+    assert counts[1] == counts[0] + 1  # the region's worker stays, idle
+    assert counts[2] == counts[0]  # ended
+    assert counts[3] == counts[1]  # started again by the next region
