@@ -1,7 +1,8 @@
 """Generation throughput and per-token latency of ryzen_llm.Engine, in-process, at batch 1, 4,
 8, 16 and 32, beside Hugging Face transformers' GPT-2 generate() of the same shape (d_model 512,
-4 layers, 8 heads, FFN 1024, vocab 2048, context 128; random weights, fp32; greedy, 32-token
-prompts, 16 new tokens, no early stop), both timed in this process after warm-up.
+4 layers, 8 heads, FFN 1024, vocab 2048, context 128; random weights, in float32 and in
+bfloat16; greedy, 32-token prompts, 16 new tokens, no early stop), all timed in this process
+after warm-up. The report compares the engine with the faster of the two HF runs.
 
 Each result records in extra_info: median_ms (the whole batch), tokens_per_s (generated),
 ms_per_token (median_ms / 16: the per-token latency a client of the batch sees, prefill
@@ -9,10 +10,10 @@ included) and, for the engine, its own time-to-first-token and time-per-output-t
 transformers is an optional dependency (pip install -e ".[bench]"); without it the HF rows are
 skipped as "not measured", never replaced. Nothing asserts on time.
 
-Both run in this pytest process, whose main thread runs parallel torch work between the
-engine's calls (the HF peer, other benchmarks); each generate() hands back that thread's idle
-OpenMP workers before it waits, so that the engine's team is the only one while it runs (see
-ryzen_llm.engine, "Threads").
+All run in this pytest process, the HF peers first: the engine's scheduler keeps an OpenMP
+team while idle, which would slow the main thread's parallel work beside it; each of the
+engine's generate() calls hands back the main thread's idle workers before it waits, so that
+the engine's team is the only one while it runs (see ryzen_llm.engine, "Threads").
 
 Run: pytest benchmarks/bench_generate.py --benchmark-only
 """
@@ -23,7 +24,7 @@ import statistics
 import pytest
 import torch
 
-from benchmarks._serving import NEW_TOKENS, PROMPT_TOKENS, hf_generate, hf_gpt2
+from benchmarks._serving import HF_DTYPES, NEW_TOKENS, PROMPT_TOKENS, hf_generate, hf_gpt2
 from ryzen_llm.engine import Engine, SamplingParams
 
 BATCHES = [1, 4, 8, 16, 32]
@@ -40,9 +41,10 @@ def engine(seed_checkpoint):
     e.stop()
 
 
-@pytest.fixture(scope="module")
-def hf_model():
-    return hf_gpt2()
+@pytest.fixture(scope="module", params=list(HF_DTYPES))
+def hf_model(request):
+    """(impl name, model or None, note), one per HF_DTYPES entry."""
+    return (request.param, *hf_gpt2(HF_DTYPES[request.param]))
 
 
 def record(benchmark, impl: str, batch: int, extra: dict):
@@ -54,6 +56,19 @@ def record(benchmark, impl: str, batch: int, extra: dict):
             **extra}
     benchmark.extra_info.update(info)
     RESULTS[(impl, batch)] = info
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_generate_hf_transformers(benchmark, hf_model, batch):
+    impl, model, note = hf_model
+    if model is None:
+        RESULTS[(impl, batch)] = {"not_measured": note}
+        pytest.skip(f"HF transformers generate() peer {note}")
+    benchmark.group = f"generate batch {batch}"
+    out = benchmark.pedantic(hf_generate(model, batch), rounds=ROUNDS, warmup_rounds=1,
+                             iterations=1)
+    assert out.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
+    record(benchmark, impl, batch, {"peer": note})
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -71,16 +86,3 @@ def test_generate_ryzen_llm(benchmark, engine, seed_checkpoint, batch):
         "engine_ttft_ms": statistics.median(x["time_to_first_token_ms"] for x in t),
         "engine_tpot_ms": statistics.median(x["time_per_output_token_ms"] for x in t),
     })
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-def test_generate_hf_transformers(benchmark, hf_model, batch):
-    model, note = hf_model
-    if model is None:
-        RESULTS[("hf_transformers", batch)] = {"not_measured": note}
-        pytest.skip(f"HF transformers generate() peer {note}")
-    benchmark.group = f"generate batch {batch}"
-    out = benchmark.pedantic(hf_generate(model, batch), rounds=ROUNDS, warmup_rounds=1,
-                             iterations=1)
-    assert out.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
-    record(benchmark, "hf_transformers", batch, {"peer": note})

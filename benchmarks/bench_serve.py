@@ -15,7 +15,7 @@ minutes) asserts only on errors and on the server's RSS growth.
     PYTHONPATH=. python benchmarks/bench_serve.py [--json out.json] [--threads 1] [--infer]
 
 The standalone script runs the same scenarios, then times the peers without HTTP in the same
-run: the engine and HF generate(), batch 1, 8, 32, in this process. The load generator
+run: the engine and HF generate() in float32 and bfloat16, batch 1, 8, 32, in this process. The load generator
 (ryzen_llm.loadtest) runs on the same cores as the server.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def in_process_peers(path: Path, prompts: list[str], reps: int, exact: bool) -> 
     import statistics
     import time
 
-    from benchmarks._serving import hf_generate, hf_gpt2
+    from benchmarks._serving import HF_DTYPES, hf_generate, hf_gpt2
     from ryzen_llm.engine import Engine, SamplingParams
 
     def median_ms(fn, n):
@@ -82,17 +82,22 @@ def in_process_peers(path: Path, prompts: list[str], reps: int, exact: bool) -> 
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
+    # HF first: an engine, even idle, keeps an OpenMP team that would slow the HF peer's
+    # parallel regions on this thread (see ryzen_llm.engine, "Threads")
+    out = {}
+    for impl, dtype in HF_DTYPES.items():
+        hf, out[impl] = hf_gpt2(dtype)
+        for batch in (1, 8, 32) if hf is not None else ():
+            n = reps if batch == 1 else max(3, reps // 4)
+            name = str(dtype).removeprefix("torch.")
+            out[f"HF generate() {name} batch {batch}"] = median_ms(hf_generate(hf, batch), n)
     e = Engine.from_checkpoint(path, exact=exact)
     e.wait_ready()
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    hf, note = hf_gpt2()
-    out = {"hf_transformers": note}
     for batch in (1, 8, 32):
         group = [prompts[j % len(prompts)] for j in range(batch)]
         n = reps if batch == 1 else max(3, reps // 4)
         out[f"engine batch {batch}"] = median_ms(lambda: e.generate(group, params), n)
-        if hf is not None:
-            out[f"HF generate() batch {batch}"] = median_ms(hf_generate(hf, batch), n)
     e.stop()
     return out
 

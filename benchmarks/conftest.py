@@ -89,19 +89,19 @@ def _generate_summary(w):
         return
     w.section("generation, seed-size model, 32-token prompts + 16 new tokens (medians)")
     w.write_line(f"{'batch':>5} {'ryzen_llm tok/s':>16} {'ms/token':>9} "
-                 f"{'HF generate() tok/s':>20} {'ms/token':>9}")
+                 f"{'HF fp32 tok/s':>16} {'HF bf16 tok/s':>16}")
 
-    def cells(r):
-        if r is None or "not_measured" in r:
-            return f"{'not measured':>16}", f"{'':>9}"
-        return f"{r['tokens_per_s']:>16,.0f}", f"{r['ms_per_token']:>9.2f}"
+    def tps(r):
+        return (f"{'not measured':>16}" if r is None or "not_measured" in r
+                else f"{r['tokens_per_s']:>16,.0f}")
 
     for b in BATCHES:
-        ours, hf = RESULTS.get(("ryzen_llm", b)), RESULTS.get(("hf_transformers", b))
-        if ours is None and hf is None:
+        ours = RESULTS.get(("ryzen_llm", b))
+        hf = [RESULTS.get((impl, b)) for impl in ("hf_transformers", "hf_transformers_bf16")]
+        if ours is None and all(r is None for r in hf):
             continue
-        (a, b1), (c, d) = cells(ours), cells(hf)
-        w.write_line(f"{b:>5} {a} {b1} {c:>20} {d}")
+        ms = f"{ours['ms_per_token']:>9.2f}" if ours and "ms_per_token" in ours else f"{'':>9}"
+        w.write_line(f"{b:>5} {tps(ours)} {ms} {tps(hf[0])} {tps(hf[1])}")
     notes = {r["not_measured"] for r in RESULTS.values() if "not_measured" in r}
     for n in notes:
         w.write_line(f"HF transformers generate(): {n}")

@@ -37,7 +37,8 @@ the engine also hands back the idle workers of the calling thread's team (OpenMP
 omp_pause_resource_all, which frees only the caller's pool) once the model is loaded and
 whenever generate() waits: a plain script that loads the engine and calls generate() took
 22 ms for that request instead of 8 before it did. The caller's next parallel region starts
-its workers again.
+its workers again (a restart measured 2-20 ms here, which is why the scheduler keeps its own
+workers while idle; an idle engine's team still throttles other threads' parallel work).
 
 Level 3 generates from bfloat16 copies of the linear weights (ScaledTransformerModel.
 cast_linear_weights) with float32 activations; levels 0-2 from the float32 weights.
