@@ -31,8 +31,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   return op.call(x, w, b, gelu, -1);  // a packed weight's output count comes from the bias
 }
 
-// (x + residual, LayerNorm(x + residual))
-std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+// (x + residual, LayerNorm(x + residual)); without a residual the first is undefined
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x,
+                                                  const std::optional<at::Tensor>& residual,
                                                   const at::Tensor& w, const at::Tensor& b,
                                                   double eps) {
   using Fn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -124,10 +125,73 @@ std::tuple<at::Tensor, at::Tensor> decode_block(
   return add_layer_norm(x1, m, next_weight, next_bias, next_eps);
 }
 
+// A whole decode step: embedding, the first LayerNorm, every block (decode_block above, called
+// directly), the LM head, and lengths[:B] += 1; the same ops in the same order as
+// ScaledTransformerModel.forward_with_cache with one decode_block op per block, so the same bits,
+// without the ~100 us of Python around them per step (slots, embedding, cache views, wrappers).
+// block_weights: 12 per block in decode_block's order (qkv weight, bias, proj weight, bias, ln2
+// weight, bias, fc1 weight, bias, fc2 weight, bias, next LayerNorm weight, bias); block_eps: 2 per
+// block (ln2, next); caches: one per block, all their rows (the step uses rows 0..B-1); k_scales,
+// v_scales empty for a float cache.
+at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& tok_emb, const at::Tensor& pos_emb,
+                       const at::Tensor& ln0_weight, const at::Tensor& ln0_bias, double ln0_eps,
+                       at::TensorList block_weights, at::ArrayRef<double> block_eps,
+                       const at::Tensor& head_weight, int64_t vocab_size,
+                       at::TensorList k_caches, at::TensorList v_caches, at::TensorList k_scales,
+                       at::TensorList v_scales, const at::Tensor& lengths, int64_t n_heads) {
+  TORCH_CHECK(idx.dim() == 2 && idx.size(1) == 1 && idx.scalar_type() == at::kLong,
+              "idx: expected (batch, 1) int64 token ids, got sizes ", idx.sizes(), " ",
+              idx.scalar_type());
+  const int64_t B = idx.size(0), L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(B >= 1, "idx: expected at least one row");
+  TORCH_CHECK(static_cast<int64_t>(block_weights.size()) == 12 * L,
+              "block_weights: expected 12 per block (", 12 * L, " for ", L, " caches), got ",
+              block_weights.size());
+  TORCH_CHECK(static_cast<int64_t>(block_eps.size()) == 2 * L,
+              "block_eps: expected 2 per block (", 2 * L, "), got ", block_eps.size());
+  TORCH_CHECK(v_caches.size() == k_caches.size(), "v_caches: expected ", L, " caches, got ",
+              v_caches.size());
+  TORCH_CHECK(k_scales.size() == v_scales.size() && (k_scales.empty() || k_scales.size() == k_caches.size()),
+              "k_scales, v_scales: expected none (float cache) or one each per block");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong && lengths.size(0) >= B,
+              "lengths: expected an int64 vector of at least ", B, " rows, got ", lengths.sizes(),
+              " ", lengths.scalar_type());
+  TORCH_CHECK(L >= 1 && k_caches[0].dim() == 4 && k_caches[0].size(0) >= B,
+              "k_caches: expected (rows >= ", B, ", heads, Tmax, head dim) caches");
+  const int64_t H = n_heads, Tmax = k_caches[0].size(2);
+  const at::Tensor positions = lengths.slice(0, 0, B);
+  TORCH_CHECK(positions.max().item<int64_t>() < Tmax, "idx: a sequence would exceed the cache length ",
+              Tmax);
+  const at::Tensor new_lengths = positions + 1;
+  const at::Tensor slots =
+      (at::arange(B * H, positions.options()).view({B, H}) * Tmax + positions.unsqueeze(1))
+          .view({-1});
+  const at::Tensor x0 = at::embedding(tok_emb, idx.view({B})) + pos_emb.index_select(0, positions);
+  at::Tensor x = x0, h = std::get<1>(add_layer_norm(x0, std::nullopt, ln0_weight, ln0_bias, ln0_eps));
+  for (int64_t i = 0; i < L; ++i) {
+    const at::Tensor* w = block_weights.data() + 12 * i;
+    std::optional<at::Tensor> ks, vs;
+    if (!k_scales.empty()) {
+      ks = k_scales[i].slice(0, 0, B);
+      vs = v_scales[i].slice(0, 0, B);
+    }
+    std::tie(x, h) = decode_block(x, h, w[0], w[1], w[2], w[3], w[4], w[5], block_eps[2 * i], w[6],
+                                  w[7], w[8], w[9], w[10], w[11], block_eps[2 * i + 1],
+                                  k_caches[i].slice(0, 0, B), v_caches[i].slice(0, 0, B), ks, vs,
+                                  slots, new_lengths, H);
+  }
+  positions.add_(1);
+  static const auto head =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           bool, int64_t)>("ryzen_llm::decode_linear");
+  return head.call(h, head_weight, std::nullopt, false, head_weight.dim() == 2 ? -1 : vocab_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ryzen_llm, CompositeExplicitAutograd, m) {
   m.impl("decode_block", &decode_block);
+  m.impl("decode_step", &decode_step);
 }
 
 }  // namespace ryzen_llm

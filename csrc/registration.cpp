@@ -41,6 +41,10 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // = ln1(x); writes the new keys/values (int8 codes + scales for an int8 cache) at the flat slots
   // (B * nh,) and attends to lengths[b] keys; returns (x + attn + ffn, next LayerNorm of it).
   m.def("decode_block(Tensor x, Tensor h, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, Tensor ln2_weight, Tensor ln2_bias, float ln2_eps, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, Tensor next_weight, Tensor next_bias, float next_eps, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, Tensor(d!)? v_scale, Tensor slots, Tensor lengths, int n_heads) -> (Tensor x_out, Tensor h_out)");
+  // A whole decode step (csrc/decode_block.cpp): idx (B, 1) -> logits (B, vocab_size); the embedding, the first
+  // LayerNorm, one decode_block per block (12 weights and 2 eps each in block_weights, block_eps), the LM head;
+  // caches hold all rows (rows 0..B-1 are used), scales empty for a float cache; lengths[:B] += 1.
+  m.def("decode_step(Tensor idx, Tensor tok_emb, Tensor pos_emb, Tensor ln0_weight, Tensor ln0_bias, float ln0_eps, Tensor[] block_weights, float[] block_eps, Tensor head_weight, int vocab_size, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales, Tensor(e!) lengths, int n_heads) -> Tensor");
   // Process state, not tensor math: c10's CPU allocator caches blocks of >= min_bytes by exact size
   // while enabled (the trainer's steps). disable/release return the bytes freed; stats are
   // [cached, in use, most held since enable] in bytes.

@@ -381,8 +381,9 @@ class ScaledTransformerModel(nn.Module):
         Every linear layer runs through kernels.decode_linear: fused (level >= 2), each row's
         result is the same whatever the batch holds; the weights may be bfloat16
         (cast_linear_weights), which rounds the activations entering them to bfloat16 as well.
-        With the fused ops a decode step runs each block as one kernels.decode_block op: the
-        same kernels in the same order, bit for bit, without the Python between them.
+        With the fused ops a decode step runs as one kernels.decode_step op (embedding, one
+        decode_block per block, LM head): the same kernels in the same order as the loop below,
+        bit for bit, without the Python between them.
         """
         B, T = idx.shape
         if cache.batch < B:
@@ -394,6 +395,8 @@ class ScaledTransformerModel(nn.Module):
                     f"idx: a sequence would exceed the cache length {cache.max_len} "
                     f"(max_seq_len {self.config.max_seq_len})"
                 )
+            if self.kernels.fused_decode_block:  # the whole step as one op, the same bits
+                return self.kernels.decode_step(self, idx.long(), cache)
             lengths = positions + 1
             # cache rows are contiguous (B, nh, Tmax, hs) blocks: flat slot of (row, head, pos)
             heads = torch.arange(B * self.config.n_heads).view(B, -1)
@@ -424,19 +427,12 @@ class ScaledTransformerModel(nn.Module):
         first = self.blocks[0].ln1 if len(self.blocks) else self.ln_f
         k = self.kernels
         x, h = k.add_layer_norm(x, None, first.weight, first.bias, first.eps)
-        one_op = last is None and k.fused_decode_block  # decode: each block as one fused op
-        if one_op:
-            x, h = x[:, 0], h[:, 0]  # (B, C)
         for i, block in enumerate(self.blocks):
             next_ln = self.blocks[i + 1].ln1 if i + 1 < len(self.blocks) else self.ln_f
             kc, vc, ks, vs = cache.layer(i, B)
-            if one_op:
-                x, h = k.decode_block(x, h, block, next_ln, kc, vc, ks, vs, step.slots,
-                                      step.lengths)
-            else:
-                x, h = block.forward_cached(x, h, kc, vc, step, next_ln, ks, vs)
+            x, h = block.forward_cached(x, h, kc, vc, step, next_ln, ks, vs)
         if last is None:
-            h = h if one_op else h[:, 0]  # (B, C)
+            h = h[:, 0]  # (B, C)
             cache.lengths[:B] += 1
         else:
             h = h[torch.arange(B), last]  # (B, C): each row's last real token

@@ -40,6 +40,10 @@ def synthetic() -> dict:
     benches.append(bench("test_generate_hf_transformers[1]", "generate batch 1", 0.16,
                          scenario="generate", impl="hf_transformers", batch=1,
                          tokens_per_s=100.0, ms_per_token=10.0))  # batch 4: skipped
+    benches.append(bench("test_generate_hf_transformers[hf_transformers_bf16-1]",
+                         "generate batch 1", 0.128, scenario="generate",
+                         impl="hf_transformers_bf16", batch=1, tokens_per_s=125.0,
+                         ms_per_token=8.0))  # the faster HF run: the ratio is to it
     benches.append(bench("test_serve[concurrency 8]", "serve", 5.0, scenario="serve",
                          name="concurrency 8", completed=48, errors={},
                          latency_ms={"p50": 120.0, "p95": 150.5, "p99": 170.25},
@@ -73,8 +77,9 @@ def test_report_tables_and_plots(tmp_path, capsys):
             "|  |") in lines
     assert "| eager fp32 (written attention) | peer | 800.0 | 2,560 | 70% | 1.00x | 900 MB |  |" \
         in lines
-    # generation: the HF peer at batch 4 was not measured, never filled in
-    assert "| 1 | 200 | 5.00 | 100 | 10.00 | 2.00x |" in lines
+    # generation: the ratio is to the faster HF dtype; batch 4's HF peers were not measured,
+    # never filled in
+    assert "| 1 | 200 | 5.00 | 100 | 125 | 1.60x |" in lines
     assert "| 4 | 600 | 6.67 | not measured | not measured | not measured |" in lines
     # server scenarios from the benchmark JSON and from the loadtest JSON
     assert ("| concurrency 8 | 48 | 0 | 120.0 | 150.5 | 170.2 | 20.0 | 30.0 | 9.60 | 154 "

@@ -1,5 +1,5 @@
-"""One transformer block of a decode step as one op: the Python face of
-torch.ops.ryzen_llm.decode_block (csrc/decode_block.cpp).
+"""One transformer block of a decode step as one op, and a whole decode step as one op: the
+Python face of torch.ops.ryzen_llm.decode_block and decode_step (csrc/decode_block.cpp).
 
 It runs the same fused kernels, in the same order, as the composed decode path of
 ScaledTransformerModel.forward_with_cache (qkv decode_linear, the KV-cache write, the decode
@@ -22,6 +22,11 @@ if extension_loaded():
           fc1_weight, fc1_bias, fc2_weight, fc2_bias, next_weight, next_bias, next_eps, k_cache,
           v_cache, k_scale, v_scale, slots, lengths, n_heads):
         return torch.empty_like(x), torch.empty_like(x)
+
+    @torch.library.register_fake(f"{_LIB}::decode_step")
+    def _(idx, tok_emb, pos_emb, ln0_weight, ln0_bias, ln0_eps, block_weights, block_eps,
+          head_weight, vocab_size, k_caches, v_caches, k_scales, v_scales, lengths, n_heads):
+        return idx.new_empty((idx.shape[0], vocab_size), dtype=torch.float32)
 
 
 def _block_args(block, next_ln, weight_of) -> tuple:
@@ -51,4 +56,26 @@ def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots
     return torch.ops.ryzen_llm.decode_block(
         x, h, *_block_args(block, next_ln, weight_of), k_cache, v_cache, k_scale, v_scale, slots, lengths,
         block.attn.n_heads,
+    )
+
+
+def decode_step(model, idx, cache, weight_of):
+    """Logits (B, V) of a whole decode step of `model` (a ScaledTransformerModel) in one op: the
+    embedding, the first LayerNorm, one decode_block per block and the LM head, the same ops in the
+    same order as the model's loop over decode_block, so the same bits; cache.lengths[:B] += 1.
+    idx (B, 1) int64; cache: a KVCache whose rows 0..B-1 are the step's."""
+    blocks = model.blocks
+    weights, eps = [], []
+    for i, block in enumerate(blocks):
+        args = _block_args(block, blocks[i + 1].ln1 if i + 1 < len(blocks) else model.ln_f,
+                           weight_of)
+        weights += args[:6] + args[7:13]
+        eps += [args[6], args[13]]
+    first = blocks[0].ln1 if len(blocks) else model.ln_f
+    quantized = cache.k_scale is not None
+    return torch.ops.ryzen_llm.decode_step(
+        idx, model.tok_emb.weight, model.pos_emb, first.weight, first.bias, first.eps, weights,
+        eps, weight_of(model.lm_head), model.config.vocab_size, cache.k, cache.v,
+        cache.k_scale if quantized else [], cache.v_scale if quantized else [], cache.lengths,
+        model.config.n_heads,
     )

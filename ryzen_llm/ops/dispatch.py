@@ -212,21 +212,25 @@ class KernelSet:
 
     @property
     def fused_decode_block(self) -> bool:
-        """True when a decode step's blocks run as one fused op each: decode_block and every op
+        """True when a decode step runs as one fused op (decode_step): decode_block and every op
         it runs inside are fused (an op forced to its reference keeps the composed path)."""
         return all(self.choices[op].impl == "fused" for op in ("decode_block", *DECODE_BLOCK_OPS))
 
-    def decode_block(self, x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots,
-                     lengths):
-        """One block of a decode step in one fused op (see ryzen_llm.ops.decode_block); only
-        when fused_decode_block. The ops it runs inside are counted too."""
-        self.count(("decode_block", "fused"))
-        for op, n in DECODE_BLOCK_OPS.items():
-            self.count((op, "fused"), n)
-        if k_scale is not None:
-            self.count(("quantize_kv", "fused"))
-        return self._fn["decode_block"](x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale,
-                                        slots, lengths, self.decode_weight)
+    def decode_step(self, model, idx, cache):
+        """Logits of a whole decode step in one fused op (see ryzen_llm.ops.decode_block); only
+        when fused_decode_block. Counts what the op runs: the first LayerNorm, one decode_block
+        per block (and what it runs inside), the LM head's decode_linear."""
+        n = len(model.blocks)
+        self.count(("add_layer_norm", "fused"))
+        self.count(("decode_block", "fused"), n)
+        for op, k in DECODE_BLOCK_OPS.items():
+            self.count((op, "fused"), k * n)
+        if cache.k_scale is not None:
+            self.count(("quantize_kv", "fused"), n)
+        self.count(("decode_linear", "fused"))
+        from ryzen_llm.ops.decode_block import decode_step  # fused_decode_block: it exists
+
+        return decode_step(model, idx, cache, self.decode_weight)
 
     @property
     def batch_invariant_decode(self) -> bool:

@@ -136,3 +136,56 @@ def test_recasting_the_weights_reaches_the_op(monkeypatch):
     want, _ = _decode(fresh, torch.float32, True, monkeypatch)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def _step_args(cache_dtype=torch.float32, B=2):
+    """decode_step's arguments for a SHAPES[0] model with a B-row cache holding 3 keys per row."""
+    from ryzen_llm.ops.decode_block import _block_args
+
+    model = _model(SHAPES[0], torch.float32)
+    cache = KVCache(model.config, B + 1, dtype=cache_dtype)  # more rows than the step uses
+    cache.lengths.fill_(3)
+    blocks, weights, eps = model.blocks, [], []
+    for i, block in enumerate(blocks):
+        a = _block_args(block, blocks[i + 1].ln1 if i + 1 < len(blocks) else model.ln_f,
+                        model.kernels.decode_weight)
+        weights += a[:6] + a[7:13]
+        eps += [a[6], a[13]]
+    q = cache.k_scale is not None
+    return [torch.tensor([[5], [7]][:B]), model.tok_emb.weight.detach(), model.pos_emb,
+            blocks[0].ln1.weight.detach(), blocks[0].ln1.bias.detach(), 1e-5,
+            [w.detach() for w in weights], eps, model.lm_head.weight.detach(), 301, cache.k,
+            cache.v, cache.k_scale if q else [], cache.v_scale if q else [], cache.lengths, 2]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
+def test_decode_step_opcheck(cache_dtype):
+    torch.library.opcheck(torch.ops.ryzen_llm.decode_step, _step_args(cache_dtype),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_decode_step_advances_only_the_rows_it_ran():
+    args = _step_args()
+    with torch.inference_mode():
+        logits = torch.ops.ryzen_llm.decode_step(*args)
+    assert logits.shape == (2, 301) and logits.dtype == torch.float32
+    assert args[14].tolist() == [4, 4, 3]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.__setitem__(0, a[0].view(-1)), r"idx: expected \(batch, 1\) int64"),
+        (lambda a: a.__setitem__(6, a[6][:-1]), "block_weights: expected 12 per block"),
+        (lambda a: a.__setitem__(7, a[7][:1]), "block_eps: expected 2 per block"),
+        (lambda a: a.__setitem__(11, a[11][:1]), "v_caches: expected 2 caches"),
+        (lambda a: a.__setitem__(12, [torch.zeros(3, 2, 97)]), "k_scales, v_scales: expected none"),
+        (lambda a: a.__setitem__(14, a[14].int()), "lengths: expected an int64 vector"),
+        (lambda a: a[14].fill_(97), "idx: a sequence would exceed the cache length 97"),
+    ],
+)
+def test_decode_step_bad_input_raises_named_error(change, message):
+    args = _step_args()
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.decode_step(*args)
