@@ -187,11 +187,115 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& tok_emb, const a
   return head.call(h, head_weight, std::nullopt, false, head_weight.dim() == 2 ? -1 : vocab_size);
 }
 
+// One block of a prefill: x (B*T, C) residual stream, h = its LayerNorm; the prompt's keys and
+// values go to positions 0..T-1 of the caches' rows 0..B-1 (int8 codes and scales for an int8
+// cache) and attention runs over the exact keys and values of the prompt (causal, key padding
+// mask), as CausalSelfAttention.forward_cached and Block.forward_cached do.
+std::tuple<at::Tensor, at::Tensor> prefill_block(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor* w, double ln2_eps,
+    double next_eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    const std::optional<at::Tensor>& mask, int64_t B, int64_t T, int64_t H) {
+  using AttnFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&,
+                                                    const std::optional<at::Tensor>&, double);
+  static const auto attention_forward = op_handle<AttnFn>("ryzen_llm::causal_attention_forward");
+  const int64_t C = x.size(1), D = C / H;
+  const at::Tensor parts = linear(h, w[0], w[1], false).view({B, T, 3, H, D});
+  const at::Tensor q = parts.select(2, 0).permute({0, 2, 1, 3});  // (B, H, T, D) views
+  const at::Tensor k = parts.select(2, 1).permute({0, 2, 1, 3});
+  const at::Tensor v = parts.select(2, 2).permute({0, 2, 1, 3});
+  if (k_scale.has_value()) {
+    auto [codes, scales] = quantize_vectors(parts.slice(2, 1, 3), D);
+    codes = codes.view({B, T, 2, H, D});
+    scales = scales.view({B, T, 2, H});
+    k_cache.slice(2, 0, T).copy_(codes.select(2, 0).permute({0, 2, 1, 3}));
+    v_cache.slice(2, 0, T).copy_(codes.select(2, 1).permute({0, 2, 1, 3}));
+    k_scale->slice(2, 0, T).copy_(scales.select(2, 0).permute({0, 2, 1}));
+    v_scale->slice(2, 0, T).copy_(scales.select(2, 1).permute({0, 2, 1}));
+  } else {
+    k_cache.slice(2, 0, T).copy_(k);
+    v_cache.slice(2, 0, T).copy_(v);
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const at::Tensor y = std::get<0>(attention_forward.call(q, k, v, mask, scale));
+  const at::Tensor a = linear(y.transpose(1, 2).reshape({B * T, C}), w[2], w[3], false);
+  auto [x1, h1] = add_layer_norm(x, a, w[4], w[5], ln2_eps);
+  const at::Tensor m = linear(linear(h1, w[6], w[7], true), w[8], w[9], false);
+  return add_layer_norm(x1, m, w[10], w[11], next_eps);
+}
+
+// A whole prefill of B right-padded prompts of T tokens from position 0: the embedding, the
+// first LayerNorm, one prefill_block per block, the LM head on each row's last real token
+// (prompt_lengths[b] - 1); lengths[:B] = prompt_lengths. The same ops in the same order as the
+// composed prefill of ScaledTransformerModel.forward_with_cache, so the same bits. Arguments as
+// decode_step's; key_padding_mask (B, T) bool, True = real token, or None.
+at::Tensor prefill_step(const at::Tensor& idx, const std::optional<at::Tensor>& key_padding_mask,
+                        const at::Tensor& prompt_lengths, const at::Tensor& tok_emb,
+                        const at::Tensor& pos_emb, const at::Tensor& ln0_weight,
+                        const at::Tensor& ln0_bias, double ln0_eps, at::TensorList block_weights,
+                        at::ArrayRef<double> block_eps, const at::Tensor& head_weight,
+                        int64_t vocab_size, at::TensorList k_caches, at::TensorList v_caches,
+                        at::TensorList k_scales, at::TensorList v_scales,
+                        const at::Tensor& lengths, int64_t n_heads) {
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) >= 1 && idx.size(1) >= 1 &&
+                  idx.scalar_type() == at::kLong,
+              "idx: expected (batch, tokens) int64 token ids, got sizes ", idx.sizes(), " ",
+              idx.scalar_type());
+  const int64_t B = idx.size(0), T = idx.size(1), L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(!key_padding_mask.has_value() ||
+                  (key_padding_mask->sizes() == idx.sizes() &&
+                   key_padding_mask->scalar_type() == at::kBool),
+              "key_padding_mask: expected a bool tensor of idx's sizes ", idx.sizes());
+  TORCH_CHECK(prompt_lengths.dim() == 1 && prompt_lengths.size(0) == B &&
+                  prompt_lengths.scalar_type() == at::kLong,
+              "prompt_lengths: expected ", B, " int64 lengths, got ", prompt_lengths.sizes(), " ",
+              prompt_lengths.scalar_type());
+  TORCH_CHECK(static_cast<int64_t>(block_weights.size()) == 12 * L,
+              "block_weights: expected 12 per block (", 12 * L, " for ", L, " caches), got ",
+              block_weights.size());
+  TORCH_CHECK(static_cast<int64_t>(block_eps.size()) == 2 * L,
+              "block_eps: expected 2 per block (", 2 * L, "), got ", block_eps.size());
+  TORCH_CHECK(v_caches.size() == k_caches.size(), "v_caches: expected ", L, " caches, got ",
+              v_caches.size());
+  TORCH_CHECK(k_scales.size() == v_scales.size() && (k_scales.empty() || k_scales.size() == k_caches.size()),
+              "k_scales, v_scales: expected none (float cache) or one each per block");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong && lengths.size(0) >= B,
+              "lengths: expected an int64 vector of at least ", B, " rows, got ", lengths.sizes(),
+              " ", lengths.scalar_type());
+  TORCH_CHECK(L >= 1 && k_caches[0].dim() == 4 && k_caches[0].size(0) >= B &&
+                  k_caches[0].size(1) == n_heads && k_caches[0].size(2) >= T,
+              "k_caches: expected (rows >= ", B, ", ", n_heads, " heads, Tmax >= ", T,
+              ", head dim) caches, got ", k_caches[0].sizes());
+  const at::Tensor x0 =
+      (at::embedding(tok_emb, idx) + pos_emb.slice(0, 0, T)).view({B * T, tok_emb.size(1)});
+  at::Tensor x = x0, h = std::get<1>(add_layer_norm(x0, std::nullopt, ln0_weight, ln0_bias, ln0_eps));
+  for (int64_t i = 0; i < L; ++i) {
+    std::optional<at::Tensor> ks, vs;
+    if (!k_scales.empty()) {
+      ks = k_scales[i].slice(0, 0, B);
+      vs = v_scales[i].slice(0, 0, B);
+    }
+    std::tie(x, h) = prefill_block(x, h, block_weights.data() + 12 * i, block_eps[2 * i],
+                                   block_eps[2 * i + 1], k_caches[i].slice(0, 0, B),
+                                   v_caches[i].slice(0, 0, B), ks, vs, key_padding_mask, B, T,
+                                   n_heads);
+  }
+  const at::Tensor rows = at::arange(B, prompt_lengths.options()) * T + prompt_lengths - 1;
+  lengths.slice(0, 0, B).copy_(prompt_lengths);
+  static const auto head =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           bool, int64_t)>("ryzen_llm::decode_linear");
+  return head.call(h.index_select(0, rows), head_weight, std::nullopt, false,
+                   head_weight.dim() == 2 ? -1 : vocab_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ryzen_llm, CompositeExplicitAutograd, m) {
   m.impl("decode_block", &decode_block);
   m.impl("decode_step", &decode_step);
+  m.impl("prefill_step", &prefill_step);
 }
 
 }  // namespace ryzen_llm

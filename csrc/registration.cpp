@@ -45,6 +45,10 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // LayerNorm, one decode_block per block (12 weights and 2 eps each in block_weights, block_eps), the LM head;
   // caches hold all rows (rows 0..B-1 are used), scales empty for a float cache; lengths[:B] += 1.
   m.def("decode_step(Tensor idx, Tensor tok_emb, Tensor pos_emb, Tensor ln0_weight, Tensor ln0_bias, float ln0_eps, Tensor[] block_weights, float[] block_eps, Tensor head_weight, int vocab_size, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales, Tensor(e!) lengths, int n_heads) -> Tensor");
+  // A whole prefill (csrc/decode_block.cpp): B right-padded prompts idx (B, T) from position 0 -> logits (B, vocab_size)
+  // of each row's last real token (prompt_lengths[b] - 1); keys and values written to positions 0..T-1 of cache rows
+  // 0..B-1; lengths[:B] = prompt_lengths. Other arguments as decode_step's.
+  m.def("prefill_step(Tensor idx, Tensor? key_padding_mask, Tensor prompt_lengths, Tensor tok_emb, Tensor pos_emb, Tensor ln0_weight, Tensor ln0_bias, float ln0_eps, Tensor[] block_weights, float[] block_eps, Tensor head_weight, int vocab_size, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales, Tensor(e!) lengths, int n_heads) -> Tensor");
   // Process state, not tensor math: c10's CPU allocator caches blocks of >= min_bytes by exact size
   // while enabled (the trainer's steps). disable/release return the bytes freed; stats are
   // [cached, in use, most held since enable] in bytes.

@@ -382,8 +382,9 @@ class ScaledTransformerModel(nn.Module):
         result is the same whatever the batch holds; the weights may be bfloat16
         (cast_linear_weights), which rounds the activations entering them to bfloat16 as well.
         With the fused ops a decode step runs as one kernels.decode_step op (embedding, one
-        decode_block per block, LM head): the same kernels in the same order as the loop below,
-        bit for bit, without the Python between them.
+        decode_block per block, LM head) and a prefill as one kernels.prefill_step op: the same
+        kernels in the same order as the loop below, bit for bit, without the Python between
+        them.
         """
         B, T = idx.shape
         if cache.batch < B:
@@ -421,6 +422,8 @@ class ScaledTransformerModel(nn.Module):
                         "attention_mask: each row must be ones then zeros (right padding) with "
                         "at least one real token"
                     )
+            if self.kernels.fused_prefill:  # the whole prefill as one op, the same bits
+                return self.kernels.prefill_step(self, idx.long(), mask, lengths, cache)
             step = _CacheStep(None, None, mask)
             x = self.tok_emb(idx.long()) + self.pos_emb[:T]  # (B, T, C)
             last = lengths - 1

@@ -1,5 +1,6 @@
-"""One transformer block of a decode step as one op, and a whole decode step as one op: the
-Python face of torch.ops.ryzen_llm.decode_block and decode_step (csrc/decode_block.cpp).
+"""One transformer block of a decode step as one op, and a whole decode step or prefill as one
+op: the Python face of torch.ops.ryzen_llm.decode_block, decode_step and prefill_step
+(csrc/decode_block.cpp).
 
 It runs the same fused kernels, in the same order, as the composed decode path of
 ScaledTransformerModel.forward_with_cache (qkv decode_linear, the KV-cache write, the decode
@@ -26,6 +27,12 @@ if extension_loaded():
     @torch.library.register_fake(f"{_LIB}::decode_step")
     def _(idx, tok_emb, pos_emb, ln0_weight, ln0_bias, ln0_eps, block_weights, block_eps,
           head_weight, vocab_size, k_caches, v_caches, k_scales, v_scales, lengths, n_heads):
+        return idx.new_empty((idx.shape[0], vocab_size), dtype=torch.float32)
+
+    @torch.library.register_fake(f"{_LIB}::prefill_step")
+    def _(idx, key_padding_mask, prompt_lengths, tok_emb, pos_emb, ln0_weight, ln0_bias, ln0_eps,
+          block_weights, block_eps, head_weight, vocab_size, k_caches, v_caches, k_scales,
+          v_scales, lengths, n_heads):
         return idx.new_empty((idx.shape[0], vocab_size), dtype=torch.float32)
 
 
@@ -59,11 +66,9 @@ def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots
     )
 
 
-def decode_step(model, idx, cache, weight_of):
-    """Logits (B, V) of a whole decode step of `model` (a ScaledTransformerModel) in one op: the
-    embedding, the first LayerNorm, one decode_block per block and the LM head, the same ops in the
-    same order as the model's loop over decode_block, so the same bits; cache.lengths[:B] += 1.
-    idx (B, 1) int64; cache: a KVCache whose rows 0..B-1 are the step's."""
+def _model_args(model, cache, weight_of) -> tuple:
+    """decode_step's and prefill_step's arguments from tok_emb to lengths: the weights of every
+    block flattened (12 and 2 eps per block), the LM head, all rows of every cache."""
     blocks = model.blocks
     weights, eps = [], []
     for i, block in enumerate(blocks):
@@ -73,9 +78,26 @@ def decode_step(model, idx, cache, weight_of):
         eps += [args[6], args[13]]
     first = blocks[0].ln1 if len(blocks) else model.ln_f
     quantized = cache.k_scale is not None
-    return torch.ops.ryzen_llm.decode_step(
-        idx, model.tok_emb.weight, model.pos_emb, first.weight, first.bias, first.eps, weights,
-        eps, weight_of(model.lm_head), model.config.vocab_size, cache.k, cache.v,
-        cache.k_scale if quantized else [], cache.v_scale if quantized else [], cache.lengths,
-        model.config.n_heads,
-    )
+    return (model.tok_emb.weight, model.pos_emb, first.weight, first.bias, first.eps, weights,
+            eps, weight_of(model.lm_head), model.config.vocab_size, cache.k, cache.v,
+            cache.k_scale if quantized else [], cache.v_scale if quantized else [],
+            cache.lengths)
+
+
+def decode_step(model, idx, cache, weight_of):
+    """Logits (B, V) of a whole decode step of `model` (a ScaledTransformerModel) in one op: the
+    embedding, the first LayerNorm, one decode_block per block and the LM head, the same ops in the
+    same order as the model's composed decode path, so the same bits; cache.lengths[:B] += 1.
+    idx (B, 1) int64; cache: a KVCache whose rows 0..B-1 are the step's."""
+    return torch.ops.ryzen_llm.decode_step(idx, *_model_args(model, cache, weight_of),
+                                           model.config.n_heads)
+
+
+def prefill_step(model, idx, key_padding_mask, prompt_lengths, cache, weight_of):
+    """Logits (B, V) of each prompt's last real token after a whole prefill of `model` in one op:
+    the same ops in the same order as the model's composed prefill, so the same bits. idx (B, T)
+    int64 right-padded prompts, key_padding_mask (B, T) bool or None, prompt_lengths (B,) int64;
+    fills cache rows 0..B-1 from position 0 and sets cache.lengths[:B] = prompt_lengths."""
+    return torch.ops.ryzen_llm.prefill_step(idx, key_padding_mask, prompt_lengths,
+                                            *_model_args(model, cache, weight_of),
+                                            model.config.n_heads)

@@ -233,6 +233,26 @@ class KernelSet:
         return decode_step(model, idx, cache, self.decode_weight)
 
     @property
+    def fused_prefill(self) -> bool:
+        """True when a prefill runs as one fused op (prefill_step): what a fused decode step
+        runs, and the fused causal attention."""
+        return self.fused_decode_block and self.choices["causal_attention"].impl == "fused"
+
+    def prefill_step(self, model, idx, key_padding_mask, prompt_lengths, cache):
+        """Logits of each prompt's last real token after a whole prefill in one fused op (see
+        ryzen_llm.ops.decode_block); only when fused_prefill. Counts what the op runs."""
+        n = len(model.blocks)
+        self.count(("add_layer_norm", "fused"), 1 + 2 * n)
+        self.count(("decode_linear", "fused"), 4 * n + 1)
+        self.count(("causal_attention", "fused"), n)
+        if cache.k_scale is not None:
+            self.count(("quantize_kv", "fused"), n)
+        from ryzen_llm.ops.decode_block import prefill_step  # fused_prefill: it exists
+
+        return prefill_step(model, idx, key_padding_mask, prompt_lengths, cache,
+                            self.decode_weight)
+
+    @property
     def batch_invariant_decode(self) -> bool:
         """True when a decode step's rows are computed independently of the batch size."""
         return self.choices["decode_linear"].impl == "fused"

@@ -189,3 +189,42 @@ def test_decode_step_bad_input_raises_named_error(change, message):
     change(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ryzen_llm.decode_step(*args)
+
+
+def _prefill_args(cache_dtype=torch.float32):
+    """prefill_step's arguments: 2 right-padded prompts of 5 and 3 tokens into a 3-row cache."""
+    step = _step_args(cache_dtype)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    idx = torch.randint(0, 301, (2, 5), generator=torch.Generator().manual_seed(2))
+    return [idx, mask, mask.sum(1), *step[1:]]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
+def test_prefill_step_opcheck(cache_dtype):
+    torch.library.opcheck(torch.ops.ryzen_llm.prefill_step, _prefill_args(cache_dtype),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_prefill_step_sets_the_lengths_of_the_rows_it_filled():
+    args = _prefill_args()
+    with torch.inference_mode():
+        logits = torch.ops.ryzen_llm.prefill_step(*args)
+    assert logits.shape == (2, 301) and args[16].tolist() == [5, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.__setitem__(0, a[0].int()), r"idx: expected \(batch, tokens\) int64"),
+        (lambda a: a.__setitem__(1, a[1].long()), "key_padding_mask: expected a bool tensor"),
+        (lambda a: a.__setitem__(2, a[2][:1]), "prompt_lengths: expected 2 int64 lengths"),
+        (lambda a: a.__setitem__(8, a[8][:-1]), "block_weights: expected 12 per block"),
+        (lambda a: (a.__setitem__(0, torch.zeros(2, 98, dtype=torch.long)),
+                    a.__setitem__(1, None)), "k_caches: expected .* Tmax >= 98"),
+    ],
+)
+def test_prefill_step_bad_input_raises_named_error(change, message):
+    args = _prefill_args()
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ryzen_llm.prefill_step(*args)
