@@ -426,8 +426,10 @@ def create_app(
             if params.n > 1:
                 out["candidates"] = r["candidates"]
             outputs.append(out)
-        return {"model": engine.model_id, "outputs": outputs,
-                "timings": {"total_ms": round((time.perf_counter() - t0) * 1e3, 3)}}
+        # a JSONResponse as it is: FastAPI would first walk the whole payload through
+        # jsonable_encoder (~0.15 ms of a 1 ms request's server CPU for plain dicts and lists)
+        return JSONResponse({"model": engine.model_id, "outputs": outputs,
+                             "timings": {"total_ms": round((time.perf_counter() - t0) * 1e3, 3)}})
 
     # -- POST /v1/completions ---------------------------------------------------------------
     @app.post("/v1/completions")
@@ -470,10 +472,10 @@ def create_app(
                     if body.logprobs is not None else None,
                     "finish_reason": "stop" if cand["finish_reason"] == "stop" else "length",
                 })
-        return {"id": cid, "object": "text_completion", "created": created,
-                "model": engine.model_id, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                          "total_tokens": n_prompt + n_out}}
+        return JSONResponse({"id": cid, "object": "text_completion", "created": created,
+                             "model": engine.model_id, "choices": choices,
+                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                       "total_tokens": n_prompt + n_out}})
 
     def logprobs_block(token_ids: list[int], lps: list[float], offset: int = 0) -> dict:
         tokens = [engine.decode([t]) for t in token_ids]
