@@ -593,9 +593,11 @@ class Engine:
             done = None
             if tok == eos and not p.ignore_eos:
                 done = "stop"
-            if self.tokenizer is not None:
-                ids = cand.tokens[:-1] if done else cand.tokens
-                cand.text = self.tokenizer.decode(ids)
+            # The text is decoded every token only where it is read every token (stop strings,
+            # streaming); otherwise once, when the candidate finishes.
+            eager_text = self.tokenizer is not None and (p.stop or req.on_token is not None)
+            if eager_text:
+                cand.text = self.tokenizer.decode(cand.tokens[:-1] if done else cand.tokens)
                 for s in p.stop:
                     at = cand.text.find(s)
                     if at >= 0:
@@ -604,6 +606,9 @@ class Engine:
                 done = "length"
             if done is None and int(self.cache.lengths[cand.row]) >= self.max_len:
                 done = "length"  # the context is full: the next token would have no position
+            if done is not None and self.tokenizer is not None and not eager_text:
+                cand.text = self.tokenizer.decode(cand.tokens[:-1] if tok == eos and
+                                                  not p.ignore_eos else cand.tokens)
             if req.on_token is not None:
                 self._stream(req, cand, tok, lp, final=done is not None)
             if done is not None:

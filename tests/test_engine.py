@@ -257,6 +257,7 @@ def test_stop_strings_and_max_new_tokens(engine):
     full = engine.generate(PROMPTS[6], SamplingParams(max_new_tokens=30))
     assert len(full["token_ids"]) == 30 and full["finish_reason"] == "length"
     text = full["text"]
+    assert text == engine.decode(full["token_ids"])  # decoded once, at the end (no stop strings)
     stop = next((text[i : i + 2] for i in range(4, len(text) - 2) if "\ufffd" not in text[i : i + 2]),
                 None)
     if stop is None:
