@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import gc
 import hashlib
 import hmac
 import json
@@ -36,7 +37,8 @@ from cachetools import TTLCache
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector,
+                               Histogram)
 from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -130,6 +132,11 @@ class Metrics:
         self.cache_misses = Counter("ryzen_llm_cache_misses", "Response cache misses", registry=r)
         self.cancelled = Counter("ryzen_llm_cancelled", "Prompts cancelled (client gone or "
                                  "timed out)", ["reason"], registry=r)
+        # python_gc_collections_total by generation: a full (2) collection pauses every thread
+        GCCollector(registry=r)
+        g = Gauge("ryzen_llm_gc_frozen_objects", "Objects moved out of the cyclic collector's "
+                  "sight at startup (gc.freeze)", registry=r)
+        g.set_function(gc.get_freeze_count)
         g = Gauge("ryzen_llm_queue_depth", "Prompts waiting for a batch slot", registry=r)
         g.set_function(lambda: engine.queue_depth)
         g = Gauge("ryzen_llm_running_sequences", "Sequences in the running batch", registry=r)
@@ -685,6 +692,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ready on http://{args.host}:{port}", flush=True)
 
     threading.Thread(target=announce_ready, daemon=True).start()
+    # What is loaded by now (torch, the model, the web stack: ~10^5-10^6 objects) lives as long as
+    # the process. Frozen, it is out of the cyclic collector's sight: a full collection under load
+    # no longer walks it (measured: one 123 ms pause in 2 s of load at concurrency 32 before).
+    gc.collect()
+    gc.freeze()
     server.run(sockets=[sock])
     engine.stop()
     print("stopped", flush=True)

@@ -340,6 +340,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(ckpt):
             if line.startswith("ready"):
                 break
         assert url, "server did not start"
+        # startup's objects are frozen: full collections under load do not walk them
+        assert metric(httpx.get(url + "/metrics").text, "ryzen_llm_gc_frozen_objects") > 10_000
         results = {}
 
         def client(i):
