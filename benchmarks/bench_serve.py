@@ -15,8 +15,8 @@ minutes) asserts only on errors and on the server's RSS growth.
     PYTHONPATH=. python benchmarks/bench_serve.py [--json out.json] [--threads 1] [--infer]
 
 The standalone script runs the same scenarios, then times the peers without HTTP in the same
-run: the engine and HF generate() in float32 and bfloat16, batch 1, 8, 32, in this process. The load generator
-(ryzen_llm.loadtest) runs on the same cores as the server.
+run, in this process: HF generate() in float32 and bfloat16, then the engine, batch 1, 8, 32.
+The load generator (ryzen_llm.loadtest) runs on the same cores as the server.
 """
 from __future__ import annotations
 

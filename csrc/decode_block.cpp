@@ -125,6 +125,41 @@ std::tuple<at::Tensor, at::Tensor> decode_block(
   return add_layer_norm(x1, m, next_weight, next_bias, next_eps);
 }
 
+// The arguments decode_step and prefill_step share: 12 weights and 2 eps per block, one cache of
+// keys and one of values per block (with int8 scales or none), lengths for at least B rows.
+void check_step_args(at::TensorList block_weights, at::ArrayRef<double> block_eps,
+                     at::TensorList k_caches, at::TensorList v_caches, at::TensorList k_scales,
+                     at::TensorList v_scales, const at::Tensor& lengths, int64_t B) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(block_weights.size()) == 12 * L,
+              "block_weights: expected 12 per block (", 12 * L, " for ", L, " caches), got ",
+              block_weights.size());
+  TORCH_CHECK(static_cast<int64_t>(block_eps.size()) == 2 * L,
+              "block_eps: expected 2 per block (", 2 * L, "), got ", block_eps.size());
+  TORCH_CHECK(v_caches.size() == k_caches.size(), "v_caches: expected ", L, " caches, got ",
+              v_caches.size());
+  TORCH_CHECK(k_scales.size() == v_scales.size() &&
+                  (k_scales.empty() || k_scales.size() == k_caches.size()),
+              "k_scales, v_scales: expected none (float cache) or one each per block");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong && lengths.size(0) >= B,
+              "lengths: expected an int64 vector of at least ", B, " rows, got ", lengths.sizes(),
+              " ", lengths.scalar_type());
+}
+
+// Rows 0..B-1 of block i's int8 scales, or none for a float cache.
+std::optional<at::Tensor> scale_rows(at::TensorList scales, int64_t i, int64_t B) {
+  if (scales.empty()) return std::nullopt;
+  return scales[i].slice(0, 0, B);
+}
+
+// The LM head's logits of h (B, C): no bias, so a packed weight needs the vocabulary size.
+at::Tensor lm_head(const at::Tensor& h, const at::Tensor& weight, int64_t vocab_size) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           bool, int64_t)>("ryzen_llm::decode_linear");
+  return op.call(h, weight, std::nullopt, false, weight.dim() == 2 ? -1 : vocab_size);
+}
+
 // A whole decode step: embedding, the first LayerNorm, every block (decode_block above, called
 // directly), the LM head, and lengths[:B] += 1; the same ops in the same order as
 // ScaledTransformerModel.forward_with_cache with one decode_block op per block, so the same bits,
@@ -144,47 +179,30 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& tok_emb, const a
               idx.scalar_type());
   const int64_t B = idx.size(0), L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(B >= 1, "idx: expected at least one row");
-  TORCH_CHECK(static_cast<int64_t>(block_weights.size()) == 12 * L,
-              "block_weights: expected 12 per block (", 12 * L, " for ", L, " caches), got ",
-              block_weights.size());
-  TORCH_CHECK(static_cast<int64_t>(block_eps.size()) == 2 * L,
-              "block_eps: expected 2 per block (", 2 * L, "), got ", block_eps.size());
-  TORCH_CHECK(v_caches.size() == k_caches.size(), "v_caches: expected ", L, " caches, got ",
-              v_caches.size());
-  TORCH_CHECK(k_scales.size() == v_scales.size() && (k_scales.empty() || k_scales.size() == k_caches.size()),
-              "k_scales, v_scales: expected none (float cache) or one each per block");
-  TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong && lengths.size(0) >= B,
-              "lengths: expected an int64 vector of at least ", B, " rows, got ", lengths.sizes(),
-              " ", lengths.scalar_type());
+  check_step_args(block_weights, block_eps, k_caches, v_caches, k_scales, v_scales, lengths, B);
   TORCH_CHECK(L >= 1 && k_caches[0].dim() == 4 && k_caches[0].size(0) >= B,
               "k_caches: expected (rows >= ", B, ", heads, Tmax, head dim) caches");
   const int64_t H = n_heads, Tmax = k_caches[0].size(2);
   const at::Tensor positions = lengths.slice(0, 0, B);
-  TORCH_CHECK(positions.max().item<int64_t>() < Tmax, "idx: a sequence would exceed the cache length ",
-              Tmax);
+  TORCH_CHECK(positions.max().item<int64_t>() < Tmax,
+              "idx: a sequence would exceed the cache length ", Tmax);
   const at::Tensor new_lengths = positions + 1;
   const at::Tensor slots =
       (at::arange(B * H, positions.options()).view({B, H}) * Tmax + positions.unsqueeze(1))
           .view({-1});
   const at::Tensor x0 = at::embedding(tok_emb, idx.view({B})) + pos_emb.index_select(0, positions);
-  at::Tensor x = x0, h = std::get<1>(add_layer_norm(x0, std::nullopt, ln0_weight, ln0_bias, ln0_eps));
+  at::Tensor x = x0;
+  at::Tensor h = std::get<1>(add_layer_norm(x0, std::nullopt, ln0_weight, ln0_bias, ln0_eps));
   for (int64_t i = 0; i < L; ++i) {
     const at::Tensor* w = block_weights.data() + 12 * i;
-    std::optional<at::Tensor> ks, vs;
-    if (!k_scales.empty()) {
-      ks = k_scales[i].slice(0, 0, B);
-      vs = v_scales[i].slice(0, 0, B);
-    }
     std::tie(x, h) = decode_block(x, h, w[0], w[1], w[2], w[3], w[4], w[5], block_eps[2 * i], w[6],
                                   w[7], w[8], w[9], w[10], w[11], block_eps[2 * i + 1],
-                                  k_caches[i].slice(0, 0, B), v_caches[i].slice(0, 0, B), ks, vs,
-                                  slots, new_lengths, H);
+                                  k_caches[i].slice(0, 0, B), v_caches[i].slice(0, 0, B),
+                                  scale_rows(k_scales, i, B), scale_rows(v_scales, i, B), slots,
+                                  new_lengths, H);
   }
   positions.add_(1);
-  static const auto head =
-      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           bool, int64_t)>("ryzen_llm::decode_linear");
-  return head.call(h, head_weight, std::nullopt, false, head_weight.dim() == 2 ? -1 : vocab_size);
+  return lm_head(h, head_weight, vocab_size);
 }
 
 // One block of a prefill: x (B*T, C) residual stream, h = its LayerNorm; the prompt's keys and
@@ -251,43 +269,24 @@ at::Tensor prefill_step(const at::Tensor& idx, const std::optional<at::Tensor>& 
                   prompt_lengths.scalar_type() == at::kLong,
               "prompt_lengths: expected ", B, " int64 lengths, got ", prompt_lengths.sizes(), " ",
               prompt_lengths.scalar_type());
-  TORCH_CHECK(static_cast<int64_t>(block_weights.size()) == 12 * L,
-              "block_weights: expected 12 per block (", 12 * L, " for ", L, " caches), got ",
-              block_weights.size());
-  TORCH_CHECK(static_cast<int64_t>(block_eps.size()) == 2 * L,
-              "block_eps: expected 2 per block (", 2 * L, "), got ", block_eps.size());
-  TORCH_CHECK(v_caches.size() == k_caches.size(), "v_caches: expected ", L, " caches, got ",
-              v_caches.size());
-  TORCH_CHECK(k_scales.size() == v_scales.size() && (k_scales.empty() || k_scales.size() == k_caches.size()),
-              "k_scales, v_scales: expected none (float cache) or one each per block");
-  TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong && lengths.size(0) >= B,
-              "lengths: expected an int64 vector of at least ", B, " rows, got ", lengths.sizes(),
-              " ", lengths.scalar_type());
+  check_step_args(block_weights, block_eps, k_caches, v_caches, k_scales, v_scales, lengths, B);
   TORCH_CHECK(L >= 1 && k_caches[0].dim() == 4 && k_caches[0].size(0) >= B &&
                   k_caches[0].size(1) == n_heads && k_caches[0].size(2) >= T,
               "k_caches: expected (rows >= ", B, ", ", n_heads, " heads, Tmax >= ", T,
               ", head dim) caches, got ", k_caches[0].sizes());
   const at::Tensor x0 =
       (at::embedding(tok_emb, idx) + pos_emb.slice(0, 0, T)).view({B * T, tok_emb.size(1)});
-  at::Tensor x = x0, h = std::get<1>(add_layer_norm(x0, std::nullopt, ln0_weight, ln0_bias, ln0_eps));
+  at::Tensor x = x0;
+  at::Tensor h = std::get<1>(add_layer_norm(x0, std::nullopt, ln0_weight, ln0_bias, ln0_eps));
   for (int64_t i = 0; i < L; ++i) {
-    std::optional<at::Tensor> ks, vs;
-    if (!k_scales.empty()) {
-      ks = k_scales[i].slice(0, 0, B);
-      vs = v_scales[i].slice(0, 0, B);
-    }
     std::tie(x, h) = prefill_block(x, h, block_weights.data() + 12 * i, block_eps[2 * i],
                                    block_eps[2 * i + 1], k_caches[i].slice(0, 0, B),
-                                   v_caches[i].slice(0, 0, B), ks, vs, key_padding_mask, B, T,
-                                   n_heads);
+                                   v_caches[i].slice(0, 0, B), scale_rows(k_scales, i, B),
+                                   scale_rows(v_scales, i, B), key_padding_mask, B, T, n_heads);
   }
   const at::Tensor rows = at::arange(B, prompt_lengths.options()) * T + prompt_lengths - 1;
   lengths.slice(0, 0, B).copy_(prompt_lengths);
-  static const auto head =
-      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           bool, int64_t)>("ryzen_llm::decode_linear");
-  return head.call(h.index_select(0, rows), head_weight, std::nullopt, false,
-                   head_weight.dim() == 2 ? -1 : vocab_size);
+  return lm_head(h.index_select(0, rows), head_weight, vocab_size);
 }
 
 }  // namespace
