@@ -158,18 +158,43 @@ def _step_args(cache_dtype=torch.float32, B=2):
             cache.v, cache.k_scale if q else [], cache.v_scale if q else [], cache.lengths, 2]
 
 
+def _prefill_args(cache_dtype=torch.float32):
+    """prefill_step's arguments: 2 right-padded prompts of 5 and 3 tokens into a 3-row cache."""
+    step = _step_args(cache_dtype)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    idx = torch.randint(0, 301, (2, 5), generator=torch.Generator().manual_seed(2))
+    return [idx, mask, mask.sum(1), *step[1:]]
+
+
+# op -> (its arguments for a cache dtype, where lengths stands among them, lengths after the call)
+STEP_OPS = {
+    "decode_step": (_step_args, 14, [4, 4, 3]),
+    "prefill_step": (_prefill_args, 16, [5, 3, 3]),
+}
+
+
+@pytest.mark.parametrize("op", list(STEP_OPS))
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
-def test_decode_step_opcheck(cache_dtype):
-    torch.library.opcheck(torch.ops.ryzen_llm.decode_step, _step_args(cache_dtype),
+def test_step_ops_opcheck(op, cache_dtype):
+    torch.library.opcheck(getattr(torch.ops.ryzen_llm, op), STEP_OPS[op][0](cache_dtype),
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_decode_step_advances_only_the_rows_it_ran():
-    args = _step_args()
+@pytest.mark.parametrize("op", list(STEP_OPS))
+def test_step_ops_set_the_lengths_of_the_rows_they_ran(op):
+    make_args, at, lengths = STEP_OPS[op]
+    args = make_args()
     with torch.inference_mode():
-        logits = torch.ops.ryzen_llm.decode_step(*args)
+        logits = getattr(torch.ops.ryzen_llm, op)(*args)
     assert logits.shape == (2, 301) and logits.dtype == torch.float32
-    assert args[14].tolist() == [4, 4, 3]
+    assert args[at].tolist() == lengths  # the third row, not in the call, keeps its 3
+
+
+def _raises_named_error(op, change, message):
+    args = STEP_OPS[op][0]()
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.ryzen_llm, op)(*args)
 
 
 @pytest.mark.parametrize(
@@ -185,31 +210,7 @@ def test_decode_step_advances_only_the_rows_it_ran():
     ],
 )
 def test_decode_step_bad_input_raises_named_error(change, message):
-    args = _step_args()
-    change(args)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.ryzen_llm.decode_step(*args)
-
-
-def _prefill_args(cache_dtype=torch.float32):
-    """prefill_step's arguments: 2 right-padded prompts of 5 and 3 tokens into a 3-row cache."""
-    step = _step_args(cache_dtype)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    idx = torch.randint(0, 301, (2, 5), generator=torch.Generator().manual_seed(2))
-    return [idx, mask, mask.sum(1), *step[1:]]
-
-
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8])
-def test_prefill_step_opcheck(cache_dtype):
-    torch.library.opcheck(torch.ops.ryzen_llm.prefill_step, _prefill_args(cache_dtype),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
-def test_prefill_step_sets_the_lengths_of_the_rows_it_filled():
-    args = _prefill_args()
-    with torch.inference_mode():
-        logits = torch.ops.ryzen_llm.prefill_step(*args)
-    assert logits.shape == (2, 301) and args[16].tolist() == [5, 3, 3]
+    _raises_named_error("decode_step", change, message)
 
 
 @pytest.mark.parametrize(
@@ -224,7 +225,4 @@ def test_prefill_step_sets_the_lengths_of_the_rows_it_filled():
     ],
 )
 def test_prefill_step_bad_input_raises_named_error(change, message):
-    args = _prefill_args()
-    change(args)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.ryzen_llm.prefill_step(*args)
+    _raises_named_error("prefill_step", change, message)
