@@ -512,14 +512,15 @@ def create_app(
                 "choices": [{"text": text, "index": index, "logprobs": lp_block,
                              "finish_reason": finish}]}) + "\n\n"
 
-        deadline = loop.time() + request_timeout_s
+        # one timer for the whole stream, its expiry an item of the queue: cheaper than a
+        # wait_for (a task and a timer) around every token
+        timer = loop.call_at(loop.time() + request_timeout_s, queue.put_nowait, ("timeout",))
         remaining = len(reqs)
         offsets = {}
         try:
             while remaining:
-                try:
-                    item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
+                item = await queue.get()
+                if item[0] == "timeout":
                     metrics.cancelled.labels("timeout").inc(remaining)
                     yield "data: " + json.dumps({"error": {
                         "message": f"the request took longer than {request_timeout_s} s",
@@ -556,6 +557,7 @@ def create_app(
                     yield chunk(pi * body.n + cand["index"], "", finish)
             yield "data: [DONE]\n\n"
         finally:  # client gone (the response task is cancelled) or done: stop leftover work
+            timer.cancel()
             left = [r for r in reqs if not r.future.done()]
             if left:
                 metrics.cancelled.labels("client_disconnected").inc(len(left))

@@ -277,6 +277,14 @@ def test_api_key_body_limit_and_timeout(ckpt):
         r = httpx.post(s.url + "/infer", json={"inputs": ["x"], "max_new_tokens": 60},
                        headers=auth)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        # streaming: the 200 went out with the first token, the timeout ends the stream
+        r = httpx.post(s.url + "/v1/completions", headers=auth,
+                       json={"prompt": "x", "max_tokens": 60, "stream": True, "ignore_eos": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        assert r.status_code == 200 and "data: [DONE]" not in r.text
+        assert events[-1]["error"]["type"] == "timeout" and events[-1]["error"]["code"] == 504
+        assert 1 <= len(events) - 1 < 60  # some tokens streamed before it
     finally:
         s.close()
 
