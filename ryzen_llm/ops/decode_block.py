@@ -1,13 +1,13 @@
-"""One transformer block of a decode step as one op, and a whole decode step or prefill as one
-op: the Python face of torch.ops.ryzen_llm.decode_block, decode_step and prefill_step
-(csrc/decode_block.cpp).
+"""A whole decode step or prefill as one op: the Python face of torch.ops.ryzen_llm.decode_step
+and prefill_step (csrc/decode_block.cpp; decode_block, one block of a decode step, is the piece
+decode_step runs per block).
 
-It runs the same fused kernels, in the same order, as the composed decode path of
-ScaledTransformerModel.forward_with_cache (qkv decode_linear, the KV-cache write, the decode
+They run the same fused kernels, in the same order, as the composed path of
+ScaledTransformerModel.forward_with_cache (per block: qkv decode_linear, the KV-cache write,
 attention, the output projection, add + LayerNorm, the GELU feed-forward, the next add +
-LayerNorm), so its result is bit for bit that path's; it only removes the Python and dispatch
-around them (~20 calls per block). Inference only (no autograd); k_cache, v_cache and, for an
-int8 cache, k_scale and v_scale are written in place."""
+LayerNorm), so their results are bit for bit that path's; they only remove the Python and
+dispatch around ~90 calls. Inference only (no autograd); the caches (and an int8 cache's scales)
+and lengths are written in place."""
 from __future__ import annotations
 
 import torch
@@ -36,54 +36,27 @@ if extension_loaded():
         return idx.new_empty((idx.shape[0], vocab_size), dtype=torch.float32)
 
 
-def _block_args(block, next_ln, weight_of) -> tuple:
-    """The block's parameters in the op's order, each linear's weight as weight_of(linear) gives it
-    (KernelSet.decode_weight: the packed copy where there is one). Looked up once and kept on the
-    block (a decode step would otherwise spend ~25 module attribute lookups per block on them);
-    in-place updates of the parameters show through, and cast_linear_weights, which replaces the
-    packed weights, drops the kept tuple."""
-    kept = block.__dict__.get("_decode_block_args")
-    if kept is not None and kept[0] is next_ln:
-        return kept[1]
-    attn, mlp, w = block.attn, block.mlp, weight_of
-    args = (w(attn.qkv), attn.qkv.bias, w(attn.proj), attn.proj.bias,
-            block.ln2.weight, block.ln2.bias, block.ln2.eps,
-            w(mlp.fc1), mlp.fc1.bias, w(mlp.fc2), mlp.fc2.bias,
-            next_ln.weight, next_ln.bias, next_ln.eps)
-    block.__dict__["_decode_block_args"] = (next_ln, args)
-    return args
-
-
-def decode_block(x, h, block, next_ln, k_cache, v_cache, k_scale, v_scale, slots, lengths,
-                 weight_of):
-    """(x, h) after `block` (a model Block) for one new token per row: x (B, C) the residual
-    stream, h (B, C) = block.ln1(x); returns (new x, next_ln(new x)). slots (B * nh,) are the
-    flat (row, head, position) cache indices of the new keys, lengths (B,) the valid keys per
-    row after the write; weight_of(linear): the weight decode_linear reads for a linear."""
-    return torch.ops.ryzen_llm.decode_block(
-        x, h, *_block_args(block, next_ln, weight_of), k_cache, v_cache, k_scale, v_scale, slots, lengths,
-        block.attn.n_heads,
-    )
-
-
 def _model_args(model, cache, weight_of) -> tuple:
-    """decode_step's and prefill_step's arguments from tok_emb to lengths: the weights of every
-    block flattened (12 and 2 eps per block), the LM head, all rows of every cache. The weights'
-    part is kept on the model as _block_args keeps a block's (cast_linear_weights drops both), so
-    a step does not spend ~25 us of module attribute lookups rebuilding it."""
+    """decode_step's and prefill_step's arguments from tok_emb to lengths: per block its 12
+    weights (each linear's as weight_of(linear) gives it: the packed copy where there is one) and
+    its 2 eps, the LM head, all rows of every cache. The weights' part is kept on the model (a
+    step would otherwise spend ~25 us of module attribute lookups rebuilding it); in-place updates
+    of the parameters show through, and cast_linear_weights, which replaces the packed weights,
+    drops it, as does a new KernelSet (another weight_of)."""
     kept = model.__dict__.get("_decode_block_args")
     if kept is None or kept[0] != weight_of:
-        blocks = model.blocks
+        blocks, w = model.blocks, weight_of
         weights, eps = [], []
         for i, block in enumerate(blocks):
-            args = _block_args(block, blocks[i + 1].ln1 if i + 1 < len(blocks) else model.ln_f,
-                               weight_of)
-            weights += args[:6] + args[7:13]
-            eps += [args[6], args[13]]
+            nxt = blocks[i + 1].ln1 if i + 1 < len(blocks) else model.ln_f
+            attn, mlp = block.attn, block.mlp
+            weights += [w(attn.qkv), attn.qkv.bias, w(attn.proj), attn.proj.bias, block.ln2.weight,
+                        block.ln2.bias, w(mlp.fc1), mlp.fc1.bias, w(mlp.fc2), mlp.fc2.bias,
+                        nxt.weight, nxt.bias]
+            eps += [block.ln2.eps, nxt.eps]
         first = blocks[0].ln1 if len(blocks) else model.ln_f
         kept = (weight_of, (model.tok_emb.weight, model.pos_emb, first.weight, first.bias,
-                            first.eps, weights, eps, weight_of(model.lm_head),
-                            model.config.vocab_size))
+                            first.eps, weights, eps, w(model.lm_head), model.config.vocab_size))
         model.__dict__["_decode_block_args"] = kept
     quantized = cache.k_scale is not None
     return kept[1] + (cache.k, cache.v, cache.k_scale if quantized else [],

@@ -52,7 +52,7 @@ def _fused_registry() -> dict[str, Callable]:
     from ryzen_llm.ops.add_layer_norm import add_layer_norm
     from ryzen_llm.ops.bias_gelu import bias_gelu
     from ryzen_llm.ops.causal_attention import causal_attention, causal_attention_decode
-    from ryzen_llm.ops.decode_block import decode_block
+    from ryzen_llm.ops.decode_block import decode_step
     from ryzen_llm.ops.decode_linear import decode_linear
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
@@ -64,7 +64,7 @@ def _fused_registry() -> dict[str, Callable]:
         "causal_attention": causal_attention,
         "causal_attention_decode": causal_attention_decode,
         "decode_linear": decode_linear,
-        "decode_block": decode_block,
+        "decode_block": decode_step,  # its blocks run inside decode_step
         "gelu_feed_forward": gelu_feed_forward,
         "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
     }
@@ -228,9 +228,7 @@ class KernelSet:
         if cache.k_scale is not None:
             self.count(("quantize_kv", "fused"), n)
         self.count(("decode_linear", "fused"))
-        from ryzen_llm.ops.decode_block import decode_step  # fused_decode_block: it exists
-
-        return decode_step(model, idx, cache, self.decode_weight)
+        return self._fn["decode_block"](model, idx, cache, self.decode_weight)  # decode_step
 
     @property
     def fused_prefill(self) -> bool:

@@ -140,17 +140,16 @@ def test_recasting_the_weights_reaches_the_op(monkeypatch):
 
 def _step_args(cache_dtype=torch.float32, B=2):
     """decode_step's arguments for a SHAPES[0] model with a B-row cache holding 3 keys per row."""
-    from ryzen_llm.ops.decode_block import _block_args
-
     model = _model(SHAPES[0], torch.float32)
     cache = KVCache(model.config, B + 1, dtype=cache_dtype)  # more rows than the step uses
     cache.lengths.fill_(3)
     blocks, weights, eps = model.blocks, [], []
-    for i, block in enumerate(blocks):
-        a = _block_args(block, blocks[i + 1].ln1 if i + 1 < len(blocks) else model.ln_f,
-                        model.kernels.decode_weight)
-        weights += a[:6] + a[7:13]
-        eps += [a[6], a[13]]
+    for i, b in enumerate(blocks):
+        nxt = blocks[i + 1].ln1 if i + 1 < len(blocks) else model.ln_f
+        weights += [b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight, b.attn.proj.bias,
+                    b.ln2.weight, b.ln2.bias, b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight,
+                    b.mlp.fc2.bias, nxt.weight, nxt.bias]
+        eps += [b.ln2.eps, nxt.eps]
     q = cache.k_scale is not None
     return [torch.tensor([[5], [7]][:B]), model.tok_emb.weight.detach(), model.pos_emb,
             blocks[0].ln1.weight.detach(), blocks[0].ln1.bias.detach(), 1e-5,
