@@ -653,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        # listening from here on: a client that connects before uvicorn runs waits in the
+        # backlog instead of being refused ("ready" can be printed before server.run starts)
+        sock.listen(2048)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
@@ -693,12 +696,12 @@ def main(argv: list[str] | None = None) -> int:
         if engine.wait_ready(600):
             print(f"ready on http://{args.host}:{port}", flush=True)
 
-    threading.Thread(target=announce_ready, daemon=True).start()
     # What is loaded by now (torch, the model, the web stack: ~10^5-10^6 objects) lives as long as
     # the process. Frozen, it is out of the cyclic collector's sight: a full collection under load
     # no longer walks it (measured: one 123 ms pause in 2 s of load at concurrency 32 before).
     gc.collect()
     gc.freeze()
+    threading.Thread(target=announce_ready, daemon=True).start()
     server.run(sockets=[sock])
     engine.stop()
     print("stopped", flush=True)
