@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -64,6 +65,29 @@ std::tuple<at::Tensor, at::Tensor> quantize_vectors(const at::Tensor& x, int64_t
   return {data.view(at::kChar), scales};
 }
 
+// rows[i] (D values, at src + (i / H) * s_b + (i % H) * s_h) -> row slots[i] of dst (rows of D),
+// for every i < B * H: the KV-cache write of a decode step, as index_copy_ along dim 0 of the
+// cache viewed as (-1, D) but without its TensorIterator set-up (8 of them per step cost about
+// as much as a block's attention at batch 1). CPU tensors only; slots are checked here.
+template <typename T>
+void scatter_rows(const at::Tensor& dst, const at::Tensor& slots, const T* src, int64_t s_b,
+                  int64_t s_h, int64_t H, int64_t D) {
+  const int64_t rows = dst.numel() / D, n = slots.numel();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  T* out = dst.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < rows, "slots: entry ", i, " is ", slot[i],
+                ", outside the cache's ", rows, " (row, head, position) slots");
+    std::memcpy(out + slot[i] * D, src + (i / H) * s_b + (i % H) * s_h, D * sizeof(T));
+  }
+}
+
+// The same for the B * H scales of an int8 cache (one float per row).
+void scatter_scales(const at::Tensor& dst, const at::Tensor& slots, const float* src,
+                    int64_t s_b, int64_t s_h, int64_t H) {
+  scatter_rows<float>(dst, slots, src, s_b, s_h, H, 1);
+}
+
 void check_2d_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, ": expected a (batch, d_model) tensor, got sizes ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
@@ -105,7 +129,24 @@ std::tuple<at::Tensor, at::Tensor> decode_block(
   const at::Tensor qkv = linear(h, qkv_weight, qkv_bias, false);  // (B, 3C)
   const at::Tensor parts = qkv.view({B, 3, H, D});
   const at::Tensor q = parts.select(1, 0).unsqueeze(2);  // (B, H, 1, D)
-  if (quantized) {
+  const bool direct = k_cache.is_cpu() && qkv.is_cpu() && slots.is_cpu() &&
+                      slots.is_contiguous() && qkv.is_contiguous() &&
+                      (!quantized || (k_scale->is_contiguous() && v_scale->is_contiguous()));
+  if (quantized && direct) {
+    auto [codes, scales] = quantize_vectors(parts.slice(1, 1, 3), D);  // (B, 2, H, D), (B, 2, H)
+    codes = codes.contiguous();
+    scales = scales.contiguous();
+    const int8_t* c = codes.data_ptr<int8_t>();
+    const float* sc = scales.data_ptr<float>();
+    scatter_rows<int8_t>(k_cache, slots, c, 2 * C, D, H, D);
+    scatter_rows<int8_t>(v_cache, slots, c + C, 2 * C, D, H, D);
+    scatter_scales(*k_scale, slots, sc, 2 * H, 1, H);
+    scatter_scales(*v_scale, slots, sc + H, 2 * H, 1, H);
+  } else if (direct) {
+    const float* kv = qkv.data_ptr<float>();
+    scatter_rows<float>(k_cache, slots, kv + C, 3 * C, D, H, D);
+    scatter_rows<float>(v_cache, slots, kv + 2 * C, 3 * C, D, H, D);
+  } else if (quantized) {
     auto [codes, scales] = quantize_vectors(parts.slice(1, 1, 3), D);  // (B, 2, H, D), (B, 2, H)
     codes = codes.view({B, 2, H, D});
     scales = scales.view({B, 2, H});
@@ -184,12 +225,27 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& tok_emb, const a
               "k_caches: expected (rows >= ", B, ", heads, Tmax, head dim) caches");
   const int64_t H = n_heads, Tmax = k_caches[0].size(2);
   const at::Tensor positions = lengths.slice(0, 0, B);
-  TORCH_CHECK(positions.max().item<int64_t>() < Tmax,
-              "idx: a sequence would exceed the cache length ", Tmax);
-  const at::Tensor new_lengths = positions + 1;
-  const at::Tensor slots =
-      (at::arange(B * H, positions.options()).view({B, H}) * Tmax + positions.unsqueeze(1))
-          .view({-1});
+  at::Tensor new_lengths, slots;
+  if (positions.is_cpu() && positions.is_contiguous()) {
+    // B lengths and B * H slots in plain loops: the tensor ops cost ~10 us a step at batch 1
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    new_lengths = at::empty({B}, positions.options());
+    slots = at::empty({B * H}, positions.options());
+    int64_t* nl = new_lengths.data_ptr<int64_t>();
+    int64_t* sl = slots.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < Tmax, "idx: a sequence would exceed the cache length ",
+                  Tmax, " (row ", b, " is at position ", pos[b], ")");
+      nl[b] = pos[b] + 1;
+      for (int64_t hh = 0; hh < H; ++hh) sl[b * H + hh] = (b * H + hh) * Tmax + pos[b];
+    }
+  } else {
+    TORCH_CHECK(positions.max().item<int64_t>() < Tmax,
+                "idx: a sequence would exceed the cache length ", Tmax);
+    new_lengths = positions + 1;
+    slots = (at::arange(B * H, positions.options()).view({B, H}) * Tmax + positions.unsqueeze(1))
+                .view({-1});
+  }
   const at::Tensor x0 = at::embedding(tok_emb, idx.view({B})) + pos_emb.index_select(0, positions);
   at::Tensor x = x0;
   at::Tensor h = std::get<1>(add_layer_norm(x0, std::nullopt, ln0_weight, ln0_bias, ln0_eps));
