@@ -234,8 +234,9 @@ at::Tensor decode_step(const at::Tensor& idx, const at::Tensor& tok_emb, const a
     int64_t* nl = new_lengths.data_ptr<int64_t>();
     int64_t* sl = slots.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(pos[b] >= 0 && pos[b] < Tmax, "idx: a sequence would exceed the cache length ",
-                  Tmax, " (row ", b, " is at position ", pos[b], ")");
+      TORCH_CHECK(pos[b] >= 0, "lengths: row ", b, " is ", pos[b], ", expected >= 0");
+      TORCH_CHECK(pos[b] < Tmax, "idx: a sequence would exceed the cache length ", Tmax,
+                  " (row ", b, " is at position ", pos[b], ")");
       nl[b] = pos[b] + 1;
       for (int64_t hh = 0; hh < H; ++hh) sl[b * H + hh] = (b * H + hh) * Tmax + pos[b];
     }

@@ -206,6 +206,7 @@ def _raises_named_error(op, change, message):
         (lambda a: a.__setitem__(12, [torch.zeros(3, 2, 97)]), "k_scales, v_scales: expected none"),
         (lambda a: a.__setitem__(14, a[14].int()), "lengths: expected an int64 vector"),
         (lambda a: a[14].fill_(97), "idx: a sequence would exceed the cache length 97"),
+        (lambda a: a[14].fill_(-1), "lengths: row 0 is -1, expected >= 0"),
     ],
 )
 def test_decode_step_bad_input_raises_named_error(change, message):
