@@ -1,12 +1,16 @@
 """The CPU block cache (csrc/cpu/cpu_block_cache.cpp) and malloc_trim: reuse, restore, and
-training that gives the same losses with and without them."""
+training that gives the same losses with and without them; glibc's thresholds for serving."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
 from ryzen_llm.heap import (
     CPU_BLOCK_CACHE_MIN_BYTES, cpu_block_cache_stats, disable_cpu_block_cache,
-    enable_cpu_block_cache, release_free_heap,
+    enable_cpu_block_cache, keep_freed_heap, release_free_heap,
 )
 from ryzen_llm.ops._extension import extension_loaded
 
@@ -88,3 +92,47 @@ def _losses(level: int, cache: bool, steps: int = 3) -> list[float]:
 @pytest.mark.parametrize("level", [0, 3])
 def test_training_losses_are_identical_with_the_cache(level):
     assert _losses(level, cache=True) == _losses(level, cache=False)
+
+
+# A child process with a fresh glibc heap: a 24 MiB block is mapped under the default thresholds
+# (mallinfo2's hblks counts mapped blocks) and comes from the heap after keep_freed_heap, which
+# also keeps it there once freed (the heap's size, arena, does not drop back).
+_HEAP_PROBE = """
+import ctypes, json, sys
+from ryzen_llm.heap import keep_freed_heap
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+kept = keep_freed_heap() if sys.argv[1] == "keep" else None
+before = libc.mallinfo2()
+p = libc.malloc(24 << 20)
+ctypes.memset(p, 1, 24 << 20)
+during = libc.mallinfo2()
+libc.free(p)
+after = libc.mallinfo2()
+print(json.dumps({"kept": kept, "mapped": during.hblks - before.hblks,
+                  "heap_grew": during.arena - before.arena, "heap_after": after.arena - before.arena}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_heap_serves_big_blocks_from_the_heap_and_keeps_them():
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True,
+                             text=True, check=True)
+        return json.loads(out.stdout)
+
+    default, kept = probe("default"), probe("keep")
+    assert default["mapped"] == 1 and default["heap_grew"] < (24 << 20)
+    assert kept["kept"] is True and kept["mapped"] == 0
+    assert kept["heap_grew"] >= (24 << 20) and kept["heap_after"] >= (24 << 20)
+
+
+def test_keep_freed_heap_rejects_negative_thresholds():
+    with pytest.raises(ValueError, match="trim_threshold: expected bytes >= 0"):
+        keep_freed_heap(trim_threshold=-1)
