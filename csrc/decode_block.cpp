@@ -9,6 +9,7 @@
 // Device-generic (CompositeExplicitAutograd): every step is an op call through the dispatcher,
 // so it runs wherever ryzen_llm's decode ops have kernels. Inference only (no autograd).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -86,6 +87,27 @@ void scatter_rows(const at::Tensor& dst, const at::Tensor& slots, const T* src, 
 void scatter_scales(const at::Tensor& dst, const at::Tensor& slots, const float* src,
                     int64_t s_b, int64_t s_h, int64_t H) {
   scatter_rows<float>(dst, slots, src, s_b, s_h, H, 1);
+}
+
+// A prompt's B x T x H rows of D values (row (b, t, h) at src + b * s_b + t * s_t + h * s_h)
+// -> positions 0..T-1 of dst (B, H, Tmax, D), contiguous: for each (batch, head) T rows into one
+// contiguous run. The prefill's cache write without copy_'s strided TensorIterator, which moved
+// 32 prompts x 32 tokens at ~15 GB/s. CPU tensors only.
+template <typename T>
+void write_prompt_rows(const at::Tensor& dst, const T* src, int64_t s_b, int64_t s_t,
+                       int64_t s_h, int64_t B, int64_t Tn, int64_t H, int64_t D) {
+  const int64_t Tmax = dst.size(2);
+  T* out = dst.data_ptr<T>();
+  at::parallel_for(0, B * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Tn * D)),
+                   [&](int64_t i0, int64_t i1) {
+                     for (int64_t i = i0; i < i1; ++i) {
+                       const int64_t b = i / H, h = i % H;
+                       const T* from = src + b * s_b + h * s_h;
+                       T* to = out + i * Tmax * D;
+                       for (int64_t t = 0; t < Tn; ++t)
+                         std::memcpy(to + t * D, from + t * s_t, D * sizeof(T));
+                     }
+                   });
 }
 
 void check_2d_float(const at::Tensor& t, const char* name) {
@@ -280,7 +302,24 @@ std::tuple<at::Tensor, at::Tensor> prefill_block(
   const at::Tensor q = parts.select(2, 0).permute({0, 2, 1, 3});  // (B, H, T, D) views
   const at::Tensor k = parts.select(2, 1).permute({0, 2, 1, 3});
   const at::Tensor v = parts.select(2, 2).permute({0, 2, 1, 3});
-  if (k_scale.has_value()) {
+  const bool direct = k_cache.is_cpu() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                      (!k_scale.has_value() ||
+                       (k_scale->is_contiguous() && v_scale->is_contiguous()));
+  if (k_scale.has_value() && direct) {
+    auto [codes, scales] = quantize_vectors(parts.slice(2, 1, 3), D);  // (B, T, 2, H, D), (.., H)
+    codes = codes.contiguous();
+    scales = scales.contiguous();
+    const int8_t* c = codes.data_ptr<int8_t>();
+    const float* sc = scales.data_ptr<float>();
+    write_prompt_rows<int8_t>(k_cache, c, T * 2 * C, 2 * C, D, B, T, H, D);
+    write_prompt_rows<int8_t>(v_cache, c + C, T * 2 * C, 2 * C, D, B, T, H, D);
+    write_prompt_rows<float>(*k_scale, sc, T * 2 * H, 2 * H, 1, B, T, H, 1);
+    write_prompt_rows<float>(*v_scale, sc + H, T * 2 * H, 2 * H, 1, B, T, H, 1);
+  } else if (direct && parts.is_contiguous()) {
+    const float* kv = parts.data_ptr<float>();
+    write_prompt_rows<float>(k_cache, kv + C, T * 3 * C, 3 * C, D, B, T, H, D);
+    write_prompt_rows<float>(v_cache, kv + 2 * C, T * 3 * C, 3 * C, D, B, T, H, D);
+  } else if (k_scale.has_value()) {
     auto [codes, scales] = quantize_vectors(parts.slice(2, 1, 3), D);
     codes = codes.view({B, T, 2, H, D});
     scales = scales.view({B, T, 2, H});
