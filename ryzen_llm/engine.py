@@ -296,7 +296,6 @@ class Engine:
                              f"{self.kv_cache_dtype!r}")
         self.cache = KVCache(model.config, decode_rows(self.max_batch_size, self.exact),
                              dtype=getattr(torch, self.kv_cache_dtype))
-        self._tokens = torch.zeros(self.cache.batch, 1, dtype=torch.int64)
         self._pending: deque[Request] = deque()
         self._live: list[tuple[Request, Candidate]] = []  # index = cache row
         self._cv = threading.Condition()
@@ -547,12 +546,12 @@ class Engine:
     def _decode_step(self) -> None:
         n = len(self._live)
         m = decode_rows(n, self.exact)
-        tokens = self._tokens
-        tokens[:n, 0] = torch.tensor([c.tokens[-1] for _, c in self._live], dtype=torch.int64)
+        last = [[c.tokens[-1]] for _, c in self._live]
         if m > n:
-            tokens[n:m] = 0
+            last += [[0]] * (m - n)
             self.cache.lengths[n:m] = 0  # dummy rows: one key each at position 0
-        logits = self.model.forward_with_cache(tokens[:m], self.cache)[:n]
+        tokens = torch.tensor(last, dtype=torch.int64)  # (m, 1)
+        logits = self.model.forward_with_cache(tokens, self.cache)[:n]
         self.stats["decode_steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], n)
         if self.on_step is not None:
@@ -611,7 +610,9 @@ class Engine:
                         cand.text, done = cand.text[:at], "stop"
             if done is None and len(cand.tokens) >= p.max_new_tokens:
                 done = "length"
-            if done is None and int(self.cache.lengths[cand.row]) >= self.max_len:
+            # the cache holds the prompt and every token but this one (a tensor read per token
+            # cost ~1 us a row)
+            if done is None and len(req.prompt_ids) + len(cand.tokens) - 1 >= self.max_len:
                 done = "length"  # the context is full: the next token would have no position
             if done is not None and self.tokenizer is not None and not eager_text:
                 cand.text = self.tokenizer.decode(cand.tokens[:-1] if tok == eos and
