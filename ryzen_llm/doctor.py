@@ -16,7 +16,9 @@ import torch
 
 from ryzen_llm.hardware import environment
 from ryzen_llm.ops import reference
-from ryzen_llm.ops._extension import extension_error, extension_loaded
+from ryzen_llm.ops._extension import (
+    embeds_libstdcxx, extension_error, extension_loaded, libstdcxx_owner,
+)
 from ryzen_llm.ops.dispatch import LEVEL_OF_OP, KernelSet, resolve
 
 
@@ -84,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CUDA devices: {', '.join(env['cuda_devices']) or 'none'}")
     if extension_loaded():
         print("extension:  ryzen_llm._C loaded")
+        if embeds_libstdcxx():
+            print("[FAIL] the extension carries its own copy of libstdc++ (its compiler linked it "
+                  "statically): an error message that formats a number can crash the process. "
+                  "Rebuild with the system compiler, e.g. CXX=g++ CC=gcc pip install "
+                  "--no-build-isolation -e .")
+            ok = False
+        else:
+            print(f"libstdc++:  {libstdcxx_owner() or 'unknown'}")
     else:
         print(f"extension:  NOT LOADED: {extension_error()}")
         ok = False

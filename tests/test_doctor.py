@@ -48,3 +48,24 @@ def test_model_validate_command():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[PASS] parameters: 10,509,312" in out.stdout
     assert "[FAIL]" not in out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="dladdr on a Linux build")
+def test_extension_uses_the_shared_libstdcxx():
+    """A compiler that links libstdc++ statically gives the extension a second copy of its locale
+    code beside torch's, which crashed on integer formatting in error messages (CUDA machine,
+    CXX=/opt/gcc/bin/g++); this build resolves its stream code in the shared library."""
+    if not extension_loaded():
+        pytest.skip("extension not built")
+    from ryzen_llm.ops._extension import embeds_libstdcxx, libstdcxx_owner
+
+    assert "libstdc++" in (libstdcxx_owner() or "")
+    assert embeds_libstdcxx() is False
+
+
+def test_doctor_fails_on_an_extension_with_its_own_libstdcxx(monkeypatch, capsys):
+    if not extension_loaded():
+        pytest.skip("extension not built")
+    monkeypatch.setattr(doctor, "embeds_libstdcxx", lambda: True)
+    assert doctor.main(["--device", "cpu"]) == 1
+    assert "carries its own copy of libstdc++" in capsys.readouterr().out

@@ -22,3 +22,48 @@ def extension_error() -> str | None:
     """Why the extension did not load (None when it did, or was not tried yet)."""
     extension_loaded()
     return _error
+
+
+# std::ostream::_M_insert<long>: what every error message that formats an integer calls
+_OSTREAM_INSERT_LONG = "_ZNSo9_M_insertIlEERSoT_"
+
+
+def libstdcxx_owner() -> str | None:
+    """The file that provides the extension's C++ standard library stream code: the shared
+    libstdc++ in a sound build, ryzen_llm._C itself where the compiler linked libstdc++ statically.
+    Such a build carries a second copy of libstdc++'s locale code beside the one torch loaded, and
+    formatting an integer into an error message can then crash the process (seen on a machine
+    whose CXX was a separately installed GCC; building with the system g++ fixed it). None when
+    it cannot tell (not loaded, not Linux, the symbol not found)."""
+    import ctypes
+    import sys
+
+    if not extension_loaded() or not sys.platform.startswith("linux"):
+        return None
+    from ryzen_llm import _C
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        handle = ctypes.CDLL(_C.__file__)  # the loaded library: searched first, then its needs
+        address = ctypes.cast(getattr(handle, _OSTREAM_INSERT_LONG), ctypes.c_void_p).value
+        info = DlInfo()
+        if not ctypes.CDLL(None).dladdr(ctypes.c_void_p(address), ctypes.byref(info)):
+            return None
+    except (OSError, AttributeError):
+        return None
+    return info.dli_fname.decode() if info.dli_fname else None
+
+
+def embeds_libstdcxx() -> bool | None:
+    """True when ryzen_llm._C carries its own libstdc++ (see libstdcxx_owner), None if unknown."""
+    import os
+
+    owner = libstdcxx_owner()
+    if owner is None:
+        return None
+    from ryzen_llm import _C
+
+    return os.path.realpath(owner) == os.path.realpath(_C.__file__)
