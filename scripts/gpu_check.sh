@@ -42,7 +42,10 @@ step() {  # step NAME LIMIT_S LOG COMMAND...
 
 # --no-deps: the GPU machine has no network; its own CUDA torch must stay (setup.py pins the
 # torch it builds against, so an index lookup could only fail or replace it).
-step install 200 install.log $PY -m pip install --no-build-isolation --no-deps -e ".[test]"
+# The system compiler: a separately installed GCC in $CXX (the lent H100 had /opt/gcc/bin/g++)
+# may link libstdc++ statically into the extension, beside torch's copy (see the README).
+step install 200 install.log env CXX="${GPU_CHECK_CXX:-g++}" CC="${GPU_CHECK_CC:-gcc}" \
+  $PY -m pip install --no-build-isolation --no-deps -e ".[test]"
 step doctor 40 doctor.log $PY -m ryzen_llm.doctor --device cuda
 # pytest-xdist where it is installed: a worker that crashes is replaced and the run goes on.
 xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4")
