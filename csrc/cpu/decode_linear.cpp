@@ -181,7 +181,8 @@ template <int R, int NV>
 RYZEN_LLM_AVX512_BF16_TARGET void packed_tile(const uint16_t* x, int64_t ldx, const uint16_t* w,
                                            int64_t K2, int64_t b0, int64_t nblocks, float* y,
                                            int64_t N, Epilogue ep, const uint16_t* next,
-                                           int64_t pf_first, int64_t pf_step) {
+                                           int64_t next_blocks, int64_t pf_first,
+                                           int64_t pf_step) {
   __m512 acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -190,7 +191,7 @@ RYZEN_LLM_AVX512_BF16_TARGET void packed_tile(const uint16_t* x, int64_t ldx, co
   int64_t pf = next != nullptr ? pf_first : K2;
   for (int64_t kk = 0; kk < K2; ++kk) {
     if (kk == pf) {  // this group's share of the next panel's lines, into L2
-      for (int j = 0; j < NV; ++j)
+      for (int j = 0; j < NV && j < next_blocks; ++j)
         _mm_prefetch(reinterpret_cast<const char*>(next + (j * K2 + kk) * 32), _MM_HINT_T1);
       pf += pf_step;
     }
@@ -220,11 +221,11 @@ RYZEN_LLM_AVX512_BF16_TARGET void packed_tile(const uint16_t* x, int64_t ldx, co
 }
 
 // Blocks b0..b1-1 of every row: NV blocks at a time (their panel stays in L2) against groups of
-// up to 4 rows (16 sums in flight). While one
-// panel is worked on, its groups prefetch the next panel into L2 between them (group g the lines
-// of every G-th k-pair from g): the weights then stream from memory under the multiply-adds of
-// every group, not only under the first one's. Up to 4 rows (one group) leave it to the hardware
-// prefetcher: the explicit one made them ~15% slower.
+// up to 4 rows (16 sums in flight). While one panel is worked on, its groups prefetch the next
+// panel into L2 between them (group g the lines of every G-th k-pair from g): the weights then
+// stream from memory under the multiply-adds of every group, not only under the first one's.
+// Up to 4 rows (one group) leave it to the hardware prefetcher: the explicit one made them ~15%
+// slower.
 void packed_rows(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, int64_t M,
                  int64_t b0, int64_t b1, int64_t nblocks, float* y, int64_t N, Epilogue ep) {
   constexpr int NV = 4;
@@ -232,13 +233,16 @@ void packed_rows(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, 
   for (int64_t b = b0; b < b1; b += NV) {
     const int64_t end = std::min(b1, nblocks);
     const uint16_t* next = groups > 1 && b + NV < nblocks ? w + (b + NV) * K2 * 32 : nullptr;
+    const int64_t nn = nblocks - (b + NV);  // blocks of the next panel that exist
     int64_t m = 0, g = 0;
     for (; m + 4 <= M; m += 4, ++g)
-      packed_tile<4, NV>(x + m * ldx, ldx, w, K2, b, end, y + m * N, N, ep, next, g, groups);
+      packed_tile<4, NV>(x + m * ldx, ldx, w, K2, b, end, y + m * N, N, ep, next, nn, g, groups);
+    const uint16_t* xm = x + m * ldx;
+    float* ym = y + m * N;
     switch (M - m) {
-      case 3: packed_tile<3, NV>(x + m * ldx, ldx, w, K2, b, end, y + m * N, N, ep, next, g, groups); break;
-      case 2: packed_tile<2, NV>(x + m * ldx, ldx, w, K2, b, end, y + m * N, N, ep, next, g, groups); break;
-      case 1: packed_tile<1, NV>(x + m * ldx, ldx, w, K2, b, end, y + m * N, N, ep, next, g, groups); break;
+      case 3: packed_tile<3, NV>(xm, ldx, w, K2, b, end, ym, N, ep, next, nn, g, groups); break;
+      case 2: packed_tile<2, NV>(xm, ldx, w, K2, b, end, ym, N, ep, next, nn, g, groups); break;
+      case 1: packed_tile<1, NV>(xm, ldx, w, K2, b, end, ym, N, ep, next, nn, g, groups); break;
       default: break;
     }
   }
