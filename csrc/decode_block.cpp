@@ -76,11 +76,11 @@ void scatter_rows(const at::Tensor& dst, const at::Tensor& slots, const T* src, 
   const int64_t rows = dst.numel() / D, n = slots.numel();
   const int64_t* slot = slots.data_ptr<int64_t>();
   T* out = dst.data_ptr<T>();
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i)  // every slot checked before anything is written
     TORCH_CHECK(slot[i] >= 0 && slot[i] < rows, "slots: entry ", i, " is ", slot[i],
                 ", outside the cache's ", rows, " (row, head, position) slots");
+  for (int64_t i = 0; i < n; ++i)
     std::memcpy(out + slot[i] * D, src + (i / H) * s_b + (i % H) * s_h, D * sizeof(T));
-  }
 }
 
 // The same for the B * H scales of an int8 cache (one float per row).

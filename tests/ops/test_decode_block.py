@@ -108,6 +108,7 @@ def test_opcheck(cache_dtype):
         (lambda a: a.__setitem__(1, a[1][:1]), "h: expected the sizes of x"),
         (lambda a: a.__setitem__(22, 3), "n_heads: expected a positive divisor"),
         (lambda a: a.__setitem__(20, a[20][:1]), "slots: expected 4 int64"),
+        (lambda a: a[20].fill_(10**6), "slots: entry 0 is 1000000, outside the cache"),
         (lambda a: a.__setitem__(17, a[17][:, :, :4]), "v_cache: expected a contiguous tensor like"),
         (lambda a: a.__setitem__(18, torch.zeros(2, 2, 9)), "only an int8 cache takes scales"),
     ],
@@ -117,6 +118,15 @@ def test_bad_input_raises_named_error(change, message):
     change(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ryzen_llm.decode_block(*args)
+
+
+def test_out_of_range_slot_writes_nothing():
+    args = _args()
+    args[20][-1] = -1  # the last of the step's slots
+    k_before, v_before = args[16].clone(), args[17].clone()
+    with pytest.raises(RuntimeError, match="slots: entry 3 is -1, outside the cache"):
+        torch.ops.ryzen_llm.decode_block(*args)
+    assert torch.equal(args[16], k_before) and torch.equal(args[17], v_before)
 
 
 def test_int8_cache_without_scales_raises_named_error():
