@@ -306,7 +306,7 @@ class Engine:
                       "prefill_batches": 0,
                       "max_batch_seen": 0}
         self._thread = threading.Thread(target=self._run, name="ryzen-llm-engine", daemon=True)
-        self.heap_kept = keep_freed_heap()  # prefill activations reused, not faulted in anew
+        keep_freed_heap()  # prefill activations reused, not faulted in anew (see "Memory")
         release_idle_openmp_workers()  # the workers that loaded and cast the weights
         if start:
             self._thread.start()
