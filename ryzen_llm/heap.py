@@ -57,10 +57,11 @@ def keep_freed_heap(mmap_threshold: int = MMAP_THRESHOLD_MAX_BYTES,
     """Fixes glibc's thresholds for the whole process: blocks below mmap_threshold bytes come
     from the heap (and are reused from it once freed), and the heap keeps up to trim_threshold
     bytes free at its top instead of handing them back. True when glibc took both; False where
-    there is no mallopt (another C library) or it refused a value (nothing changes then)."""
+    there is no mallopt (another C library: nothing changes) or glibc refused one of them (an
+    mmap threshold above MMAP_THRESHOLD_MAX_BYTES; the other may have been taken)."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}: expected bytes >= 0, got {value!r}")
+        if not isinstance(value, int) or not 0 <= value < 2**31:
+            raise ValueError(f"{name}: expected bytes in [0, 2**31), got {value!r}")
     if _mallopt is None:
         return False
     ok_mmap = _mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1

@@ -133,6 +133,8 @@ def test_keep_freed_heap_serves_big_blocks_from_the_heap_and_keeps_them():
     assert kept["heap_grew"] >= (24 << 20) and kept["heap_after"] >= (24 << 20)
 
 
-def test_keep_freed_heap_rejects_negative_thresholds():
-    with pytest.raises(ValueError, match="trim_threshold: expected bytes >= 0"):
+def test_keep_freed_heap_rejects_thresholds_out_of_range():
+    with pytest.raises(ValueError, match=r"trim_threshold: expected bytes in \[0, 2\*\*31\)"):
         keep_freed_heap(trim_threshold=-1)
+    with pytest.raises(ValueError, match="mmap_threshold: expected bytes"):
+        keep_freed_heap(mmap_threshold=2**40)
