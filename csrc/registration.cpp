@@ -37,6 +37,8 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // also be bfloat16 packed by ryzen_llm.ops.decode_linear.pack_decode_weight, (ceil(N/16), ceil(K/2), 16, 2),
   // N then given by out_features or the bias.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu, int out_features=-1) -> Tensor");
+  // Per row of logits (B, V) float32: the first argmax (int64), its log-softmax value and the row's log-sum-exp.
+  m.def("greedy_pick(Tensor logits) -> (Tensor tokens, Tensor logprobs, Tensor logsumexp)");
   // One transformer block of a decode step (csrc/decode_block.cpp): x (B, C) residual stream, h (B, C)
   // = ln1(x); writes the new keys/values (int8 codes + scales for an int8 cache) at the flat slots
   // (B * nh,) and attends to lengths[b] keys; returns (x + attn + ffn, next LayerNorm of it).

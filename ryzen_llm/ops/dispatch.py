@@ -33,12 +33,14 @@ LEVEL_OF_OP: dict[str, int] = {
     "causal_attention_decode": 2,
     "decode_linear": 2,
     "decode_block": 2,
+    "greedy_pick": 2,
     "gelu_feed_forward": 3,
     "adamw": 3,
 }
 OPS = tuple(LEVEL_OF_OP)
 # Ops only generation calls (ryzen_llm.engine); a training run reports them as not called.
-INFERENCE_OPS = frozenset({"causal_attention_decode", "decode_linear", "decode_block"})
+INFERENCE_OPS = frozenset({"causal_attention_decode", "decode_linear", "decode_block",
+                           "greedy_pick"})
 
 # The ops a fused decode_block runs inside it, per call (quantize_kv only with an int8 cache).
 DECODE_BLOCK_OPS = {"decode_linear": 4, "causal_attention_decode": 1, "add_layer_norm": 2}
@@ -55,6 +57,7 @@ def _fused_registry() -> dict[str, Callable]:
     from ryzen_llm.ops.decode_block import decode_step
     from ryzen_llm.ops.decode_linear import decode_linear
     from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
+    from ryzen_llm.ops.greedy_pick import greedy_pick
     from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
 
     return {
@@ -65,6 +68,7 @@ def _fused_registry() -> dict[str, Callable]:
         "causal_attention_decode": causal_attention_decode,
         "decode_linear": decode_linear,
         "decode_block": decode_step,  # its blocks run inside decode_step
+        "greedy_pick": greedy_pick,
         "gelu_feed_forward": gelu_feed_forward,
         "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
     }
@@ -249,6 +253,11 @@ class KernelSet:
 
         return prefill_step(model, idx, key_padding_mask, prompt_lengths, cache,
                             self.decode_weight)
+
+    def greedy_pick(self, logits):
+        """(tokens, logprobs, logsumexp) of each row of logits (B, V): the greedy token (the
+        first argmax), its log-probability under softmax and the row's log-sum-exp."""
+        return self._run("greedy_pick", logits)
 
     @property
     def batch_invariant_decode(self) -> bool:

@@ -91,6 +91,16 @@ def causal_attention_decode(
     return att @ v_cache  # (B, nh, 1, hs)
 
 
+def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of logits (B, V): the greedy token (torch.argmax: the first maximum, or the first
+    NaN), its log-probability under softmax and the row's log-sum-exp (a sampled token's
+    log-probability is logits[b, token] - logsumexp[b])."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs, torch.logsumexp(logits, dim=-1)
+
+
 def decode_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
