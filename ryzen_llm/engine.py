@@ -563,8 +563,8 @@ class Engine:
     def _choose(self, logits: torch.Tensor, live) -> tuple[list[int], list[float]]:
         """Next token and its log-prob (under the model, temperature 1) for each row."""
         logits = logits.float()
-        logp = torch.log_softmax(logits, dim=-1)  # (n, V)
-        chosen = logits.argmax(dim=-1)  # greedy rows; sampled rows overwritten below
+        # greedy rows: the argmax and its log-prob; sampled rows are overwritten below
+        chosen, logps, lse = self.model.kernels.greedy_pick(logits)
         sampled = [i for i, (req, _) in enumerate(live) if not req.params.greedy]
         # Each request draws from its own generator in candidate order, whatever rows the
         # candidates occupy after other sequences left: a seed gives the same output in any batch.
@@ -584,9 +584,8 @@ class Engine:
             for j, i in enumerate(sampled):
                 pick = torch.multinomial(probs[j], 1, generator=live[i][0].generator)
                 chosen[i] = order[j, pick[0]]
-        tokens = chosen.tolist()
-        lps = logp.gather(1, chosen[:, None])[:, 0].tolist()
-        return tokens, lps
+            logps[idx] = logits[idx, chosen[idx]] - lse[idx]  # log_softmax at the sampled token
+        return chosen.tolist(), logps.tolist()
 
     def _advance(self, logits: torch.Tensor, live) -> None:
         tokens, lps = self._choose(logits, live)
