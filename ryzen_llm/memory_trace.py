@@ -4,10 +4,11 @@ Each mark("stage") prints one line to stderr with the process's current resident
 its own high-water mark (VmHWM) and getrusage's ru_maxrss, in MiB. ru_maxrss is what the trainer
 reports; it can exceed VmHWM because the kernel carries the parent's high-water mark into a
 process started by fork + exec (multiprocessing's spawn). Without the variable, mark() does
-nothing, and this module imports only os and sys.
+nothing, and this module imports only os, sys and ctypes.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -28,19 +29,25 @@ def _status_mib(*keys: str) -> dict[str, float]:
     return out
 
 
+class Mallinfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (all arenas): arena = heap bytes, hblks/hblkhd = mmapped blocks
+    and their bytes, uordblks/fordblks = bytes in use/free in the heap."""
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def mallinfo2() -> Mallinfo2:
+    """glibc's mallinfo2() (Linux with glibc 2.33+ only)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Mallinfo2
+    return libc.mallinfo2()
+
+
 def _malloc_mib() -> dict[str, float]:
     """glibc's view, summed over all arenas: bytes in use by malloc'ed blocks (heap + mmap), and
     free bytes the arenas hold without returning them to the system."""
-    import ctypes
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-            "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = Mallinfo2
-    m = libc.mallinfo2()
+    m = mallinfo2()
     return {"malloc_used": (m.uordblks + m.hblkhd) / 2**20, "malloc_free": m.fordblks / 2**20}
 
 
