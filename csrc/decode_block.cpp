@@ -83,12 +83,6 @@ void scatter_rows(const at::Tensor& dst, const at::Tensor& slots, const T* src, 
     std::memcpy(out + slot[i] * D, src + (i / H) * s_b + (i % H) * s_h, D * sizeof(T));
 }
 
-// The same for the B * H scales of an int8 cache (one float per row).
-void scatter_scales(const at::Tensor& dst, const at::Tensor& slots, const float* src,
-                    int64_t s_b, int64_t s_h, int64_t H) {
-  scatter_rows<float>(dst, slots, src, s_b, s_h, H, 1);
-}
-
 // A prompt's B x T x H rows of D values (row (b, t, h) at src + b * s_b + t * s_t + h * s_h)
 // -> positions 0..T-1 of dst (B, H, Tmax, D), contiguous: for each (batch, head) T rows into one
 // contiguous run. The prefill's cache write without copy_'s strided TensorIterator, which moved
@@ -162,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor> decode_block(
     const float* sc = scales.data_ptr<float>();
     scatter_rows<int8_t>(k_cache, slots, c, 2 * C, D, H, D);
     scatter_rows<int8_t>(v_cache, slots, c + C, 2 * C, D, H, D);
-    scatter_scales(*k_scale, slots, sc, 2 * H, 1, H);
-    scatter_scales(*v_scale, slots, sc + H, 2 * H, 1, H);
+    scatter_rows<float>(*k_scale, slots, sc, 2 * H, 1, H, 1);  // scales: rows of one
+    scatter_rows<float>(*v_scale, slots, sc + H, 2 * H, 1, H, 1);
   } else if (direct) {
     const float* kv = qkv.data_ptr<float>();
     scatter_rows<float>(k_cache, slots, kv + C, 3 * C, D, H, D);
