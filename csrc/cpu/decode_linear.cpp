@@ -394,7 +394,12 @@ at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
   const uint16_t* xb = Elem<c10::BFloat16>::ptr(x_bf16);
   const uint16_t* wp = Elem<c10::BFloat16>::ptr(weight);
   float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(4, (16384 / std::max<int64_t>(1, K * M)) / 4 * 4);
+  // Enough weight bytes per task to amortise its start, but never so many that a small layer
+  // (512 x 512 at one row: 32 blocks) runs on one thread while the others wait.
+  const int64_t threads = at::get_num_threads();
+  const int64_t share = ((nblocks + threads - 1) / threads + 3) / 4 * 4;
+  const int64_t grain = std::max<int64_t>(
+      4, std::min(share, (16384 / std::max<int64_t>(1, K * M)) / 4 * 4));
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
 #if defined(RYZEN_LLM_AVX512)
     if (avx512_bf16_available()) {
