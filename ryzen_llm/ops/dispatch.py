@@ -12,6 +12,7 @@ not what was configured.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import Counter
@@ -152,6 +153,8 @@ class KernelSet:
             quantize_kv = reference.quantize_kv
         self._quantize_kv = quantize_kv
         self.calls: Counter[tuple[str, str]] = Counter()
+        # What one fused decode step runs, per (blocks, int8 cache): counted with one update
+        self._step_calls: dict[tuple[int, bool], Counter[tuple[str, str]]] = {}
         self._key = {op: (op, c.impl) for op, c in self.choices.items()}
         fell_back = [op for op, c in self.choices.items() if c.reason.startswith("FELL BACK")]
         if fell_back:
@@ -214,7 +217,7 @@ class KernelSet:
             return packed
         return linear.weight
 
-    @property
+    @functools.cached_property
     def fused_decode_block(self) -> bool:
         """True when a decode step runs as one fused op (decode_step): decode_block and every op
         it runs inside are fused (an op forced to its reference keeps the composed path)."""
@@ -224,14 +227,19 @@ class KernelSet:
         """Logits of a whole decode step in one fused op (see ryzen_llm.ops.decode_block); only
         when fused_decode_block. Counts what the op runs: the first LayerNorm, one decode_block
         per block (and what it runs inside), the LM head's decode_linear."""
-        n = len(model.blocks)
-        self.count(("add_layer_norm", "fused"))
-        self.count(("decode_block", "fused"), n)
-        for op, k in DECODE_BLOCK_OPS.items():
-            self.count((op, "fused"), k * n)
-        if cache.k_scale is not None:
-            self.count(("quantize_kv", "fused"), n)
-        self.count(("decode_linear", "fused"))
+        n, quantized = len(model.blocks), cache.k_scale is not None
+        calls = self._step_calls.get((n, quantized))
+        if calls is None:
+            calls = Counter({("decode_block", "fused"): n})
+            for op, k in DECODE_BLOCK_OPS.items():
+                calls[(op, "fused")] += k * n
+            calls[("add_layer_norm", "fused")] += 1  # the first LayerNorm
+            calls[("decode_linear", "fused")] += 1  # the LM head
+            if quantized:
+                calls[("quantize_kv", "fused")] += n
+            self._step_calls[(n, quantized)] = calls
+        if not torch.compiler.is_compiling():
+            self.calls.update(calls)
         return self._fn["decode_block"](model, idx, cache, self.decode_weight)  # decode_step
 
     @property
