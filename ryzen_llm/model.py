@@ -282,8 +282,8 @@ class ScaledTransformerModel(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
         packed = dtype == torch.bfloat16 and extension_loaded()
+        self.__dict__.pop("_decode_block_args", None)  # kept by ops.decode_block
         for module in self.modules():
-            module.__dict__.pop("_decode_block_args", None)  # kept by ops.decode_block (on the model)
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.to(dtype)
                 module.decode_weight = pack_decode_weight(module.weight.data) if packed else None
