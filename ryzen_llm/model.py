@@ -261,9 +261,19 @@ class ScaledTransformerModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform weights, zero biases, LayerNorms at identity."""
+        """Token embedding N(0, 1), other weight matrices Xavier-uniform, zero biases,
+        LayerNorms at identity.
+
+        The token embedding is added to the fixed sinusoidal table, whose entries have a standard
+        deviation of ~0.7. Xavier-uniform would give it ~0.03 (sqrt(2 / (vocab + d_model))), and
+        the first LayerNorm would then see almost nothing but position: the model learned little
+        beyond token frequencies. At unit scale (PyTorch's nn.Embedding default; 'Attention Is
+        All You Need' scales its embedding by sqrt(d_model) for the same reason) tokens and
+        positions enter the first block at comparable size."""
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
+            if p is self.tok_emb.weight:
+                nn.init.normal_(p, mean=0.0, std=1.0)
+            elif p.dim() >= 2:
                 nn.init.xavier_uniform_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
