@@ -63,6 +63,15 @@ def build_report(config: Config, runs: dict[str, dict], run_dir: Path) -> dict[s
             f"{peak_mb:.0f} MiB peak RSS ({memory_run['which']})",
             f"< {targets.max_memory_mb:.0f} MiB",
         )
+    final_run = opt or base
+    if final_run and final_run["final_val_loss"] is not None:
+        criteria["convergence"] = _criterion(
+            final_run["final_val_loss"] < targets.max_final_loss,
+            f"{final_run['final_val_loss']:.4f} final validation loss ({final_run['which']})",
+            f"< {targets.max_final_loss}",
+        )
+    else:
+        criteria["convergence"] = _criterion(None, None, f"< {targets.max_final_loss}")
     nonfinite = [f"{w}: {m['nonfinite']}" for w, m in runs.items() if m.get("nonfinite")]
     criteria["no_nan_or_inf"] = _criterion(not nonfinite, nonfinite or "none", "no NaN/inf")
     ckpt_ok = all("last" in m["checkpoints"] and "best" in m["checkpoints"] for m in runs.values())

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ryzen_llm.checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
-from ryzen_llm.config import Config, ConfigError, config_from_dict, load_config
+from ryzen_llm.config import PRESETS, Config, ConfigError, config_from_dict, load_config
 from ryzen_llm.distributed import init_from_env
 from ryzen_llm.data import BatchSampler, PreparedData, eval_batches, prepare_data
 from ryzen_llm.heap import (
@@ -379,10 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     p.add_argument("--config", help="YAML file (keys as in configs/scaled_model_training_config.yaml)")
-    p.add_argument("--preset", choices=("smoke", "quick", "full"), default=None,
-                   help="smoke: seconds, tiny model; quick: minutes, full model; full: the seed (default)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="smoke: seconds, tiny model; quick: minutes, full model; full: the seed "
+                        "(default); long: ~15 minutes, the optimized run only")
     p.add_argument("--data", help="corpus: 'stdlib' (default), 'synthetic', a text file, folder or glob")
-    p.add_argument("--only", choices=RUNS, help="train only one of the two runs, in this process")
+    p.add_argument("--only", choices=RUNS, help="train only one of the two runs, in this process "
+                   "(default: the config's `runs`)")
     p.add_argument("--level", type=int, choices=(0, 1, 2, 3), help="kernel level of the optimized run")
     p.add_argument("--name", help="run folder name under output_dir (default: preset-timestamp)")
     p.add_argument("--output-dir", help="where run folders go (default: runs)")
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.output_dir:
                 extra.append(f"output_dir={args.output_dir}")
             config = load_config(args.config, args.preset, extra)
-            only = args.only
+            only = args.only or (config.runs if config.runs != "both" else None)
             if rank == 0:
                 run_dir = _new_run_dir(config, args.name)
                 _write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "only": only})

@@ -11,7 +11,7 @@ def test_seed_yaml_is_the_default_config():
     assert load_config(CONFIGS / "scaled_model_training_config.yaml") == Config()
 
 
-@pytest.mark.parametrize("preset", ["smoke", "quick"])
+@pytest.mark.parametrize("preset", ["smoke", "quick", "long"])
 def test_preset_yaml_files_match_the_presets(preset):
     assert load_config(CONFIGS / f"{preset}.yaml") == load_config(preset=preset)
 

@@ -77,6 +77,17 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     assert "speedup" in out and "report:" in out
 
 
+def test_config_runs_optimized_trains_only_that_run(tmp_path, capsys):
+    """`runs: optimized` (the long preset's) trains one run; the report checks what it can."""
+    assert train_mod.main(smoke(tmp_path, "--name", "one", "runs=optimized")) == 0
+    run = tmp_path / "runs" / "one"
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["runs"]) == {"optimized"} and not (run / "baseline").exists()
+    assert report["criteria"]["speedup"]["status"] == "NOT MEASURED"
+    assert report["criteria"]["convergence"]["status"] in ("PASS", "FAIL")
+    assert "optimized" in report["criteria"]["convergence"]["measured"]
+
+
 def test_resume_gives_identical_losses(tmp_path):
     args = ["--only", "baseline", "training.epochs=2", "training.steps_per_epoch=2"]
     assert train_mod.main(smoke(tmp_path, "--name", "straight", *args)) == 0
