@@ -15,30 +15,10 @@ import warnings
 import torch
 
 from ryzen_llm.hardware import environment
-from ryzen_llm.ops import reference
 from ryzen_llm.ops._extension import (
     embeds_libstdcxx, extension_error, extension_loaded, libstdcxx_owner,
 )
-from ryzen_llm.ops.dispatch import LEVEL_OF_OP, KernelSet, resolve
-
-
-def _inputs(op: str, device: str, g: torch.Generator):
-    """Small, awkward-shaped inputs for each model op (requires_grad on the float ones)."""
-    r = lambda *s: torch.randn(*s, generator=g).to(device).requires_grad_()  # noqa: E731
-    if op == "add_layer_norm":
-        return (r(3, 7, 40), r(3, 7, 40), r(40), r(40), 1e-5)
-    if op == "bias_gelu":
-        return (r(5, 48), r(48))
-    if op == "gelu_feed_forward":
-        return (r(2, 5, 40), r(72, 40), r(72), r(40, 72), r(40))
-    if op == "causal_attention":
-        mask = torch.ones(2, 13, dtype=torch.bool, device=device)
-        mask[0, :3] = False
-        return (r(2, 3, 13, 48), r(2, 3, 13, 48), r(2, 3, 13, 48), mask, 48 ** -0.5)
-    if op == "linear_cross_entropy":
-        targets = torch.randint(0, 97, (11,), generator=g).to(device)
-        return (r(11, 40), r(97, 40), targets, -100)
-    return None
+from ryzen_llm.ops.dispatch import LEVEL_OF_OP, OP_SPECS, KernelSet, resolve
 
 
 def _flatten(out):
@@ -47,15 +27,15 @@ def _flatten(out):
 
 def self_check(op: str, device: str) -> tuple[bool, str]:
     """Fused vs reference on one device: forward outputs and input gradients, fp32."""
-    g = torch.Generator().manual_seed(0)
-    args = _inputs(op, device, g)
-    if args is None:
+    sample = OP_SPECS[op].sample_inputs
+    if sample is None:
         return True, "no self-check here (optimizer or generation op): checked by its tests"
+    args = sample(device, torch.Generator().manual_seed(0))
     with warnings.catch_warnings():  # other ops falling back is not this check's business
         warnings.simplefilter("ignore")
         fused_kernels = KernelSet(3, overrides={op: "fused"})
     results = []
-    for fn in (getattr(fused_kernels, op), getattr(reference, op)):
+    for fn in (getattr(fused_kernels, op), OP_SPECS[op].reference):
         tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         for t in tensors:
             t.grad = None

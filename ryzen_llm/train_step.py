@@ -131,12 +131,8 @@ class TrainStep:
         self.grad_accum_steps = grad_accum_steps
         self.lr_schedule = lr_schedule or (lambda step: lr)
         groups = parameter_groups(model, weight_decay)
-        if self.kernels.choices["adamw"].impl == "fused":
-            from ryzen_llm.ops.adamw import FusedAdamW
-
-            self.optimizer = FusedAdamW(groups, lr=lr, betas=betas, eps=eps)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        # FusedAdamW or torch.optim.AdamW, as the level chose; both take these arguments
+        self.optimizer = self.kernels.adamw(groups, lr=lr, betas=betas, eps=eps)
         # compression_ratio > 0: saved activations are kept as int8 (ratio >= 0.27) or 4-bit
         # codes, and a multi-process run all-reduces int8 gradients with error feedback.
         self.compression_ratio = compression_ratio

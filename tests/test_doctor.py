@@ -30,12 +30,13 @@ def test_doctor_fails_when_a_requested_device_is_missing(capsys):
 def test_doctor_fails_when_a_fused_op_is_wrong(monkeypatch, capsys):
     if not extension_loaded():
         pytest.skip("extension not built")
-    import ryzen_llm.ops.reference as reference
+    import dataclasses
 
-    real = reference.add_layer_norm
-    monkeypatch.setattr(
-        reference, "add_layer_norm", lambda *a: tuple(t * 1.01 for t in real(*a))
-    )
+    from ryzen_llm.ops.dispatch import OP_SPECS
+
+    spec = OP_SPECS["add_layer_norm"]
+    wrong = dataclasses.replace(spec, reference=lambda *a: tuple(t * 1.01 for t in spec.reference(*a)))
+    monkeypatch.setitem(OP_SPECS, "add_layer_norm", wrong)
     assert doctor.main([]) == 1
     assert "[FAIL] cpu  add_layer_norm" in capsys.readouterr().out
 

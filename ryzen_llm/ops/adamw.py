@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops._spec import OpSpec
 
 if extension_loaded():
     # The ops mutate their list arguments in place and return nothing: no autograd, and
@@ -125,3 +126,8 @@ class FusedAdamW(torch.optim.Optimizer):
                         params, grads, exp_avgs, exp_avg_sqs, *hyper, step
                     )
         return loss
+
+
+# The reference is torch.optim.AdamW itself: FusedAdamW takes its constructor's arguments.
+SPECS = (OpSpec("adamw", 3, FusedAdamW, torch.optim.AdamW,
+                "multi-tensor AdamW: one pass over each parameter, its gradient and moments"),)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._spec import OpSpec, leaf
 
 _LIB = "ryzen_llm"
 
@@ -97,3 +99,13 @@ def add_layer_norm(
 
 # The reduced dtypes a float32 residual stream may mix with in the kernels, per device type.
 _MIXABLE = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float16)}
+
+
+def _sample(device, g):
+    return (leaf(g, device, 3, 7, 40), leaf(g, device, 3, 7, 40), leaf(g, device, 40),
+            leaf(g, device, 40), 1e-5)
+
+
+SPECS = (OpSpec("add_layer_norm", 1, add_layer_norm, reference.add_layer_norm,
+                "residual add + LayerNorm, returning both the sum and the normalised sum",
+                sample_inputs=_sample),)

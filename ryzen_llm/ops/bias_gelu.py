@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._spec import OpSpec, leaf
 
 _LIB = "ryzen_llm"
 
@@ -37,3 +39,11 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     The bias is cast to x's dtype (under autocast x is the bf16 output of a linear while the bias
     parameter is float32), so the result keeps x's dtype."""
     return torch.ops.ryzen_llm.bias_gelu_forward(x.contiguous(), bias.to(x.dtype).contiguous())
+
+
+def _sample(device, g):
+    return (leaf(g, device, 5, 48), leaf(g, device, 48))
+
+
+SPECS = (OpSpec("bias_gelu", 1, bias_gelu, reference.bias_gelu, "bias + exact GELU",
+                sample_inputs=_sample),)

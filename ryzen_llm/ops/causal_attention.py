@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._spec import OpSpec, leaf
 
 _LIB = "ryzen_llm"
 
@@ -91,3 +93,21 @@ def causal_attention_decode(
     return torch.ops.ryzen_llm.causal_attention_decode(
         q, k_cache, v_cache, cache_lengths.long(), float(scale), k_scale, v_scale
     )
+
+
+def _sample(device, g):
+    mask = torch.ones(2, 13, dtype=torch.bool, device=device)
+    mask[0, :3] = False
+    q, k, v = (leaf(g, device, 2, 3, 13, 48) for _ in range(3))
+    return (q, k, v, mask, 48 ** -0.5)
+
+
+SPECS = (
+    OpSpec("causal_attention", 2, causal_attention, reference.causal_attention,
+           "flash-style causal attention: tiles, online softmax, recompute in backward",
+           sample_inputs=_sample),
+    OpSpec("causal_attention_decode", 2, causal_attention_decode,
+           reference.causal_attention_decode,
+           "one new query per row against its float or int8 KV cache",
+           inference_only=True),
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops._spec import OpSpec
 
 _LIB = "ryzen_llm"
 
@@ -80,3 +81,12 @@ def prefill_step(model, idx, key_padding_mask, prompt_lengths, cache, weight_of)
     return torch.ops.ryzen_llm.prefill_step(idx, key_padding_mask, prompt_lengths,
                                             *_model_args(model, cache, weight_of),
                                             model.config.n_heads)
+
+
+# Its reference is the model's composed path (ScaledTransformerModel.forward_with_cache running
+# the ops below one by one), which gives the same bits.
+SPECS = (OpSpec("decode_block", 2, decode_step, None,
+                "a whole decode step (and prefill) as one op: embedding, blocks, LM head",
+                inference_only=True,
+                runs_inside={"decode_linear": 4, "causal_attention_decode": 1,
+                             "add_layer_norm": 2}),)

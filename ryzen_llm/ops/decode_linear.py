@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._spec import OpSpec
 
 _LIB = "ryzen_llm"
 
@@ -51,3 +53,8 @@ def decode_linear(
         bias = bias.float()
     y = torch.ops.ryzen_llm.decode_linear(x2, weight, bias, bool(gelu), out_features)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+SPECS = (OpSpec("decode_linear", 2, decode_linear, reference.decode_linear,
+                "batch-invariant linear (+ GELU) for generation, from packed bfloat16 weights",
+                inference_only=True),)

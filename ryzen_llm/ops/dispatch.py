@@ -24,55 +24,24 @@ import torch.nn.functional as F
 
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._extension import extension_error, extension_loaded
+from ryzen_llm.ops.registry import registry
 
+# Derived from the ops' declarations (ryzen_llm/ops/<op>.py, see ryzen_llm.ops.registry).
+OP_SPECS = registry()
 # The level at which each op switches to its fused kernel.
-LEVEL_OF_OP: dict[str, int] = {
-    "add_layer_norm": 1,
-    "bias_gelu": 1,
-    "linear_cross_entropy": 1,
-    "causal_attention": 2,
-    "causal_attention_decode": 2,
-    "decode_linear": 2,
-    "decode_block": 2,
-    "greedy_pick": 2,
-    "gelu_feed_forward": 3,
-    "adamw": 3,
-}
+LEVEL_OF_OP: dict[str, int] = {name: spec.level for name, spec in OP_SPECS.items()}
 OPS = tuple(LEVEL_OF_OP)
 # Ops only generation calls (ryzen_llm.engine); a training run reports them as not called.
-INFERENCE_OPS = frozenset({"causal_attention_decode", "decode_linear", "decode_block",
-                           "greedy_pick"})
-
+INFERENCE_OPS = frozenset(name for name, spec in OP_SPECS.items() if spec.inference_only)
 # The ops a fused decode_block runs inside it, per call (quantize_kv only with an int8 cache).
-DECODE_BLOCK_OPS = {"decode_linear": 4, "causal_attention_decode": 1, "add_layer_norm": 2}
+DECODE_BLOCK_OPS = dict(OP_SPECS["decode_block"].runs_inside)
 
 
 def _fused_registry() -> dict[str, Callable]:
     """Fused ops that exist in this build (empty when the extension did not load)."""
     if not extension_loaded():
         return {}
-    from ryzen_llm.ops.adamw import FusedAdamW
-    from ryzen_llm.ops.add_layer_norm import add_layer_norm
-    from ryzen_llm.ops.bias_gelu import bias_gelu
-    from ryzen_llm.ops.causal_attention import causal_attention, causal_attention_decode
-    from ryzen_llm.ops.decode_block import decode_step
-    from ryzen_llm.ops.decode_linear import decode_linear
-    from ryzen_llm.ops.gelu_feed_forward import gelu_feed_forward
-    from ryzen_llm.ops.greedy_pick import greedy_pick
-    from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
-
-    return {
-        "add_layer_norm": add_layer_norm,
-        "bias_gelu": bias_gelu,
-        "linear_cross_entropy": linear_cross_entropy,
-        "causal_attention": causal_attention,
-        "causal_attention_decode": causal_attention_decode,
-        "decode_linear": decode_linear,
-        "decode_block": decode_step,  # its blocks run inside decode_step
-        "greedy_pick": greedy_pick,
-        "gelu_feed_forward": gelu_feed_forward,
-        "adamw": FusedAdamW,  # an optimizer class, not a function: the trainer builds it
-    }
+    return {name: spec.fused for name, spec in OP_SPECS.items()}
 
 
 class FusedOpUnavailable(RuntimeError):
@@ -109,6 +78,10 @@ def resolve(level: int, overrides: dict[str, str] | None = None) -> dict[str, Op
     if level not in (0, 1, 2, 3):
         raise ValueError(f"optimization level: expected 0, 1, 2 or 3, got {level!r}")
     explicit = _parse_env(os.environ.get("RYZEN_LLM_OPS"))
+    for op, impl in (overrides or {}).items():
+        if op not in LEVEL_OF_OP or impl not in ("fused", "reference"):
+            raise ValueError(f"kernel override {op}={impl}: expected op=fused|reference with op "
+                             f"one of {', '.join(OPS)}")
     explicit.update(overrides or {})
     fused = _fused_registry()
     choices = {}
@@ -143,7 +116,7 @@ class KernelSet:
         self.choices = resolve(level, overrides)
         fused = _fused_registry()
         self._fn = {
-            op: fused[op] if c.impl == "fused" else getattr(reference, op, None)
+            op: fused[op] if c.impl == "fused" else OP_SPECS[op].reference
             for op, c in self.choices.items()
         }
         # The int8 KV cache's writes run fused exactly when the decode op that reads them does.
@@ -278,6 +251,11 @@ class KernelSet:
         # Not fused as a whole: the GEMMs stay ATen's and bias + GELU goes through its own op.
         self.count(("gelu_feed_forward", "reference"))
         return F.linear(self.bias_gelu(F.linear(x, w1), b1), w2, b2)
+
+    def adamw(self, params, **kwargs) -> torch.optim.Optimizer:
+        """The optimizer this level chose (FusedAdamW or torch.optim.AdamW) over params; its
+        steps are counted by the trainer, one per optimizer step."""
+        return self._fn["adamw"](params, **kwargs)
 
     def linear_cross_entropy(self, h, weight, targets, ignore_index):
         """Mean cross-entropy of (h @ weight.T) against targets; h: (N, C), weight: (V, C)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._spec import OpSpec, leaf
 
 _LIB = "ryzen_llm"
 
@@ -71,3 +73,12 @@ def gelu_feed_forward(
     x, w1, b1, w2, b2 = (t.to(dtype).contiguous() for t in (x, w1, b1, w2, b2))
     y, _, _ = torch.ops.ryzen_llm.gelu_feed_forward_forward(x, w1, b1, w2, b2, recompute)
     return y
+
+
+def _sample(device, g):
+    return (leaf(g, device, 2, 5, 40), leaf(g, device, 72, 40), leaf(g, device, 72),
+            leaf(g, device, 40, 72), leaf(g, device, 40))
+
+
+SPECS = (OpSpec("gelu_feed_forward", 3, gelu_feed_forward, reference.gelu_feed_forward,
+                "the whole feed-forward: fc1, bias + GELU, fc2", sample_inputs=_sample),)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._spec import OpSpec
 
 _LIB = "ryzen_llm"
 
@@ -25,3 +27,8 @@ def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     """(tokens (B,) int64, logprobs (B,) float32, logsumexp (B,) float32) of logits (B, V)
     float32; see reference.greedy_pick."""
     return torch.ops.ryzen_llm.greedy_pick(logits)
+
+
+SPECS = (OpSpec("greedy_pick", 2, greedy_pick, reference.greedy_pick,
+                "per row of logits: the greedy token, its log-probability, the log-sum-exp",
+                inference_only=True),)

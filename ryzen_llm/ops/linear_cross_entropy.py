@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._spec import OpSpec, leaf
 
 _LIB = "ryzen_llm"
 
@@ -70,3 +72,13 @@ def linear_cross_entropy(
         grad_on and weight.requires_grad,
     )
     return loss
+
+
+def _sample(device, g):
+    targets = torch.randint(0, 97, (11,), generator=g).to(device)
+    return (leaf(g, device, 11, 40), leaf(g, device, 97, 40), targets, -100)
+
+
+SPECS = (OpSpec("linear_cross_entropy", 1, linear_cross_entropy, reference.linear_cross_entropy,
+                "LM head + cross-entropy in chunks, the logits never whole",
+                sample_inputs=_sample),)

@@ -1,5 +1,7 @@
 """Plain-PyTorch version of every op: the level-0 path of the model, the oracle of the tests and
-the baseline of the benchmarks. One function per op, with the same signature as its fused twin."""
+the baseline of the benchmarks. One function per op, with the same arguments as its fused twin
+(ops/<op>.py declares the pair). The optimizer's reference is torch.optim.AdamW itself;
+adamw_step below is the single-tensor update the fused kernel's tests check against."""
 from __future__ import annotations
 
 import math
@@ -32,8 +34,10 @@ def gelu_feed_forward(
     b1: torch.Tensor,
     w2: torch.Tensor,
     b2: torch.Tensor,
+    recompute: bool = False,
 ) -> torch.Tensor:
-    """fc2(GELU(fc1(x))); w1: (F, C), w2: (C, F)."""
+    """fc2(GELU(fc1(x))); w1: (F, C), w2: (C, F). recompute is the fused op's memory choice
+    (recompute the activation in backward); autograd here saves what it saves either way."""
     return F.linear(bias_gelu(F.linear(x, w1), b1), w2, b2)
 
 
@@ -106,10 +110,14 @@ def decode_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     gelu: bool = False,
+    out_features: int = -1,
 ) -> torch.Tensor:
     """x @ weight.T + bias, then GELU when gelu, in x's dtype. bfloat16 weights (inference
     copies) take x rounded to bfloat16, as autocast does. x: (..., K), weight: (N, K), bias:
-    (N,) or None."""
+    (N,) or None. out_features, when given, must be N (the fused op needs it for a packed
+    weight, which this reference does not take)."""
+    if out_features >= 0 and out_features != weight.shape[0]:
+        raise ValueError(f"out_features: {out_features} but weight has {weight.shape[0]} rows")
     if weight.dtype == torch.bfloat16:
         x = x.to(torch.bfloat16).to(x.dtype)
     y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
