@@ -74,11 +74,14 @@ setup(
         "prometheus_client>=0.20",
         "cachetools>=5.3",
         "aiohttp>=3.9",  # the load generator (ryzen_llm.loadtest)
+        # `pytest benchmarks --benchmark-only` works right after `pip install -e .`
+        "pytest>=7.4",
+        "pytest-benchmark>=4.0",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "expecttest", "httpx>=0.25"],
+        "test": ["expecttest", "httpx>=0.25"],
         # the Hugging Face generate() peer of benchmarks/bench_generate.py; without it that peer
         # is reported as "not measured"
-        "bench": ["pytest>=7.4", "pytest-benchmark>=4.0", "transformers>=4.40"],
+        "bench": ["transformers>=4.40"],
     },
 )
