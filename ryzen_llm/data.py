@@ -311,6 +311,48 @@ def _load_cache_entry(
         return None
 
 
+def _build_cache_entry(entry: Path, spec: str, files: list[Path], names: list[str],
+                       corpus_hash: str, n_bytes: int, vocab_size: int, val_fraction: float,
+                       progress: bool) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    """Splits the corpus, trains the tokenizer on the train split, encodes both splits and
+    writes the cache entry (meta.json last); returns the tokenizer and memmaps of the tokens."""
+    contents = [f.read_bytes() for f in files]
+    if _hash_corpus(names, contents)[0] != corpus_hash:
+        raise RuntimeError(f"corpus {spec!r} changed while it was being read; run again")
+    # Invalid UTF-8 deep inside a file (past the 8 KiB sniff) becomes U+FFFD, not a crash.
+    texts = {f: c.decode("utf-8", errors="replace") for f, c in zip(files, contents)}
+    if len(files) == 1:
+        train_text, val_text = split_text(texts[files[0]], val_fraction)
+        train_texts, val_texts = [train_text], [val_text]
+    else:
+        train_files, val_files = split_files(files, val_fraction)
+        train_texts, val_texts = [texts[f] for f in train_files], [texts[f] for f in val_files]
+    tokenizer = Tokenizer.train(train_texts, vocab_size, show_progress=progress)
+    train = _encode_documents(tokenizer, train_texts, "encode train", progress)
+    val = _encode_documents(tokenizer, val_texts, "encode val", progress)
+
+    entry.mkdir(parents=True, exist_ok=True)
+    _atomic_write(entry / "train.bin", train.tobytes())
+    _atomic_write(entry / "val.bin", val.tobytes())
+    tokenizer.save(entry / "tokenizer.json")
+    meta = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "source": spec,
+        "corpus_hash": corpus_hash,
+        "vocab_size": vocab_size,
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "val_fraction": val_fraction,
+        "n_files": len(files),
+        "n_bytes": n_bytes,
+        "n_train_tokens": int(len(train)),
+        "n_val_tokens": int(len(val)),
+    }
+    # Last, so that its presence means every other file of the entry is complete.
+    _atomic_write(entry / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
+    return (tokenizer, np.memmap(entry / "train.bin", dtype=np.uint16, mode="r"),
+            np.memmap(entry / "val.bin", dtype=np.uint16, mode="r"))
+
+
 def prepare_data(
     spec: str,
     vocab_size: int,
@@ -363,41 +405,8 @@ def prepare_data(
     elif not build:
         return None
     else:
-        contents = [f.read_bytes() for f in files]
-        if _hash_corpus(names, contents)[0] != corpus_hash:
-            raise RuntimeError(f"corpus {spec!r} changed while it was being read; run again")
-        # Invalid UTF-8 deep inside a file (past the 8 KiB sniff) becomes U+FFFD, not a crash.
-        texts = {f: c.decode("utf-8", errors="replace") for f, c in zip(files, contents)}
-        if len(files) == 1:
-            train_text, val_text = split_text(texts[files[0]], val_fraction)
-            train_texts, val_texts = [train_text], [val_text]
-        else:
-            train_files, val_files = split_files(files, val_fraction)
-            train_texts, val_texts = [texts[f] for f in train_files], [texts[f] for f in val_files]
-        tokenizer = Tokenizer.train(train_texts, vocab_size, show_progress=progress)
-        train = _encode_documents(tokenizer, train_texts, "encode train", progress)
-        val = _encode_documents(tokenizer, val_texts, "encode val", progress)
-
-        entry.mkdir(parents=True, exist_ok=True)
-        _atomic_write(entry / "train.bin", train.tobytes())
-        _atomic_write(entry / "val.bin", val.tobytes())
-        tokenizer.save(entry / "tokenizer.json")
-        meta = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "source": spec,
-            "corpus_hash": corpus_hash,
-            "vocab_size": vocab_size,
-            "tokenizer_vocab_size": tokenizer.vocab_size,
-            "val_fraction": val_fraction,
-            "n_files": len(files),
-            "n_bytes": n_bytes,
-            "n_train_tokens": int(len(train)),
-            "n_val_tokens": int(len(val)),
-        }
-        # Last, so that its presence means every other file of the entry is complete.
-        _atomic_write(entry / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
-        train = np.memmap(entry / "train.bin", dtype=np.uint16, mode="r")
-        val = np.memmap(entry / "val.bin", dtype=np.uint16, mode="r")
+        tokenizer, train, val = _build_cache_entry(entry, spec, files, names, corpus_hash,
+                                                   n_bytes, vocab_size, val_fraction, progress)
         from_cache = False
 
     for split, tokens in (("train", train), ("val", val)):

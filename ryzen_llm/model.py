@@ -416,22 +416,7 @@ class ScaledTransformerModel(nn.Module):
             x = self.tok_emb(idx.long()) + self.pos_emb[positions][:, None]  # (B, 1, C)
             last = None
         else:
-            self._check_input(idx, attention_mask)
-            if T > cache.max_len:
-                raise ValueError(f"idx: prompt length {T} exceeds the cache length {cache.max_len}")
-            if attention_mask is None:
-                mask = None
-                lengths = torch.full((B,), T, dtype=torch.int64)
-            else:
-                mask = attention_mask.bool()
-                lengths = mask.sum(dim=1)
-                if bool((lengths == 0).any()) or not bool(
-                    (mask == (torch.arange(T) < lengths[:, None])).all()
-                ):
-                    raise ValueError(
-                        "attention_mask: each row must be ones then zeros (right padding) with "
-                        "at least one real token"
-                    )
+            mask, lengths = self._prompt_lengths(idx, cache, attention_mask)
             if self.kernels.fused_prefill:  # the whole prefill as one op, the same bits
                 return self.kernels.prefill_step(self, idx.long(), mask, lengths, cache)
             step = _CacheStep(None, None, mask)
@@ -452,6 +437,26 @@ class ScaledTransformerModel(nn.Module):
             cache.lengths[:B] = lengths
         return k.decode_linear(h, k.decode_weight(self.lm_head), None,
                                out_features=self.config.vocab_size)  # (B, V)
+
+    def _prompt_lengths(self, idx, cache: KVCache, attention_mask) -> tuple:
+        """(key padding mask (B, T) bool or None, real lengths (B,)) of right-padded prompts,
+        after checking them against the model and the cache."""
+        B, T = idx.shape
+        self._check_input(idx, attention_mask)
+        if T > cache.max_len:
+            raise ValueError(f"idx: prompt length {T} exceeds the cache length {cache.max_len}")
+        if attention_mask is None:
+            return None, torch.full((B,), T, dtype=torch.int64)
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1)
+        if bool((lengths == 0).any()) or not bool(
+            (mask == (torch.arange(T) < lengths[:, None])).all()
+        ):
+            raise ValueError(
+                "attention_mask: each row must be ones then zeros (right padding) with "
+                "at least one real token"
+            )
+        return mask, lengths
 
     def loss(
         self,

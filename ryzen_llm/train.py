@@ -101,6 +101,250 @@ def _prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class _Run:
+    """One run (baseline or optimized) in this process: its model, TrainStep, batches and the
+    state that checkpoints carry (steps, losses, epochs, timings)."""
+
+    def __init__(self, config: Config, which: str, run_dir: Path, data: PreparedData | None,
+                 progress: bool):
+        tc, mc = config.training, config.model
+        self.config, self.which, self.tc = config, which, tc
+        self.rank, self.world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1))
+        global_batch = tc.batch_size * tc.gradient_accumulation_steps
+        if global_batch % self.world:
+            raise ValueError(
+                f"training.batch_size * gradient_accumulation_steps = {global_batch} is not "
+                f"divisible by the world size {self.world}"
+            )
+        self.progress = progress and self.rank == 0
+        self.level = run_level(config, which)
+        self.out_dir = run_dir / which
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tc.num_threads > 0:
+            torch.set_num_threads(tc.num_threads)
+        data = data or _load_data(config, self.progress)
+        mark(f"{which}: data loaded")
+        self.tokenizer_file = run_dir / "tokenizer.json"
+        if data.tokenizer is not None and not self.tokenizer_file.exists():
+            data.tokenizer.save(self.tokenizer_file)
+        self._build_model()
+        self.state: dict[str, Any] = {
+            "step": 0, "step_losses": [], "grad_norms": [], "epochs": [], "train_time_s": 0.0,
+            "tokens": 0, "best_val_loss": None, "nonfinite": None,
+        }
+        mark(f"{which}: model and optimizer built")
+        self._resume()
+        # Each rank draws its rows of the same global batch (global_batch / world rows per rank).
+        self.sampler = BatchSampler(data.train_tokens, global_batch // self.world, mc.max_seq_len,
+                                    tc.seed)
+        self.val = eval_batches(data.val_tokens, tc.batch_size, mc.max_seq_len,
+                                config.data.eval_batches)
+        self.tokens_per_step = global_batch * mc.max_seq_len
+        self.config_dict = config.to_dict()
+
+    def _build_model(self) -> None:
+        tc = self.tc
+        self.device = resolve_device(tc.device)
+        release_free_heap()  # what loading the data freed
+        torch.manual_seed(tc.seed)  # identical initial weights in both runs (drawn on the CPU)
+        self.model = ScaledTransformerModel(self.config.model).to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        schedule = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.total_steps,
+                                 tc.min_lr_ratio)
+        # Compression (activations; gradients across processes) is part of the optimized run at
+        # level 3; compression_ratio 0 turns it off.
+        optimized = self.which == "optimized" and self.level >= 3
+        self.ratio = self.config.optimization.compression_ratio if optimized else 0.0
+        self.step = TrainStep(
+            self.model, level=self.level, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+            max_grad_norm=tc.max_grad_norm, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+            grad_accum_steps=tc.gradient_accumulation_steps, lr_schedule=schedule,
+            compression_ratio=self.ratio, distributed=self.world > 1,
+        )
+
+    def _resume(self) -> None:
+        last = self.ckpt_dir / "last"
+        if not last.exists():
+            return
+        ckpt = load_checkpoint(last)
+        self.model.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            self.step.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.state.update({k: v for k, v in ckpt.trainer_state.items() if k in self.state})
+        self.step.step_count = self.state["step"]
+        restore_rng(ckpt.trainer_state)
+        print(f"[{self.which}] resumed from {last} at step {self.state['step']}")
+
+    def checkpoint(self, name: str) -> Path | None:
+        if self.rank != 0:
+            return None
+        trainer_state = {**self.state, "which": self.which, "level": self.level}
+        return save_checkpoint(
+            self.ckpt_dir / name, self.model, self.config_dict, self.step.optimizer,
+            trainer_state, self.tokenizer_file if self.tokenizer_file.exists() else None,
+        )
+
+    def train(self, max_steps: int | None) -> bool:
+        """Steps until the run is done, max_steps were taken (a checkpoint is saved), a loss
+        was not finite, or Ctrl-C (a checkpoint is saved). Returns whether it was interrupted."""
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=self.tc.total_steps, initial=self.state["step"],
+            desc=f"{self.which} (level {self.level})", unit="step",
+            disable=not self.progress, dynamic_ncols=True,
+        )
+        interrupted = False
+        previous_handler = None
+        # The steps repeat their allocation sizes: see ryzen_llm/heap.py. Both runs use it, so
+        # that their speeds compare kernels, not allocators.
+        block_cache = enable_cpu_block_cache()
+        self.epoch_start_time, self.epoch_train_time = time.perf_counter(), 0.0
+        try:
+            interrupted = self._steps(bar, max_steps)
+        except KeyboardInterrupt:
+            # A second Ctrl-C (or the parent forwarding the first) must not abort the save below.
+            previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            interrupted = True
+            bar.write(f"[{self.which}] interrupted: saving a checkpoint at step {self.state['step']}")
+        finally:
+            bar.close()
+            self.block_cache_peak = cpu_block_cache_stats()["peak_held"] if block_cache else None
+            disable_cpu_block_cache()
+        if interrupted and self.state["nonfinite"] is None:
+            self.checkpoint("last")
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        return interrupted
+
+    def _steps(self, bar, max_steps: int | None) -> bool:
+        """The step loop; True when it stopped at max_steps."""
+        state, steps_this_call = self.state, 0
+        while state["step"] < self.tc.total_steps:
+            if max_steps is not None and steps_this_call >= max_steps:
+                return True
+            idx, targets = self.sampler.batch(state["step"], self.rank, self.world)
+            t0 = time.perf_counter()
+            try:
+                loss = self.step(idx, targets)
+            except NonFiniteError as exc:
+                state["nonfinite"] = str(exc)
+                print(f"\n[{self.which}] stopped: {exc}. The last good checkpoint is kept in "
+                      f"{self.ckpt_dir}.")
+                return False
+            dt = time.perf_counter() - t0
+            self.epoch_train_time += dt
+            state["train_time_s"] += dt
+            state["tokens"] += self.tokens_per_step
+            state["step_losses"].append(loss)
+            state["grad_norms"].append(self.step.last_grad_norm)
+            state["step"] += 1
+            steps_this_call += 1
+            release_free_heap()
+            mark(f"{self.which}: step {state['step']}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens_per_step / dt:,.0f}")
+            if state["step"] % self.tc.steps_per_epoch == 0:
+                self._end_epoch(bar)
+        return False
+
+    def _end_epoch(self, bar) -> None:
+        """Validation loss, the epoch's record and line, and the epoch/best/last checkpoints."""
+        state, tc, which = self.state, self.tc, self.which
+        epoch = state["step"] // tc.steps_per_epoch
+        val_loss = self.step.evaluate(self.val)
+        mark(f"{which}: evaluated")
+        epoch_losses = state["step_losses"][-tc.steps_per_epoch:]
+        record = {
+            "epoch": epoch, "step": state["step"],
+            "train_loss": sum(epoch_losses) / len(epoch_losses), "val_loss": val_loss,
+            "epoch_time_s": time.perf_counter() - self.epoch_start_time,
+            "train_time_s": self.epoch_train_time,
+            "tokens_per_s": (self.tokens_per_step * len(epoch_losses)
+                             / max(self.epoch_train_time, 1e-9)),
+            "grad_norm": self.step.last_grad_norm,
+        }
+        state["epochs"].append(record)
+        bar.write(
+            f"[{which}] epoch {epoch}/{tc.epochs}: train {record['train_loss']:.4f}  "
+            f"val {val_loss:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"grad norm {record['grad_norm']:.3f}  ({record['epoch_time_s']:.1f} s)"
+        )
+        self.checkpoint(f"epoch-{epoch:03d}")
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state["best_val_loss"] = val_loss
+            self.checkpoint("best")
+        self.checkpoint("last")
+        if self.rank == 0:
+            _prune_epoch_checkpoints(self.ckpt_dir, tc.keep_checkpoints)
+        mark(f"{which}: checkpoints saved")
+        self.epoch_start_time, self.epoch_train_time = time.perf_counter(), 0.0
+
+    def metrics(self, interrupted: bool) -> dict[str, Any]:
+        state, step = self.state, self.step
+        total = self.tc.total_steps
+        return {
+            "which": self.which,
+            "level": self.level,
+            "device": str(self.device),
+            "bf16_autocast": step.bf16,
+            "cuda_graph": step.graph_status,
+            "completed": state["step"] >= total and state["nonfinite"] is None,
+            "interrupted": interrupted,
+            "nonfinite": state["nonfinite"],
+            "steps": state["step"],
+            "total_steps": total,
+            "tokens": state["tokens"],
+            "train_time_s": state["train_time_s"],
+            "tokens_per_s": (state["tokens"] / state["train_time_s"]
+                             if state["train_time_s"] else None),
+            "step_losses": state["step_losses"],
+            "grad_norms": state["grad_norms"],
+            "epochs": state["epochs"],
+            "final_val_loss": state["epochs"][-1]["val_loss"] if state["epochs"] else None,
+            "best_val_loss": state["best_val_loss"],
+            "memory": self._memory(),
+            "ops": step.kernels.summary(),
+            "world_size": self.world,
+            "compression": {
+                "ratio": self.ratio,
+                "activation_bits": step.compressor.bits if step.compressor else None,
+                "gradient_wire_bytes": (step.grad_compression.wire_bytes
+                                        if step.grad_compression else None),
+                "gradient_fp32_wire_bytes": (step.grad_compression.fp32_wire_bytes
+                                             if step.grad_compression else None),
+            },
+            "checkpoints": sorted(p.name for p in self.ckpt_dir.iterdir()
+                                  if not p.name.startswith(".")),
+        }
+
+    def _memory(self) -> dict[str, Any]:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        opt_bytes = sum(
+            t.numel() * t.element_size()
+            for s in self.step.optimizer.state.values() for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
+        saved = self.step.saved_activation_bytes or 0
+        device = self.device
+        return {
+            "parameters": params,
+            "gradients": params,
+            "optimizer_state": opt_bytes,
+            "saved_activations_per_micro_batch": saved,
+            "tensor_total": 2 * params + opt_bytes + saved,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # Most bytes the CPU block cache held at once, in use and cached (None: not used).
+            "cpu_block_cache_peak": self.block_cache_peak,
+            "peak_cuda_allocated": (
+                torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            ),
+        }
+
+
 def train_run(
     config: Config,
     which: str,
@@ -115,208 +359,11 @@ def train_run(
     Under torchrun (a process group is initialised) the model is wrapped in
     DistributedDataParallel, each rank trains on its share of every global batch, and rank 0
     alone writes checkpoints and metrics."""
-    from tqdm import tqdm
-
-    tc, mc = config.training, config.model
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    global_batch = tc.batch_size * tc.gradient_accumulation_steps
-    if global_batch % world:
-        raise ValueError(
-            f"training.batch_size * gradient_accumulation_steps = {global_batch} is not divisible "
-            f"by the world size {world}"
-        )
-    progress = progress and rank == 0
-    level = run_level(config, which)
-    out_dir = run_dir / which
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if tc.num_threads > 0:
-        torch.set_num_threads(tc.num_threads)
-    data = data or _load_data(config, progress)
-    mark(f"{which}: data loaded")
-    tokenizer_file = run_dir / "tokenizer.json"
-    if data.tokenizer is not None and not tokenizer_file.exists():
-        data.tokenizer.save(tokenizer_file)
-
-    device = resolve_device(tc.device)
-    release_free_heap()  # what loading the data freed
-    torch.manual_seed(tc.seed)  # identical initial weights in both runs (drawn on the CPU)
-    model = ScaledTransformerModel(mc).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    schedule = warmup_cosine(tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.min_lr_ratio)
-    # Compression (activations; gradients across processes) is part of the optimized run at
-    # level 3; compression_ratio 0 turns it off.
-    ratio = config.optimization.compression_ratio if which == "optimized" and level >= 3 else 0.0
-    step = TrainStep(
-        model, level=level, lr=tc.learning_rate, weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-        grad_accum_steps=tc.gradient_accumulation_steps, lr_schedule=schedule,
-        compression_ratio=ratio, distributed=world > 1,
-    )
-    state: dict[str, Any] = {
-        "step": 0, "step_losses": [], "grad_norms": [], "epochs": [], "train_time_s": 0.0,
-        "tokens": 0, "best_val_loss": None, "nonfinite": None,
-    }
-    mark(f"{which}: model and optimizer built")
-    last = ckpt_dir / "last"
-    if last.exists():
-        ckpt = load_checkpoint(last)
-        model.load_state_dict(ckpt.model_state)
-        if ckpt.optimizer_state is not None:
-            step.optimizer.load_state_dict(ckpt.optimizer_state)
-        state.update({k: v for k, v in ckpt.trainer_state.items() if k in state})
-        step.step_count = state["step"]
-        restore_rng(ckpt.trainer_state)
-        print(f"[{which}] resumed from {last} at step {state['step']}")
-
-    # Each rank draws its rows of the same global batch (global_batch / world rows per rank).
-    sampler = BatchSampler(data.train_tokens, global_batch // world, mc.max_seq_len, tc.seed)
-    val = eval_batches(data.val_tokens, tc.batch_size, mc.max_seq_len, config.data.eval_batches)
-    tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * mc.max_seq_len
-    config_dict = config.to_dict()
-
-    def checkpoint(name: str) -> Path | None:
-        if rank != 0:
-            return None
-        trainer_state = {**state, "which": which, "level": level}
-        return save_checkpoint(
-            ckpt_dir / name, model, config_dict, step.optimizer, trainer_state,
-            tokenizer_file if tokenizer_file.exists() else None,
-        )
-
-    total = tc.total_steps
-    bar = tqdm(
-        total=total, initial=state["step"], desc=f"{which} (level {level})", unit="step",
-        disable=not progress, dynamic_ncols=True,
-    )
-    interrupted = False
-    # The steps repeat their allocation sizes: see ryzen_llm/heap.py. Both runs use it, so that
-    # their speeds compare kernels, not allocators.
-    block_cache = enable_cpu_block_cache()
-    steps_this_call = 0
-    epoch_start_time = time.perf_counter()
-    epoch_train_time = 0.0
-    try:
-        while state["step"] < total:
-            if max_steps is not None and steps_this_call >= max_steps:
-                interrupted = True
-                break
-            idx, targets = sampler.batch(state["step"], rank, world)
-            t0 = time.perf_counter()
-            try:
-                loss = step(idx, targets)
-            except NonFiniteError as exc:
-                state["nonfinite"] = str(exc)
-                print(f"\n[{which}] stopped: {exc}. The last good checkpoint is kept in {ckpt_dir}.")
-                break
-            dt = time.perf_counter() - t0
-            epoch_train_time += dt
-            state["train_time_s"] += dt
-            state["tokens"] += tokens_per_step
-            state["step_losses"].append(loss)
-            state["grad_norms"].append(step.last_grad_norm)
-            state["step"] += 1
-            steps_this_call += 1
-            release_free_heap()
-            mark(f"{which}: step {state['step']}")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-            if state["step"] % tc.steps_per_epoch == 0:
-                epoch = state["step"] // tc.steps_per_epoch
-                val_loss = step.evaluate(val)
-                mark(f"{which}: evaluated")
-                epoch_losses = state["step_losses"][-tc.steps_per_epoch:]
-                record = {
-                    "epoch": epoch, "step": state["step"],
-                    "train_loss": sum(epoch_losses) / len(epoch_losses), "val_loss": val_loss,
-                    "epoch_time_s": time.perf_counter() - epoch_start_time,
-                    "train_time_s": epoch_train_time,
-                    "tokens_per_s": tokens_per_step * len(epoch_losses) / max(epoch_train_time, 1e-9),
-                    "grad_norm": step.last_grad_norm,
-                }
-                state["epochs"].append(record)
-                bar.write(
-                    f"[{which}] epoch {epoch}/{tc.epochs}: train {record['train_loss']:.4f}  "
-                    f"val {val_loss:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
-                    f"grad norm {record['grad_norm']:.3f}  ({record['epoch_time_s']:.1f} s)"
-                )
-                checkpoint(f"epoch-{epoch:03d}")
-                if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-                    state["best_val_loss"] = val_loss
-                    checkpoint("best")
-                checkpoint("last")
-                if rank == 0:
-                    _prune_epoch_checkpoints(ckpt_dir, tc.keep_checkpoints)
-                mark(f"{which}: checkpoints saved")
-                epoch_start_time, epoch_train_time = time.perf_counter(), 0.0
-    except KeyboardInterrupt:
-        # A second Ctrl-C (or the parent forwarding the first) must not abort the save below.
-        previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        interrupted = True
-        bar.write(f"[{which}] interrupted: saving a checkpoint at step {state['step']}")
-    finally:
-        bar.close()
-        block_cache_peak = cpu_block_cache_stats()["peak_held"] if block_cache else None
-        disable_cpu_block_cache()
-    if interrupted and state["nonfinite"] is None:
-        checkpoint("last")
-    if interrupted and "previous_handler" in locals():
-        signal.signal(signal.SIGINT, previous_handler)
-
-    completed = state["step"] >= total and state["nonfinite"] is None
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    opt_bytes = sum(
-        t.numel() * t.element_size()
-        for s in step.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
-    )
-    saved = step.saved_activation_bytes or 0
-    metrics = {
-        "which": which,
-        "level": level,
-        "device": str(device),
-        "bf16_autocast": step.bf16,
-        "cuda_graph": step.graph_status,
-        "completed": completed,
-        "interrupted": interrupted,
-        "nonfinite": state["nonfinite"],
-        "steps": state["step"],
-        "total_steps": total,
-        "tokens": state["tokens"],
-        "train_time_s": state["train_time_s"],
-        "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] else None,
-        "step_losses": state["step_losses"],
-        "grad_norms": state["grad_norms"],
-        "epochs": state["epochs"],
-        "final_val_loss": state["epochs"][-1]["val_loss"] if state["epochs"] else None,
-        "best_val_loss": state["best_val_loss"],
-        "memory": {
-            "parameters": params,
-            "gradients": params,
-            "optimizer_state": opt_bytes,
-            "saved_activations_per_micro_batch": saved,
-            "tensor_total": 2 * params + opt_bytes + saved,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            # Most bytes the CPU block cache held at once, in use and cached (None: not used).
-            "cpu_block_cache_peak": block_cache_peak,
-            "peak_cuda_allocated": (
-                torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            ),
-        },
-        "ops": step.kernels.summary(),
-        "world_size": world,
-        "compression": {
-            "ratio": ratio,
-            "activation_bits": step.compressor.bits if step.compressor else None,
-            "gradient_wire_bytes": step.grad_compression.wire_bytes if step.grad_compression else None,
-            "gradient_fp32_wire_bytes": (
-                step.grad_compression.fp32_wire_bytes if step.grad_compression else None
-            ),
-        },
-        "checkpoints": sorted(p.name for p in ckpt_dir.iterdir() if not p.name.startswith(".")),
-    }
-    if rank == 0:
-        _write_json(out_dir / METRICS_FILE, metrics)
+    run = _Run(config, which, run_dir, data, progress)
+    interrupted = run.train(max_steps)
+    metrics = run.metrics(interrupted)
+    if run.rank == 0:
+        _write_json(run.out_dir / METRICS_FILE, metrics)
     mark(f"{which}: metrics written")
     return metrics
 
@@ -395,38 +442,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _start(args: argparse.Namespace, rank: int, world: int) -> tuple[Config, str | None, Path]:
+    """(config, the one run to train or None for both, run folder): from --resume's folder, or
+    from the preset, the YAML file and the overrides (rank 0 makes the folder)."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_FILE} there; not a run folder")
+        if args.config or args.preset or args.overrides or args.data or args.level is not None:
+            raise ConfigError("--resume continues a run with its saved config; "
+                              "drop --config/--preset/--data/--level/overrides")
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+        return config_from_dict(saved["config"]), saved.get("only"), run_dir
+    extra = list(args.overrides)
+    if args.data:
+        extra.append(f"data.source={args.data}")
+    if args.level is not None:
+        extra.append(f"optimization.kernel_level={args.level}")
+    if args.output_dir:
+        extra.append(f"output_dir={args.output_dir}")
+    config = load_config(args.config, args.preset, extra)
+    only = args.only or (config.runs if config.runs != "both" else None)
+    run_dir = None
+    if rank == 0:
+        run_dir = _new_run_dir(config, args.name)
+        _write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "only": only})
+    if world > 1:  # every rank uses rank 0's folder (its name carries a timestamp)
+        shared = [str(run_dir) if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
+    return config, only, run_dir
+
+
+def _train_runs(config: Config, only: str | None, run_dir: Path, data: PreparedData,
+                args: argparse.Namespace, progress: bool, world: int) -> dict[str, dict] | int:
+    """Trains the runs not yet complete; their metrics, or an exit status when stopped early."""
+    metrics: dict[str, dict] = {}
+    for which in [only] if only else list(RUNS):
+        done = run_dir / which / METRICS_FILE
+        if done.is_file():
+            previous = json.loads(done.read_text())
+            if previous.get("completed"):
+                print(f"[{which}] already complete; reusing its metrics")
+                metrics[which] = previous
+                continue
+        if only or world > 1:  # under torchrun every run is in-process
+            metrics[which] = train_run(config, which, run_dir, data, progress, args.max_steps)
+        else:
+            metrics[which] = _run_in_child(config, which, run_dir, progress, args.max_steps)
+        if metrics[which]["interrupted"]:
+            print(f"stopped early; continue with: python -m ryzen_llm.train --resume {run_dir}")
+            return 0 if args.max_steps is not None else 130
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank, world = init_from_env()  # (0, 1) unless started by torchrun with several processes
     progress = not args.no_progress and rank == 0
     try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            if not (run_dir / CONFIG_FILE).is_file():
-                raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_FILE} there; not a run folder")
-            if args.config or args.preset or args.overrides or args.data or args.level is not None:
-                raise ConfigError("--resume continues a run with its saved config; "
-                                  "drop --config/--preset/--data/--level/overrides")
-            saved = json.loads((run_dir / CONFIG_FILE).read_text())
-            config = config_from_dict(saved["config"])
-            only = saved.get("only")
-        else:
-            extra = list(args.overrides)
-            if args.data:
-                extra.append(f"data.source={args.data}")
-            if args.level is not None:
-                extra.append(f"optimization.kernel_level={args.level}")
-            if args.output_dir:
-                extra.append(f"output_dir={args.output_dir}")
-            config = load_config(args.config, args.preset, extra)
-            only = args.only or (config.runs if config.runs != "both" else None)
-            if rank == 0:
-                run_dir = _new_run_dir(config, args.name)
-                _write_json(run_dir / CONFIG_FILE, {"config": config.to_dict(), "only": only})
-            if world > 1:  # every rank uses rank 0's folder (its name carries a timestamp)
-                shared = [str(run_dir) if rank == 0 else None]
-                dist.broadcast_object_list(shared, src=0)
-                run_dir = Path(shared[0])
+        config, only, run_dir = _start(args, rank, world)
         if world > 1 and rank != 0:
             dist.barrier()  # rank 0 fills the token cache first; the others then read it
         data = _load_data_building_elsewhere(config, progress)  # fills the cache before the runs
@@ -443,24 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run folder: {run_dir}" + (f" ({world} processes)" if world > 1 else ""))
         print(f"corpus: {data.source} ({data.n_files} files, {data.n_bytes / 1e6:.1f} MB) -> "
               f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens")
-    runs = [only] if only else list(RUNS)
-    metrics: dict[str, dict] = {}
     try:
-        for which in runs:
-            done = run_dir / which / METRICS_FILE
-            if done.is_file():
-                previous = json.loads(done.read_text())
-                if previous.get("completed"):
-                    print(f"[{which}] already complete; reusing its metrics")
-                    metrics[which] = previous
-                    continue
-            if only or world > 1:  # under torchrun every run is in-process
-                metrics[which] = train_run(config, which, run_dir, data, progress, args.max_steps)
-            else:
-                metrics[which] = _run_in_child(config, which, run_dir, progress, args.max_steps)
-            if metrics[which]["interrupted"]:
-                print(f"stopped early; continue with: python -m ryzen_llm.train --resume {run_dir}")
-                return 0 if args.max_steps is not None else 130
+        metrics = _train_runs(config, only, run_dir, data, args, progress, world)
     except KeyboardInterrupt:
         print(f"\ninterrupted; checkpoints are saved. Continue with: "
               f"python -m ryzen_llm.train --resume {run_dir}")
@@ -468,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if isinstance(metrics, int):
+        return metrics
     if world > 1:
         from ryzen_llm.distributed import shutdown
 

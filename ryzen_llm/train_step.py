@@ -80,6 +80,92 @@ class _CapturedStep:
     calls: Counter  # the kernel-set calls one replay stands for
 
 
+class StepGraph:
+    """The CUDA graph of a TrainStep's forward and backward: small models on a big GPU are
+    bound by kernel launches, so the step's micro-batches are captured once (after
+    TrainStep.GRAPH_WARMUP_STEPS eager steps of the batch shape, which set up cuBLAS handles,
+    autocast and the optimizer's state outside the capture) and replayed. One graph per run,
+    for its usual batch shape; other shapes run eagerly. Clipping, the NaN check and AdamW stay
+    eager in TrainStep: their learning rate and checks change every step."""
+
+    def __init__(self, step: "TrainStep"):
+        self.step = step
+        self.enabled = True
+        self.status = "on: not captured yet"
+        self.captured: _CapturedStep | None = None
+        self._eager_steps_by_shape: Counter = Counter()
+
+    def forward_backward(self, idx: torch.Tensor,
+                         targets: torch.Tensor) -> tuple[float, float] | None:
+        """Forward and backward by replaying the captured graph (capturing it once the batch
+        shape has had its warm-up steps). Returns the mean loss and the gradients' total norm,
+        or None where this step runs eagerly (warm-up, another batch shape, or a capture that
+        failed, which is reported)."""
+        shape = (tuple(idx.shape), tuple(targets.shape), idx.dtype, targets.dtype)
+        cap = self.captured
+        if cap is None:
+            self._eager_steps_by_shape[shape] += 1
+            if self._eager_steps_by_shape[shape] <= self.step.GRAPH_WARMUP_STEPS:
+                return None
+            cap = self.capture(idx, targets, shape)
+            if cap is None:
+                return None
+        elif cap.shape != shape:
+            return None  # one graph per run, for its usual batch shape; other shapes run eagerly
+        cap.idx.copy_(idx, non_blocking=True)
+        cap.targets.copy_(targets, non_blocking=True)
+        params = self.step._params()
+        for p, g in zip(params, cap.grads):  # an eager step in between sets .grad to None
+            p.grad = g
+        cap.graph.replay()
+        self.step.kernels.calls.update(cap.calls)
+        values = torch.cat([cap.losses, cap.norm.reshape(1).float()]).tolist()  # the one sync
+        losses, norm = values[:-1], values[-1]
+        for loss in losses:
+            if not math.isfinite(loss):
+                raise NonFiniteError(
+                    f"step {self.step.step_count}: loss is {loss}; the update was not applied"
+                )
+        return sum(losses) / len(losses), norm
+
+    def capture(self, idx: torch.Tensor, targets: torch.Tensor, shape: tuple) -> _CapturedStep | None:
+        step = self.step
+        params = step._params()
+        before = Counter(step.kernels.calls)
+        static_idx, static_targets = idx.clone(), targets.clone()
+        # Gradients start as None so that the captured backward allocates them in the graph's
+        # memory pool; every replay then rewrites them in place.
+        step.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(step.device)
+            with torch.cuda.graph(graph):
+                losses = []
+                for micro_idx, micro_targets in zip(static_idx.chunk(step.grad_accum_steps),
+                                                    static_targets.chunk(step.grad_accum_steps)):
+                    loss = step._forward(micro_idx, micro_targets)
+                    (loss / step.grad_accum_steps).backward()
+                    losses.append(loss.detach().float())
+                static_losses = torch.stack(losses)
+                grads = [p.grad for p in params]
+                norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        except Exception as exc:  # the step still runs, eagerly, and the reason is reported
+            self.enabled = False
+            self.status = f"off: capture failed ({type(exc).__name__}: {exc})"
+            step.kernels.calls = before
+            step.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"level {step.level}: CUDA graph capture failed, the step runs "
+                          f"without it: {type(exc).__name__}: {exc}", stacklevel=3)
+            return None
+        calls = Counter(step.kernels.calls)
+        calls.subtract(before)
+        step.kernels.calls = before  # capturing ran nothing: replays count
+        self.captured = _CapturedStep(graph, shape, static_idx, static_targets, static_losses,
+                                      grads, norm, +calls)
+        self.status = f"on: batch {list(idx.shape)} captured at step {step.step_count}"
+        return self.captured
+
+
 class TrainStep:
     """Forward, backward, gradient clipping and the AdamW update, with everything the
     optimization level implies (fused ops, fused AdamW and bf16 autocast at level 3; on a GPU,
@@ -153,10 +239,7 @@ class TrainStep:
                 "cuda_graph: needs a model on a CUDA device and no DistributedDataParallel "
                 f"(device {self.device}, distributed {self.ddp is not None})"
             )
-        self.cuda_graph = cuda_graph
-        self.graph_status = "on: not captured yet" if cuda_graph else "off"
-        self._captured: _CapturedStep | None = None
-        self._eager_steps_by_shape: Counter = Counter()
+        self.graph = StepGraph(self) if cuda_graph else None
         self.step_count = 0
         self.last_grad_norm = float("nan")
         # Bytes autograd saved for backward in one micro-batch, measured on the first call.
@@ -179,24 +262,34 @@ class TrainStep:
                 f"{self.grad_accum_steps}"
             )
         self.model.train()
-        if self.cuda_graph:
+        graph = self.graph if self.cuda_graph else None
+        if graph is not None:
             # A replayed graph checks nothing: the batch is checked here, on the host where the
             # trainer's batches are, as the eager forward checks it.
             self.model._check_input(idx, None)
             self.model.check_targets(targets)
         idx = idx.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        if self.cuda_graph:
-            replayed = self._graph_forward_backward(idx, targets)
+        if graph is not None:
+            replayed = graph.forward_backward(idx, targets)
             if replayed is not None:
                 mean_loss, graph_norm = replayed
                 self._update(graph_norm)
                 return mean_loss
-            if self._captured is not None:  # the graph's gradients must not accumulate here
+            if graph.captured is not None:  # the graph's gradients must not accumulate here
                 self.optimizer.zero_grad(set_to_none=True)
         mean_loss = self._forward_backward(idx, targets)
         self._update()
         return mean_loss
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether steps replay a CUDA graph (False after a failed capture)."""
+        return self.graph is not None and self.graph.enabled
+
+    @property
+    def graph_status(self) -> str:
+        return self.graph.status if self.graph is not None else "off"
 
     def _forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward of every micro-batch, eagerly; returns the mean loss."""
@@ -220,75 +313,6 @@ class TrainStep:
             total += loss_value.item()
         return total / self.grad_accum_steps
 
-    def _graph_forward_backward(self, idx: torch.Tensor,
-                                targets: torch.Tensor) -> tuple[float, float] | None:
-        """Forward and backward by replaying the captured graph (capturing it once the batch
-        shape has had its warm-up steps). Returns the mean loss and the gradients' total norm,
-        or None where this step runs eagerly (warm-up, another batch shape, or a capture that
-        failed, which is reported)."""
-        shape = (tuple(idx.shape), tuple(targets.shape), idx.dtype, targets.dtype)
-        cap = self._captured
-        if cap is None:
-            self._eager_steps_by_shape[shape] += 1
-            if self._eager_steps_by_shape[shape] <= self.GRAPH_WARMUP_STEPS:
-                return None
-            cap = self._capture(idx, targets, shape)
-            if cap is None:
-                return None
-        elif cap.shape != shape:
-            return None  # one graph per run, for its usual batch shape; other shapes run eagerly
-        cap.idx.copy_(idx, non_blocking=True)
-        cap.targets.copy_(targets, non_blocking=True)
-        params = self._params()
-        for p, g in zip(params, cap.grads):  # an eager step in between sets .grad to None
-            p.grad = g
-        cap.graph.replay()
-        self.kernels.calls.update(cap.calls)
-        values = torch.cat([cap.losses, cap.norm.reshape(1).float()]).tolist()  # the one sync
-        losses, norm = values[:-1], values[-1]
-        for loss in losses:
-            if not math.isfinite(loss):
-                raise NonFiniteError(
-                    f"step {self.step_count}: loss is {loss}; the update was not applied"
-                )
-        return sum(losses) / len(losses), norm
-
-    def _capture(self, idx: torch.Tensor, targets: torch.Tensor, shape: tuple) -> _CapturedStep | None:
-        params = self._params()
-        before = Counter(self.kernels.calls)
-        static_idx, static_targets = idx.clone(), targets.clone()
-        # Gradients start as None so that the captured backward allocates them in the graph's
-        # memory pool; every replay then rewrites them in place.
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            torch.cuda.synchronize(self.device)
-            with torch.cuda.graph(graph):
-                losses = []
-                for micro_idx, micro_targets in zip(static_idx.chunk(self.grad_accum_steps),
-                                                    static_targets.chunk(self.grad_accum_steps)):
-                    loss = self._forward(micro_idx, micro_targets)
-                    (loss / self.grad_accum_steps).backward()
-                    losses.append(loss.detach().float())
-                static_losses = torch.stack(losses)
-                grads = [p.grad for p in params]
-                norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
-        except Exception as exc:  # the step still runs, eagerly, and the reason is reported
-            self.cuda_graph = False
-            self.graph_status = f"off: capture failed ({type(exc).__name__}: {exc})"
-            self.kernels.calls = before
-            self.optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"level {self.level}: CUDA graph capture failed, the step runs "
-                          f"without it: {type(exc).__name__}: {exc}", stacklevel=3)
-            return None
-        calls = Counter(self.kernels.calls)
-        calls.subtract(before)
-        self.kernels.calls = before  # capturing ran nothing: replays count
-        self._captured = _CapturedStep(graph, shape, static_idx, static_targets, static_losses,
-                                       grads, norm, +calls)
-        self.graph_status = f"on: batch {list(idx.shape)} captured at step {self.step_count}"
-        return self._captured
-
     def _params(self) -> list:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -301,7 +325,7 @@ class TrainStep:
             norm = graph_norm  # the clipping is torch's, with the norm the graph computed
             if self.max_grad_norm is not None and self.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm,
-                                                     self._captured.norm)
+                                                     self.graph.captured.norm)
         elif self.max_grad_norm is not None and self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
