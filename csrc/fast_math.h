@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 
@@ -116,5 +117,49 @@ RYZEN_LLM_INLINE double gelu_grad(double u) {
   return 0.5 * std::erfc(-u * 0.70710678118654752440) +
          u * 0.39894228040143267794 * std::exp(-0.5 * u * u);
 }
+
+// ---- attention's softmax ------------------------------------------------------------------
+// The flash attention kernels (cpu/causal_attention.cpp) keep their own exp and bfloat16 store:
+// softmax_exp gives exactly 0 for -inf and below -87 (a masked key contributes nothing), where
+// exp_nonpositive clamps to ~1.6e-38; and both are written with memcpy rather than
+// __builtin_bit_cast, the form GCC 12 vectorises inside those loops.
+// exp for softmax arguments (x <= ~0): Cephes-style range reduction + degree-6 polynomial,
+// written so that `#pragma omp simd` loops vectorise it (glibc's expf does not without
+// -ffast-math). exp(-inf) and anything below -87 give exactly 0.
+RYZEN_LLM_INLINE float softmax_exp(float x) {
+  const float lo = -87.0f, hi = 88.0f;
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  // Round to nearest by the 1.5 * 2^23 trick (floor() and __builtin_bit_cast keep GCC 12 from
+  // vectorising the loop; memcpy does not). Needs IEEE arithmetic: no -ffast-math.
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, sizeof(s));
+  return x < lo ? 0.0f : y * s;
+}
+
+// acc -> storage dtype in a form `#pragma omp simd` vectorises (c10's bf16 conversion does not):
+// round to nearest even, NaN kept as a quiet NaN.
+template <typename scalar_t, typename acc_t>
+RYZEN_LLM_INLINE scalar_t to_storage(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    u = v != v ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+    return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+RYZEN_LLM_INLINE double softmax_exp(double x) { return std::exp(x); }
 
 }  // namespace ryzen_llm

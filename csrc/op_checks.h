@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +28,170 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
 
 inline void check_sizes(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
   TORCH_CHECK(t.sizes() == expected, name, ": expected sizes ", expected, ", got ", t.sizes());
+}
+
+// -- add_layer_norm ------------------------------------------------------------------------
+// Row statistics are kept in the accumulation type: float32, or float64 for float64 input.
+inline at::ScalarType layer_norm_stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A dtype that may differ from x's only as float32 x with a lower precision the device computes
+// in (`mixable`: bfloat16 on CPU; bfloat16 and float16 on CUDA).
+inline void check_mixed_dtype(at::ScalarType t, const at::Tensor& x, const char* name,
+                              at::ArrayRef<at::ScalarType> mixable) {
+  bool ok = t == x.scalar_type();
+  std::string alternatives;
+  if (x.scalar_type() == at::kFloat) {
+    for (at::ScalarType m : mixable) {
+      ok = ok || t == m;
+      alternatives += std::string(alternatives.empty() ? " or " : "/") + c10::toString(m);
+    }
+  }
+  TORCH_CHECK(ok, name, ": expected dtype ", x.scalar_type(), alternatives, " (input is ",
+              x.scalar_type(), "), got ", t);
+}
+
+// input (..., C), contiguous, with non-empty rows; weight and bias (C,) on its device, in its
+// dtype, contiguous. The caller checks input's device type and dtype set. Returns C.
+inline int64_t check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& bias) {
+  TORCH_CHECK(x.is_contiguous(), "input: expected a contiguous tensor, got strides ",
+              x.strides(), " for sizes ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1, "input: expected at least 1 dimension, got a 0-D tensor");
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(C > 0, "input: the normalised (last) dimension must be non-empty");
+  check_like(weight, x, "weight", "input");
+  check_sizes(weight, {C}, "weight");
+  check_like(bias, x, "bias", "input");
+  check_sizes(bias, {C}, "bias");
+  return C;
+}
+
+inline void check_add_layer_norm_forward_args(const at::Tensor& x,
+                                              const c10::optional<at::Tensor>& residual,
+                                              const at::Tensor& weight, const at::Tensor& bias,
+                                              double eps, at::ScalarType out_type,
+                                              at::ArrayRef<at::ScalarType> mixable) {
+  check_layer_norm_params(x, weight, bias);
+  TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->device() == x.device(), "residual: expected device ", x.device(),
+                " (the device of input), got ", residual->device());
+    check_mixed_dtype(residual->scalar_type(), x, "residual", mixable);
+    check_sizes(*residual, x.sizes(), "residual");
+    TORCH_CHECK(residual->is_contiguous(), "residual: expected a contiguous tensor, got strides ",
+                residual->strides(), " for sizes ", residual->sizes());
+  }
+  check_mixed_dtype(out_type, x, "out_dtype", mixable);
+}
+
+// The backward's arguments beyond input's device type and dtype set (checked by the caller):
+// grad_out like input (or in a mixable dtype), grad_sum and weight like input, the forward's
+// statistics. Returns the number of rows N.
+inline int64_t check_add_layer_norm_backward_args(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_sum,
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, at::ScalarType residual_type, at::ArrayRef<at::ScalarType> mixable) {
+  TORCH_CHECK(input.is_contiguous(), "input: expected a contiguous tensor, got strides ",
+              input.strides(), " for sizes ", input.sizes());
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) > 0,
+              "input: the normalised (last) dimension must be non-empty");
+  const int64_t C = input.size(-1), N = input.numel() / C;
+  TORCH_CHECK(grad_out.device() == input.device(), "grad_out: expected device ", input.device(),
+              " (the device of input), got ", grad_out.device());
+  check_mixed_dtype(grad_out.scalar_type(), input, "grad_out", mixable);
+  check_sizes(grad_out, input.sizes(), "grad_out");
+  TORCH_CHECK(grad_out.is_contiguous(), "grad_out: expected a contiguous tensor, got strides ",
+              grad_out.strides(), " for sizes ", grad_out.sizes());
+  check_like(weight, input, "weight", "input");
+  check_sizes(weight, {C}, "weight");
+  const at::ScalarType stats = layer_norm_stats_dtype(input);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"},
+                                {rstd, "rstd"}}) {
+    TORCH_CHECK(t.device() == input.device() && t.scalar_type() == stats && t.numel() == N &&
+                    t.is_contiguous(),
+                name, ": expected ", N, " contiguous ", stats, " statistics on ", input.device(),
+                ", got ", t.numel(), " ", t.scalar_type(), " on ", t.device());
+  }
+  if (grad_sum.has_value()) {
+    check_like(*grad_sum, input, "grad_sum", "input");
+    check_sizes(*grad_sum, input.sizes(), "grad_sum");
+  }
+  check_mixed_dtype(residual_type, input, "residual_dtype", mixable);
+  return N;
+}
+
+// -- causal_attention ----------------------------------------------------------------------
+// A (B, nh, T, hs) operand: 4-D and, with `like`, on its device, in its dtype, of its sizes. The
+// caller checks the device type and its dtype set first. Returned with unit stride in the head
+// dim (another last-dim stride is copied once; the other strides are used as they are).
+inline at::Tensor attention_operand(const at::Tensor& t, const char* name, const at::Tensor* like,
+                                    const char* like_name) {
+  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D tensor, got ", t.dim(), "-D with sizes ",
+              t.sizes());
+  if (like != nullptr) {
+    TORCH_CHECK(t.device() == like->device(), name, ": expected device ", like->device(),
+                " (the device of ", like_name, "), got ", t.device());
+    TORCH_CHECK(t.scalar_type() == like->scalar_type(), name, ": expected dtype ",
+                like->scalar_type(), " (the dtype of ", like_name, "), got ", t.scalar_type());
+    check_sizes(t, like->sizes(), name);
+  }
+  return t.stride(3) == 1 ? t : t.contiguous();
+}
+
+// q's head dim within what the device's kernels are built for (`device` names it in the error).
+inline void check_head_dim(const at::Tensor& q, int64_t min_dim, int64_t max_dim,
+                           const char* device) {
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D >= min_dim && D <= max_dim, "q: head dim (size 3) must be in [", min_dim, ", ",
+              max_dim, "]", device, ", got ", D);
+}
+
+inline void check_attention_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+}
+
+// (B, T) bool, on q's device: True marks a real key.
+inline void check_key_padding_mask(const at::Tensor& m, const at::Tensor& q) {
+  TORCH_CHECK(m.device() == q.device(), "key_padding_mask: expected device ", q.device(),
+              " (the device of q), got ", m.device());
+  TORCH_CHECK(m.scalar_type() == at::kBool, "key_padding_mask: expected dtype bool, got ",
+              m.scalar_type());
+  check_sizes(m, {q.size(0), q.size(2)}, "key_padding_mask");
+}
+
+// The forward's log-sum-exp (B, nh, T) in q's accumulation type, on q's device.
+inline void check_attention_lse(const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.device() == q.device(), "lse: expected device ", q.device(),
+              " (the device of q), got ", lse.device());
+  const auto acc_type = at::toOpMathType(q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc_type, "lse: expected dtype ", acc_type,
+              " (the accumulation type of q), got ", lse.scalar_type());
+  check_sizes(lse, {q.size(0), q.size(1), q.size(2)}, "lse");
+}
+
+// Decode: q (B, nh, 1, hs); caches (B, nh, Tmax, hs), each already checked as 4-D in its dtype;
+// cache_lengths (B,) int64 on q's device. Returns Tmax. The values of cache_lengths are checked by
+// the device (on the host for CPU, with one copy for CUDA).
+inline int64_t check_decode_shapes(const at::Tensor& q, const at::Tensor& k_cache,
+                                   const at::Tensor& v_cache, const at::Tensor& cache_lengths) {
+  TORCH_CHECK(q.size(2) == 1, "q: expected one query per sequence (size 2 == 1), got sizes ",
+              q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Tmax = k_cache.size(2);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"},
+                                {v_cache, "v_cache"}}) {
+    TORCH_CHECK(t.device() == q.device(), name, ": expected device ", q.device(),
+                " (the device of q), got ", t.device());
+  }
+  check_sizes(k_cache, {B, H, Tmax, D}, "k_cache");
+  check_sizes(v_cache, k_cache.sizes(), "v_cache");
+  TORCH_CHECK(cache_lengths.device() == q.device(), "cache_lengths: expected device ",
+              q.device(), " (the device of q), got ", cache_lengths.device());
+  TORCH_CHECK(cache_lengths.scalar_type() == at::kLong,
+              "cache_lengths: expected dtype int64, got ", cache_lengths.scalar_type());
+  check_sizes(cache_lengths, {B}, "cache_lengths");
+  return Tmax;
 }
 
 // -- gelu_feed_forward ---------------------------------------------------------------------

@@ -10,6 +10,7 @@
 // (a read and a write of the whole activation); the values are the same bits as those casts.
 #include "common.h"
 #include "fast_math.h"
+#include "op_checks.h"
 
 #include <torch/library.h>
 
@@ -147,51 +148,19 @@ void with_mixed_type(at::ScalarType t, F&& f) {
   }
 }
 
-// Row statistics are kept in the accumulation type: float32, or float64 for float64 input.
-at::ScalarType stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// float32 input may come with a bfloat16 residual, gradient or output (see the top of the file).
+constexpr at::ScalarType kMixable[] = {at::kBFloat16};
 
-void check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& bias) {
-  check_cpu(x, "input");
-  check_float_dtype(x, "input");
-  check_contiguous(x, "input");
-  TORCH_CHECK(x.dim() >= 1, "input: expected at least 1 dimension, got a 0-D tensor");
-  const int64_t C = x.size(-1);
-  TORCH_CHECK(C > 0, "input: the normalised (last) dimension must be non-empty");
-  check_same_device(weight, x, "weight", "input");
-  check_same_device(bias, x, "bias", "input");
-  check_same_dtype(weight, x, "weight", "input");
-  check_same_dtype(bias, x, "bias", "input");
-  check_shape(weight, {C}, "weight");
-  check_shape(bias, {C}, "bias");
-  check_contiguous(weight, "weight");
-  check_contiguous(bias, "bias");
-}
-
-// A dtype that may differ from x's only as float32 x with bfloat16 (see the top of the file).
-void check_mixed_dtype(at::ScalarType t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t == x.scalar_type() || (x.scalar_type() == at::kFloat && t == at::kBFloat16),
-              name, ": expected dtype ", x.scalar_type(),
-              x.scalar_type() == at::kFloat ? " or bfloat16" : "", " (input is ", x.scalar_type(),
-              "), got ", t);
-}
+at::ScalarType stats_dtype(const at::Tensor& x) { return layer_norm_stats_dtype(x); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
     const at::Tensor& bias, double eps, c10::optional<at::ScalarType> out_dtype) {
-  check_layer_norm_params(x, weight, bias);
-  TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
-  const bool has_residual = residual.has_value();
-  if (has_residual) {
-    check_same_device(*residual, x, "residual", "input");
-    check_mixed_dtype(residual->scalar_type(), x, "residual");
-    check_shape(*residual, x.sizes(), "residual");
-    check_contiguous(*residual, "residual");
-  }
+  check_cpu(x, "input");
+  check_float_dtype(x, "input");
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
-  check_mixed_dtype(out_type, x, "out_dtype");
+  check_add_layer_norm_forward_args(x, residual, weight, bias, eps, out_type, kMixable);
+  const bool has_residual = residual.has_value();
   const int64_t C = x.size(-1);
   const int64_t N = x.numel() / C;
   auto out = at::empty_like(x, x.options().dtype(out_type));
@@ -236,32 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backwa
     const at::Tensor& rstd, c10::optional<at::ScalarType> residual_dtype) {
   check_cpu(input, "input");
   check_float_dtype(input, "input");
-  check_contiguous(input, "input");
-  TORCH_CHECK(input.dim() >= 1, "input: expected at least 1 dimension, got a 0-D tensor");
-  const int64_t C = input.size(-1);
-  const int64_t N = input.numel() / C;
-  check_cpu(grad_out, "grad_out");
-  check_mixed_dtype(grad_out.scalar_type(), input, "grad_out");
-  check_shape(grad_out, input.sizes(), "grad_out");
-  check_contiguous(grad_out, "grad_out");
-  check_same_dtype(weight, input, "weight", "input");
-  check_shape(weight, {C}, "weight");
-  check_contiguous(weight, "weight");
-  TORCH_CHECK(mean.scalar_type() == stats_dtype(input) && rstd.scalar_type() == stats_dtype(input),
-              "mean/rstd: expected ", stats_dtype(input), " statistics, got ", mean.scalar_type(),
-              " and ", rstd.scalar_type());
-  TORCH_CHECK(mean.numel() == N && rstd.numel() == N, "mean/rstd: expected ", N,
-              " rows, got ", mean.numel(), " and ", rstd.numel());
-  check_contiguous(mean, "mean");
-  check_contiguous(rstd, "rstd");
-  const bool has_grad_sum = grad_sum.has_value();
-  if (has_grad_sum) {
-    check_same_dtype(*grad_sum, input, "grad_sum", "input");
-    check_shape(*grad_sum, input.sizes(), "grad_sum");
-    check_contiguous(*grad_sum, "grad_sum");
-  }
   const at::ScalarType res_type = residual_dtype.value_or(input.scalar_type());
-  check_mixed_dtype(res_type, input, "residual_dtype");
+  const int64_t N = check_add_layer_norm_backward_args(grad_out, grad_sum, input, weight, mean,
+                                                       rstd, res_type, kMixable);
+  const int64_t C = input.size(-1);
+  const bool has_grad_sum = grad_sum.has_value();
   const bool separate_residual = res_type != input.scalar_type();
   auto grad_input = at::empty_like(input);
   auto grad_residual = separate_residual ? at::empty_like(input, input.options().dtype(res_type))

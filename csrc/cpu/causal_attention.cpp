@@ -11,6 +11,7 @@
 // per cached vector) is widened in registers with the scale folded into the row's score or
 // probability: hs + 4 bytes read per cached key or value instead of 4 * hs.
 #include "common.h"
+#include "fast_math.h"
 #include "op_checks.h"
 
 #include <torch/library.h>
@@ -25,12 +26,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__)
-#define RYZEN_LLM_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RYZEN_LLM_ALWAYS_INLINE inline
-#endif
-
 namespace ryzen_llm {
 namespace {
 
@@ -44,50 +39,11 @@ constexpr int64_t kPad = 16;  // score rows are padded to this many columns (one
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// exp for softmax arguments (x <= ~0): Cephes-style range reduction + degree-6 polynomial,
-// written so that `#pragma omp simd` loops vectorise it (glibc's expf does not without
-// -ffast-math). exp(-inf) and anything below -87 give exactly 0.
-RYZEN_LLM_ALWAYS_INLINE float softmax_exp(float x) {
-  const float lo = -87.0f, hi = 88.0f;
-  float xc = x < lo ? lo : (x > hi ? hi : x);
-  // Round to nearest by the 1.5 * 2^23 trick (floor() and __builtin_bit_cast keep GCC 12 from
-  // vectorising the loop; memcpy does not). Needs IEEE arithmetic: no -ffast-math.
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &e, sizeof(s));
-  return x < lo ? 0.0f : y * s;
-}
-
-// acc -> storage dtype in a form `#pragma omp simd` vectorises (c10's bf16 conversion does not):
-// round to nearest even, NaN kept as a quiet NaN.
-template <typename scalar_t, typename acc_t>
-RYZEN_LLM_ALWAYS_INLINE scalar_t to_storage(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof(u));
-    u = v != v ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
-    return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
-  } else {
-    return static_cast<scalar_t>(v);
-  }
-}
-RYZEN_LLM_ALWAYS_INLINE double softmax_exp(double x) { return std::exp(x); }
-
 // C (M x N, ldc) = / += A (M x K; element (r, k) at A[r * ars + k * acs]) * B (K x N, ldb).
 // A is read one scalar at a time (so a transposed A costs nothing), B row by row as vectors;
 // R rows x NC columns of C stay in registers for the whole K loop.
 template <typename T, int R, int NC>
-RYZEN_LLM_ALWAYS_INLINE void gemm_block(const T* A, int64_t ars, int64_t acs, const T* B,
+RYZEN_LLM_INLINE void gemm_block(const T* A, int64_t ars, int64_t acs, const T* B,
                                         int64_t ldb, T* C, int64_t ldc, int64_t K,
                                         bool accumulate) {
   T c[R][NC];
@@ -111,7 +67,7 @@ RYZEN_LLM_ALWAYS_INLINE void gemm_block(const T* A, int64_t ars, int64_t acs, co
 
 // The column tail (N % 16 columns): same loop with a run-time width.
 template <typename T>
-RYZEN_LLM_ALWAYS_INLINE void gemm_tail(const T* A, int64_t ars, int64_t acs, const T* B,
+RYZEN_LLM_INLINE void gemm_tail(const T* A, int64_t ars, int64_t acs, const T* B,
                                        int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t N,
                                        int64_t K, bool accumulate) {
   for (int64_t r = 0; r < M; ++r) {
@@ -127,7 +83,7 @@ RYZEN_LLM_ALWAYS_INLINE void gemm_tail(const T* A, int64_t ars, int64_t acs, con
 }
 
 template <typename T, int R>
-RYZEN_LLM_ALWAYS_INLINE void gemm_rows(const T* A, int64_t ars, int64_t acs, const T* B,
+RYZEN_LLM_INLINE void gemm_rows(const T* A, int64_t ars, int64_t acs, const T* B,
                                        int64_t ldb, T* C, int64_t ldc, int64_t N, int64_t K,
                                        bool accumulate) {
   int64_t j = 0;
@@ -139,7 +95,7 @@ RYZEN_LLM_ALWAYS_INLINE void gemm_rows(const T* A, int64_t ars, int64_t acs, con
 }
 
 template <typename T>
-RYZEN_LLM_ALWAYS_INLINE void gemm(const T* A, int64_t ars, int64_t acs, const T* B, int64_t ldb,
+RYZEN_LLM_INLINE void gemm(const T* A, int64_t ars, int64_t acs, const T* B, int64_t ldb,
                                   T* C, int64_t ldc, int64_t M, int64_t N, int64_t K,
                                   bool accumulate) {
   int64_t r = 0;
@@ -153,7 +109,7 @@ RYZEN_LLM_ALWAYS_INLINE void gemm(const T* A, int64_t ars, int64_t acs, const T*
 // {n_end, k_begin, k_end} for C rows [r, r + rows). Columns past n_end are left unwritten (the
 // callers mask them); this is how the causal triangle inside a diagonal tile is skipped.
 template <typename T, int R, typename Bounds>
-RYZEN_LLM_ALWAYS_INLINE void gemm_bounded_rows(const T* A, int64_t ars, int64_t acs, const T* B,
+RYZEN_LLM_INLINE void gemm_bounded_rows(const T* A, int64_t ars, int64_t acs, const T* B,
                                                int64_t ldb, T* C, int64_t ldc, int64_t r,
                                                bool accumulate, const Bounds& bounds) {
   const auto bd = bounds(r, R);
@@ -163,7 +119,7 @@ RYZEN_LLM_ALWAYS_INLINE void gemm_bounded_rows(const T* A, int64_t ars, int64_t 
 }
 
 template <typename T, typename Bounds>
-RYZEN_LLM_ALWAYS_INLINE void gemm_bounded(const T* A, int64_t ars, int64_t acs, const T* B,
+RYZEN_LLM_INLINE void gemm_bounded(const T* A, int64_t ars, int64_t acs, const T* B,
                                           int64_t ldb, T* C, int64_t ldc, int64_t M,
                                           bool accumulate, const Bounds& bounds) {
   int64_t r = 0;
@@ -174,7 +130,7 @@ RYZEN_LLM_ALWAYS_INLINE void gemm_bounded(const T* A, int64_t ars, int64_t acs, 
 
 // Rows [r, r + rows) of a tile whose row i is query q0 + i, over keys j0 + c: the columns (or
 // reduction indices) a causal mask allows, rounded up to whole vectors and clamped to [0, lim].
-RYZEN_LLM_ALWAYS_INLINE int64_t causal_end(int64_t q0, int64_t j0, int64_t r, int64_t rows,
+RYZEN_LLM_INLINE int64_t causal_end(int64_t q0, int64_t j0, int64_t r, int64_t rows,
                                            int64_t round, int64_t lim) {
   const int64_t e = q0 + r + rows - j0;  // keys < q0 + r + rows are allowed for some row
   return std::max<int64_t>(0, std::min(lim, round_up(e, round)));
@@ -183,14 +139,14 @@ RYZEN_LLM_ALWAYS_INLINE int64_t causal_end(int64_t q0, int64_t j0, int64_t r, in
 // Columns of a score row that must hold valid P / dS values: the row's allowed keys (limit) and
 // the zeros that the row-group products still read (up to 3 past limit, one more when the
 // reduction runs over key pairs), in whole vectors.
-RYZEN_LLM_ALWAYS_INLINE int64_t row_columns(int64_t limit, int64_t npad) {
+RYZEN_LLM_INLINE int64_t row_columns(int64_t limit, int64_t npad) {
   return std::min(npad, round_up(std::max<int64_t>(limit, 0) + 4, kPad));
 }
 
 // rows x cols of src (row stride ld) as acc_t: the tensor itself when it already is acc_t,
 // otherwise widened into buf (row stride cols).
 template <typename scalar_t, typename acc_t>
-RYZEN_LLM_ALWAYS_INLINE const acc_t* rows_as_acc(const scalar_t* src, int64_t ld, int64_t rows,
+RYZEN_LLM_INLINE const acc_t* rows_as_acc(const scalar_t* src, int64_t ld, int64_t rows,
                                                  int64_t cols, acc_t* buf, int64_t* ld_out) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     *ld_out = ld;
@@ -207,7 +163,7 @@ RYZEN_LLM_ALWAYS_INLINE const acc_t* rows_as_acc(const scalar_t* src, int64_t ld
 
 // dst (cols x npad) = transpose of src rows (rows x cols, row stride ld), zero columns past rows.
 template <typename scalar_t, typename acc_t>
-RYZEN_LLM_ALWAYS_INLINE void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows,
+RYZEN_LLM_INLINE void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows,
                                              int64_t cols, int64_t npad, acc_t* dst) {
   // 16 source rows at a time: their lines stay in L1 while each destination row gets 16
   // contiguous values (one scalar store per element was the bottleneck).
@@ -817,16 +773,16 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_decode_head(
 // across lanes at once (a transposed tree: 45 shuffles and adds instead of 16 horizontal sums),
 // and the output row accumulates in registers instead of memory. The same per-row arithmetic
 // whatever the batch, so a row's result does not depend on the rows beside it.
-RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p) {
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const float* p) {
   return _mm512_loadu_ps(p);
 }
 
-RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const int8_t* p) {
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 // Lane j of the result is the sum of the lanes of v[j] (v[n..15] count as zeros).
-RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 sum_lanes16(const __m512* v) {
+RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 sum_lanes16(const __m512* v) {
   __m512 w[8], z[4], s[2];
   for (int p = 0; p < 8; ++p)  // lanes i + i+8: keys 2p, 2p+1 in the low, high halves
     w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
@@ -846,7 +802,7 @@ RYZEN_LLM_ALWAYS_INLINE RYZEN_LLM_AVX512_TARGET __m512 sum_lanes16(const __m512*
 
 // Into L2: the row of D values at p (one line per 64 bytes).
 template <int NV, typename cache_t>
-RYZEN_LLM_ALWAYS_INLINE void prefetch_row(const cache_t* p) {
+RYZEN_LLM_INLINE void prefetch_row(const cache_t* p) {
   constexpr int kBytes = 16 * NV * static_cast<int>(sizeof(cache_t));
   for (int b = 0; b < kBytes; b += 64)
     _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T1);
@@ -1000,39 +956,23 @@ void run_tasks(int64_t n, const MakeScratch& make_scratch, const Body& body) {
 
 // ---- argument checks ----------------------------------------------------------------------
 
-// A (B, nh, T, hs) operand: right device/dtype/rank, and unit stride in the head dim (a view with
-// another last-dim stride is copied once; all other strides are used as they are).
+// A (B, nh, T, hs) operand on the CPU in a float dtype (see attention_operand).
 at::Tensor checked_operand(const at::Tensor& t, const char* name, const at::Tensor* like,
                            const char* like_name) {
   check_cpu(t, name);
-  check_dim(t, 4, name);
   check_float_dtype(t, name);
-  if (like != nullptr) {
-    check_same_dtype(t, *like, name, like_name);
-    check_shape(t, like->sizes(), name);
-  }
-  return t.stride(3) == 1 ? t : t.contiguous();
+  return attention_operand(t, name, like, like_name);
 }
 
-void check_head_dim(const at::Tensor& q, const char* name) {
-  const int64_t D = q.size(3);
-  TORCH_CHECK(D >= kMinHeadDim && D <= kMaxHeadDim, name, ": head dim (size 3) must be in [",
-              kMinHeadDim, ", ", kMaxHeadDim, "], got ", D);
-}
-
-void check_scale(double scale) {
-  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
-}
+void check_cpu_head_dim(const at::Tensor& q) { check_head_dim(q, kMinHeadDim, kMaxHeadDim, ""); }
 
 // (B, T) key bias in acc_t: 0 for a real key, -inf for padding.
-at::Tensor key_bias_from_mask(const c10::optional<at::Tensor>& mask, int64_t B, int64_t T,
+at::Tensor key_bias_from_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q,
                               at::ScalarType acc_type) {
+  const int64_t B = q.size(0), T = q.size(2);
+  if (mask.has_value()) check_key_padding_mask(*mask, q);
   if (!mask.has_value()) return at::Tensor();
   const at::Tensor& m = *mask;
-  check_cpu(m, "key_padding_mask");
-  TORCH_CHECK(m.scalar_type() == at::kBool, "key_padding_mask: expected dtype bool, got ",
-              m.scalar_type());
-  check_shape(m, {B, T}, "key_padding_mask");
   auto bias = at::zeros({B, T}, m.options().dtype(acc_type));
   return bias.masked_fill_(m.logical_not(), -std::numeric_limits<double>::infinity());
 }
@@ -1043,11 +983,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cpu(
   at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
   at::Tensor k = checked_operand(k_in, "k", &q_in, "q");
   at::Tensor v = checked_operand(v_in, "v", &q_in, "q");
-  check_head_dim(q, "q");
-  check_scale(scale);
+  check_cpu_head_dim(q);
+  check_attention_scale(scale);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const auto acc_type = at::toOpMathType(q.scalar_type());
-  at::Tensor key_bias = key_bias_from_mask(key_padding_mask, B, T, acc_type);
+  at::Tensor key_bias = key_bias_from_mask(key_padding_mask, q, acc_type);
   auto out = at::empty({B, H, T, D}, q.options());
   auto lse = at::empty({B, H, T}, q.options().dtype(acc_type));
   if (out.numel() == 0) return {out, lse};
@@ -1081,16 +1021,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
   at::Tensor v = checked_operand(v_in, "v", &q_in, "q");
   at::Tensor grad_out = checked_operand(grad_out_in, "grad_out", &q_in, "q");
   at::Tensor out = checked_operand(out_in, "out", &q_in, "q");
-  check_head_dim(q, "q");
-  check_scale(scale);
+  check_cpu_head_dim(q);
+  check_attention_scale(scale);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const auto acc_type = at::toOpMathType(q.scalar_type());
-  check_cpu(lse_in, "lse");
-  TORCH_CHECK(lse_in.scalar_type() == acc_type, "lse: expected dtype ", acc_type,
-              " (the accumulation type of q), got ", lse_in.scalar_type());
-  check_shape(lse_in, {B, H, T}, "lse");
+  check_attention_lse(lse_in, q);
   at::Tensor lse = lse_in.contiguous();
-  at::Tensor key_bias = key_bias_from_mask(key_padding_mask, B, T, acc_type);
+  at::Tensor key_bias = key_bias_from_mask(key_padding_mask, q, acc_type);
   auto grad_q = at::empty({B, H, T, D}, q.options());
   auto grad_k = at::empty({B, H, T, D}, q.options());
   auto grad_v = at::empty({B, H, T, D}, q.options());
@@ -1139,23 +1076,17 @@ at::Tensor causal_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor&
                                        const c10::optional<at::Tensor>& k_scale_in,
                                        const c10::optional<at::Tensor>& v_scale_in) {
   at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
-  check_head_dim(q, "q");
-  check_scale(scale);
+  check_cpu_head_dim(q);
+  check_attention_scale(scale);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   TORCH_CHECK(q.size(2) == 1, "q: expected one query per sequence (size 2 == 1), got sizes ",
               q.sizes());
   at::Tensor k_cache = checked_cache(k_cache_in, "k_cache", q);
   at::Tensor v_cache = checked_cache(v_cache_in, "v_cache", q);
-  const int64_t Tmax = k_cache.size(2);
-  check_shape(k_cache, {B, H, Tmax, D}, "k_cache");
-  check_shape(v_cache, k_cache.sizes(), "v_cache");
+  const int64_t Tmax = check_decode_shapes(q, k_cache, v_cache, cache_lengths);
   const bool quantized = check_decode_cache_scales(k_cache, v_cache, k_scale_in, v_scale_in);
   at::Tensor k_scale = quantized ? k_scale_in->contiguous() : at::Tensor();
   at::Tensor v_scale = quantized ? v_scale_in->contiguous() : at::Tensor();
-  check_cpu(cache_lengths, "cache_lengths");
-  TORCH_CHECK(cache_lengths.scalar_type() == at::kLong,
-              "cache_lengths: expected dtype int64, got ", cache_lengths.scalar_type());
-  check_shape(cache_lengths, {B}, "cache_lengths");
   at::Tensor lengths = cache_lengths.contiguous();
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {

@@ -9,6 +9,7 @@
 // NaN everywhere); an all-zero block (or one with absmax < ~1.5e-36) has scale 0; the last block may be short; empty in, empty out.
 #include "common.h"
 #include "op_checks.h"
+#include "stochastic_round.h"
 #include "fast_math.h"
 
 #include <torch/library.h>
@@ -18,35 +19,6 @@
 
 namespace ryzen_llm {
 namespace {
-
-// lowbias32 (Chris Wellons' hash-prospector): a full-avalanche 32-bit mix that vectorises.
-RYZEN_LLM_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-struct SeedKey {
-  uint32_t lo, hi;
-};
-
-// splitmix64 of the seed, so nearby seeds give unrelated streams.
-SeedKey seed_key(int64_t seed) {
-  uint64_t z = static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
-}
-
-// u in [0, 1) with 24 random bits for element index i (offset already added).
-RYZEN_LLM_INLINE float uniform_at(uint64_t i, SeedKey key) {
-  const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) ^ key.lo) ^ static_cast<uint32_t>(i >> 32) ^ key.hi);
-  return static_cast<float>(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
-}
 
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to nearest even
 

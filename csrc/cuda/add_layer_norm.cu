@@ -6,6 +6,7 @@
 // residual_dtype: autocast's residual stream) are converted with casts around the kernels here;
 // the CPU kernels read and write them in the same pass.
 #include "cuda_common.cuh"
+#include "op_checks.h"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -118,50 +119,20 @@ __global__ void reduce_strips_kernel(const acc_t* __restrict__ partial_w,
   grad_bias[c] = static_cast<scalar_t>(gb);
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  check_cuda(x, "input");
-  TORCH_CHECK(x.is_contiguous(), "input: expected a contiguous tensor, got strides ", x.strides());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0,
-              "input: the normalised (last) dimension must be non-empty");
-  const int64_t C = x.size(-1);
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"}, {bias, "bias"}}) {
-    TORCH_CHECK(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
-                " (the dtype of input), got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.is_contiguous(), name,
-                ": expected contiguous sizes [", C, "], got ", t.sizes());
-  }
-}
+// float32 input may come with a bfloat16 or float16 residual, gradient or output.
+constexpr at::ScalarType kMixable[] = {at::kBFloat16, at::kHalf};
 
-at::ScalarType stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// A dtype that may differ from x's only as float32 x with bfloat16 or float16.
-void check_mixed_dtype(at::ScalarType t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t == x.scalar_type() ||
-                  (x.scalar_type() == at::kFloat && (t == at::kBFloat16 || t == at::kHalf)),
-              name, ": expected dtype ", x.scalar_type(),
-              x.scalar_type() == at::kFloat ? " or bfloat16/float16" : "", " (input is ",
-              x.scalar_type(), "), got ", t);
-}
+at::ScalarType stats_dtype(const at::Tensor& x) { return layer_norm_stats_dtype(x); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cuda(
     const at::Tensor& x, const c10::optional<at::Tensor>& residual_in, const at::Tensor& weight,
     const at::Tensor& bias, double eps, c10::optional<at::ScalarType> out_dtype) {
-  check_inputs(x, weight, bias);
-  TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
+  check_cuda(x, "input");
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
-  check_mixed_dtype(out_type, x, "out_dtype");
+  check_add_layer_norm_forward_args(x, residual_in, weight, bias, eps, out_type, kMixable);
   c10::optional<at::Tensor> residual = residual_in;
-  if (residual.has_value()) {
-    check_mixed_dtype(residual->scalar_type(), x, "residual");
-    if (residual->scalar_type() != x.scalar_type()) residual = residual->to(x.scalar_type());
-    TORCH_CHECK(residual->device() == x.device() && residual->scalar_type() == x.scalar_type() &&
-                    residual->sizes() == x.sizes() && residual->is_contiguous(),
-                "residual: expected a contiguous ", x.scalar_type(), " tensor of sizes ", x.sizes(),
-                " on ", x.device(), ", got ", residual->scalar_type(), " ", residual->sizes(),
-                " on ", residual->device());
+  if (residual.has_value() && residual->scalar_type() != x.scalar_type()) {
+    residual = residual->to(x.scalar_type()).contiguous();  // the kernel reads input's dtype
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(-1), N = x.numel() / C;
@@ -191,28 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backwa
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, c10::optional<at::ScalarType> residual_dtype) {
   check_cuda(input, "input");
-  check_mixed_dtype(grad_out_in.scalar_type(), input, "grad_out");
   const at::ScalarType res_type = residual_dtype.value_or(input.scalar_type());
-  check_mixed_dtype(res_type, input, "residual_dtype");
+  const int64_t N = check_add_layer_norm_backward_args(grad_out_in, grad_sum, input, weight, mean,
+                                                       rstd, res_type, kMixable);
+  const int64_t C = input.size(-1);
   const at::Tensor grad_out = grad_out_in.scalar_type() == input.scalar_type()
                                   ? grad_out_in
-                                  : grad_out_in.to(input.scalar_type());
-  TORCH_CHECK(input.is_contiguous() && grad_out.is_contiguous(),
-              "input/grad_out: expected contiguous tensors");
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
-              "grad_out: expected ", input.scalar_type(), " sizes ", input.sizes(), ", got ",
-              grad_out.scalar_type(), " ", grad_out.sizes());
-  const int64_t C = input.size(-1), N = input.numel() / C;
-  TORCH_CHECK(weight.numel() == C && weight.scalar_type() == input.scalar_type(),
-              "weight: expected ", C, " values of dtype ", input.scalar_type());
-  TORCH_CHECK(mean.numel() == N && rstd.numel() == N && mean.scalar_type() == stats_dtype(input) &&
-                  rstd.scalar_type() == stats_dtype(input),
-              "mean/rstd: expected ", N, " values of dtype ", stats_dtype(input));
-  if (grad_sum.has_value()) {
-    TORCH_CHECK(grad_sum->sizes() == input.sizes() && grad_sum->is_contiguous() &&
-                    grad_sum->scalar_type() == input.scalar_type(),
-                "grad_sum: expected a contiguous tensor like input");
-  }
+                                  : grad_out_in.to(input.scalar_type()).contiguous();
   const c10::cuda::CUDAGuard guard(input.device());
   auto grad_input = at::empty_like(input);
   auto grad_weight = at::empty_like(weight);

@@ -12,6 +12,7 @@
 // Decode runs the forward kernel with one query row per (batch, head) placed at cache_length - 1.
 // Tensor cores (WMMA/wgmma) are not used yet: this is the clear CUDA-core path.
 #include "cuda_common.cuh"
+#include "op_checks.h"
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -423,40 +424,22 @@ void launch_forward(const ForwardParams& p, int64_t blocks) {
 
 // ---- argument checks ----------------------------------------------------------------------
 
-// A (B, nh, T, hs) operand: right device/dtype/rank, unit stride in the head dim (a view with
-// another last-dim stride is copied once; the other strides are used as they are).
+// A (B, nh, T, hs) operand on a CUDA device in a float dtype (see attention_operand).
 at::Tensor checked_operand(const at::Tensor& t, const char* name, const at::Tensor* like,
                            const char* like_name) {
   check_cuda(t, name);
-  check_dim(t, 4, name);
   check_float_dtype_cuda(t, name);
-  if (like != nullptr) {
-    check_same_device(t, *like, name, like_name);
-    check_same_dtype(t, *like, name, like_name);
-    check_shape(t, like->sizes(), name);
-  }
-  return t.stride(3) == 1 ? t : t.contiguous();
+  return attention_operand(t, name, like, like_name);
 }
 
-void check_head_dim(const at::Tensor& q, const char* name) {
-  const int64_t D = q.size(3);
-  TORCH_CHECK(D >= kMinHeadDim && D <= kMaxHeadDim, name, ": head dim (size 3) must be in [",
-              kMinHeadDim, ", ", kMaxHeadDim, "] on CUDA, got ", D);
-}
-
-void check_scale(double scale) {
-  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+void check_cuda_head_dim(const at::Tensor& q) {
+  check_head_dim(q, kMinHeadDim, kMaxHeadDim, " on CUDA");
 }
 
 at::Tensor checked_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q) {
   if (!mask.has_value()) return at::Tensor();
-  const at::Tensor& m = *mask;
-  check_cuda(m, "key_padding_mask");
-  check_same_device(m, q, "key_padding_mask", "q");
-  TORCH_CHECK(m.scalar_type() == at::kBool, "key_padding_mask: expected dtype bool, got ",
-              m.scalar_type());
-  check_shape(m, {q.size(0), q.size(2)}, "key_padding_mask");
-  return m.contiguous();
+  check_key_padding_mask(*mask, q);
+  return mask->contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cuda(
@@ -465,8 +448,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cuda(
   at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
   at::Tensor k = checked_operand(k_in, "k", &q_in, "q");
   at::Tensor v = checked_operand(v_in, "v", &q_in, "q");
-  check_head_dim(q, "q");
-  check_scale(scale);
+  check_cuda_head_dim(q);
+  check_attention_scale(scale);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor mask = checked_mask(key_padding_mask, q);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
@@ -493,15 +476,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
   at::Tensor v = checked_operand(v_in, "v", &q_in, "q");
   at::Tensor grad_out = checked_operand(grad_out_in, "grad_out", &q_in, "q");
   at::Tensor out = checked_operand(out_in, "out", &q_in, "q");
-  check_head_dim(q, "q");
-  check_scale(scale);
+  check_cuda_head_dim(q);
+  check_attention_scale(scale);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const auto acc_type = at::toOpMathType(q.scalar_type());
-  check_cuda(lse_in, "lse");
-  check_same_device(lse_in, q, "lse", "q");
-  TORCH_CHECK(lse_in.scalar_type() == acc_type, "lse: expected dtype ", acc_type,
-              " (the accumulation type of q), got ", lse_in.scalar_type());
-  check_shape(lse_in, {B, H, T}, "lse");
+  check_attention_lse(lse_in, q);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor lse = lse_in.contiguous();
   at::Tensor mask = checked_mask(key_padding_mask, q);
@@ -551,25 +530,16 @@ at::Tensor causal_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
               k_scale.has_value() ? ", k_scale on " : "",
               k_scale.has_value() ? k_scale->device().str() : std::string());
   at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
-  check_head_dim(q, "q");
-  check_scale(scale);
+  check_cuda_head_dim(q);
+  check_attention_scale(scale);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   TORCH_CHECK(q.size(2) == 1, "q: expected one query per sequence (size 2 == 1), got sizes ",
               q.sizes());
   at::Tensor k_cache = checked_operand(k_cache_in, "k_cache", nullptr, nullptr);
   at::Tensor v_cache = checked_operand(v_cache_in, "v_cache", nullptr, nullptr);
-  check_same_device(k_cache, q, "k_cache", "q");
-  check_same_device(v_cache, q, "v_cache", "q");
   check_same_dtype(k_cache, q, "k_cache", "q");
   check_same_dtype(v_cache, q, "v_cache", "q");
-  const int64_t Tmax = k_cache.size(2);
-  check_shape(k_cache, {B, H, Tmax, D}, "k_cache");
-  check_shape(v_cache, k_cache.sizes(), "v_cache");
-  check_cuda(cache_lengths, "cache_lengths");
-  check_same_device(cache_lengths, q, "cache_lengths", "q");
-  TORCH_CHECK(cache_lengths.scalar_type() == at::kLong,
-              "cache_lengths: expected dtype int64, got ", cache_lengths.scalar_type());
-  check_shape(cache_lengths, {B}, "cache_lengths");
+  const int64_t Tmax = check_decode_shapes(q, k_cache, v_cache, cache_lengths);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor lengths = cache_lengths.contiguous();
   if (B > 0) {

@@ -9,6 +9,7 @@
 // whose 1 / scale overflows gets scale 0; the last block may be short; empty in, empty out.
 #include "cuda_common.cuh"
 #include "op_checks.h"
+#include "stochastic_round.h"
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -21,34 +22,6 @@ namespace cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-struct SeedKey {
-  uint32_t lo, hi;
-};
-
-// splitmix64 of the seed, so nearby seeds give unrelated streams (host side, as on CPU).
-SeedKey seed_key(int64_t seed) {
-  uint64_t z = static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
-}
-
-// u in [0, 1) with 24 random bits for element index i (offset already added).
-__device__ __forceinline__ float uniform_at(uint64_t i, SeedKey key) {
-  const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) ^ key.lo) ^ static_cast<uint32_t>(i >> 32) ^ key.hi);
-  return __fmul_rn(static_cast<float>(h >> 8), 5.9604644775390625e-08f);  // 2^-24, exact
-}
 
 __device__ __forceinline__ int32_t code_of(float x, float inv, float qmax, bool stochastic,
                                            uint64_t index, SeedKey key) {
