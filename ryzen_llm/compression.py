@@ -10,7 +10,7 @@ What is compressed: floating tensors of at least max(min_numel, 2 * tokens) valu
 parameters nor derived straight from one: the feed-forward input and pre-activation, the attention input,
 q/k/v and probabilities, the LayerNorm inputs. A dtype cast of a parameter (autocast's bf16 weight
 copy, its transpose) is not held at all: backward casts the parameter again (ParameterCast),
-16 MiB less per micro-batch at the full preset. Per-row statistics (mean, rstd: one value per
+which costs a cast and saves the copy's bytes (docs/memory.md). Per-row statistics (mean, rstd: one value per
 token) and tensors without autograd history (the gradients the fused cross-entropy computes in
 its forward) stay exact. 4-bit codes round stochastically, int8 codes to nearest. A tensor saved by several nodes is compressed once.
 """

@@ -426,8 +426,7 @@ def _gather_rows(tokens: np.ndarray, starts: np.ndarray, width: int) -> np.ndarr
 
     From a token file's memmap the rows are read with pread: every page read through the
     mapping would stay in this process's resident set (RssFile) for as long as the mapping
-    lives, which over a training run's random windows is most of the file (15 MB for the
-    full preset)."""
+    lives, which over a training run's random windows is most of the file."""
     if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and tokens.filename:
         item = tokens.dtype.itemsize
         rows = np.empty((len(starts), width), dtype=tokens.dtype)

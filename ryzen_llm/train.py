@@ -81,8 +81,8 @@ def _build_data_child(config_dict: dict, progress: bool) -> None:
 def _load_data_building_elsewhere(config: Config, progress: bool) -> PreparedData:
     """The prepared data, with a missing token cache built in a child process.
 
-    Training the tokenizer and encoding the corpus peak at about 500 MiB for the full preset.
-    Linux carries a process's peak resident size into every process it starts (ru_maxrss
+    Training the tokenizer and encoding the corpus take more memory than a training run's
+    steps (docs/memory.md). Linux carries a process's peak resident size into every process it starts (ru_maxrss
     survives fork + exec), so building the cache in this process would make that peak the floor
     of both runs' reported peak memory."""
     data = _load_data(config, progress, build=False)

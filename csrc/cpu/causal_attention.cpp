@@ -810,8 +810,8 @@ RYZEN_LLM_INLINE void prefetch_row(const cache_t* p) {
 
 // next_k, next_v, next_len: the next (batch, head)'s rows, prefetched key row j while key row j
 // is read here and value row j with value row j. The heads' rows are short runs (~10 KB) at
-// scattered places of a cache much larger than the caches: without it the hardware prefetcher
-// ramps up on every run again, and 32 sequences read their cache at ~36 GB/s.
+// scattered places of a cache much larger than the CPU's caches: without it the hardware
+// prefetcher ramps up again on every run.
 template <int NV, typename cache_t>
 RYZEN_LLM_AVX512_TARGET void decode_head_avx512(const float* qr, const cache_t* k, int64_t skt,
                                                 const cache_t* v, int64_t svt,

@@ -1,8 +1,8 @@
 // A cache of large CPU blocks keyed by exact size, installed as c10's CPU allocator while a
 // training run is on. glibc serves 64 KiB-8 MiB blocks from its heap and returns freed memory
 // to the system only from the heap's top, so activations and gradients freed in another order
-// than they were taken leave resident holes: about 100 MiB of the optimized run's peak at the
-// full preset. A training step asks for the same sizes every micro-batch; here a freed block of
+// than they were taken leave resident holes in the run's peak memory (docs/memory.md). A
+// training step asks for the same sizes every micro-batch; here a freed block of
 // n bytes waits for the next request of exactly n bytes, so what is held is, per size, the most
 // blocks of that size alive at once. Smaller blocks are allocated and freed as c10's default
 // allocator does.

@@ -2,8 +2,8 @@
 // first index of the largest value, as torch.argmax), its log-probability under softmax (what
 // log_softmax gives there: -log(sum(exp(x - max)))) and the row's log-sum-exp (for the
 // log-probability of a sampled token, x[token] - lse). It replaces log_softmax, argmax and a
-// gather, three ops and three passes over the logits (~80 us a step at 32 rows of a 2,048-token
-// vocabulary, ~12 us at one row). Rows with a NaN (or +inf) get NaN log-probabilities, and the
+// gather, three ops and three passes over the logits (benchmarks/bench_greedy_pick.py times
+// both). Rows with a NaN (or +inf) get NaN log-probabilities, and the
 // first NaN (else the first maximum) as token, as torch.argmax picks. Inference only.
 #include "common.h"
 #include "fast_math.h"

@@ -34,8 +34,8 @@ if extension_loaded():
 
 def _plain_until_dynamo_loads(method):
     """torch.optim.Optimizer wraps add_param_group, zero_grad, state_dict and load_state_dict in
-    torch._disable_dynamo, whose first call imports torch._dynamo (and sympy with it): about
-    70 MiB of resident memory in a training process that never compiles. The wrapper only matters
+    torch._disable_dynamo, whose first call imports torch._dynamo (and sympy with it): tens of
+    MiB of resident memory in a training process that never compiles (docs/memory.md). The wrapper only matters
     while dynamo traces, which needs torch._dynamo imported; until then the plain method runs."""
     plain = getattr(method, "__wrapped__", method)
 

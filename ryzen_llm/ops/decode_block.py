@@ -41,7 +41,7 @@ def _model_args(model, cache, weight_of) -> tuple:
     """decode_step's and prefill_step's arguments from tok_emb to lengths: per block its 12
     weights (each linear's as weight_of(linear) gives it: the packed copy where there is one) and
     its 2 eps, the LM head, all rows of every cache. The weights' part is kept on the model (a
-    step would otherwise spend ~25 us of module attribute lookups rebuilding it); in-place updates
+    step would otherwise rebuild it from module attribute lookups every time); in-place updates
     of the parameters show through, and cast_linear_weights, which replaces the packed weights,
     drops it, as does a new KernelSet (another weight_of)."""
     kept = model.__dict__.get("_decode_block_args")
