@@ -68,17 +68,19 @@ class Engine:
     holds no second copy of the weights: it binds the kernels of `level` (KernelOptimizer.
     apply), sets eval(), and stores the linear layers' weight matrices in bfloat16 at level 3
     (plus packed copies for decode_linear; see cast_linear_weights), in float32 below; level 3
-    generates from those bfloat16 weights with float32 activations. To train the model again,
-    cast back with model.cast_linear_weights(torch.float32) (the bfloat16 rounding stays), or
-    pass copy.deepcopy(model). from_checkpoint builds a model of its own.
+    generates from those bfloat16 weights with float32 activations. A caller that needs the
+    model unchanged passes a copy (copy.deepcopy(model)); to train it again, cast back with
+    model.cast_linear_weights(torch.float32) (the bfloat16 rounding stays). from_checkpoint
+    builds a model of its own.
 
-    Args: model (taken over, see above); tokenizer (None: token ids in and out, no text);
-    config (default Config(model=model.config)), whose optimization.kernel_level and inference
-    section give the defaults of level, max_batch_size (rows of the KV cache), max_queue
-    (default 4 x max_batch_size), warmup_steps and kv_cache_dtype ("float32" or "int8");
-    exact (pad decode steps to row counts whose results agree, levels 0-1); threads (of the
-    engine's thread; default the caller's count now); step_delay_s and on_step (a pause and a
-    callback per decode step); start (False: the caller starts engine._thread).
+    Args: model (taken over and changed in place, see above); tokenizer (None: token ids in
+    and out, no text); config (default Config(model=model.config)), whose optimization.
+    kernel_level and inference section give the defaults of level, max_batch_size (rows of the
+    KV cache), max_queue (default 4 x max_batch_size), warmup_steps and kv_cache_dtype
+    ("float32" or "int8"); exact (pad decode steps to row counts whose results agree, levels
+    0-1); model_id and model_sha256 (the model's name for the server, its weights' hash);
+    threads (of the engine's thread; default the caller's count now); step_delay_s and on_step
+    (a pause and a callback per decode step); start (False: the caller starts engine._thread).
     """
 
     def __init__(
