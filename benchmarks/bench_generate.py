@@ -13,7 +13,7 @@ skipped as "not measured", never replaced. Nothing asserts on time.
 All run in this pytest process, the HF peers first: the engine's scheduler keeps an OpenMP
 team while idle, which would slow the main thread's parallel work beside it; each of the
 engine's generate() calls hands back the main thread's idle workers before it waits, so that
-the engine's team is the only one while it runs (see ryzen_llm.engine, "Threads").
+the engine's team is the only one while it runs (see ryzen_llm/engine/openmp.py).
 
 Run: pytest benchmarks/bench_generate.py --benchmark-only
 """

@@ -83,7 +83,7 @@ def in_process_peers(path: Path, prompts: list[str], reps: int, exact: bool) -> 
         return statistics.median(times) * 1e3
 
     # HF first: an engine, even idle, keeps an OpenMP team that would slow the HF peer's
-    # parallel regions on this thread (see ryzen_llm.engine, "Threads")
+    # parallel regions on this thread (see ryzen_llm/engine/openmp.py)
     out = {}
     for impl, dtype in HF_DTYPES.items():
         hf, out[impl] = hf_gpt2(dtype)
