@@ -47,6 +47,11 @@ every time (a third of a 32-prompt prefill). The engine fixes the thresholds for
 
 Level 3 generates from bfloat16 copies of the linear weights (ScaledTransformerModel.
 cast_linear_weights) with float32 activations; levels 0-2 from the float32 weights.
+Engine(..., weights="int8" or "int4") (levels 2-3) generates from int8 weights (one scale per
+output) or int4 weights (one scale per output and 32 inputs), the activations entering each
+linear quantized to int8 per row (int8) or per 32 inputs (int4): ryzen_llm.ops.
+quantized_decode_linear, batch-invariant like the bfloat16 kernel, so the guarantee above holds
+in every format.
 """
 from __future__ import annotations
 
@@ -73,6 +78,7 @@ from ryzen_llm.config import KV_CACHE_DTYPES, Config, ModelConfig, config_from_d
 from ryzen_llm.heap import keep_freed_heap
 from ryzen_llm.model import KVCache, ScaledTransformerModel
 from ryzen_llm.ops.dispatch import KernelOptimizer
+from ryzen_llm.ops.quantized_decode_linear import QUANTIZED_FORMATS
 from ryzen_llm.tokenizer import Tokenizer
 
 # libgomp's omp_pause_resource_all (loaded by torch), or None: another runtime (LLVM's libomp
@@ -86,6 +92,11 @@ if sys.platform.startswith("linux"):
             _omp_pause.argtypes, _omp_pause.restype = [ctypes.c_int], ctypes.c_int
     except (OSError, AttributeError):
         pass
+
+
+# The formats the engine can hold its linear weights in (Engine(weights=...); the default is
+# bfloat16 at level 3 and float32 below).
+WEIGHT_FORMATS = ("float32", "bfloat16", *QUANTIZED_FORMATS)
 
 
 def release_idle_openmp_workers() -> bool:
@@ -250,6 +261,7 @@ class Engine:
         warmup_steps: int | None = None,
         exact: bool = True,
         kv_cache_dtype: str | None = None,
+        weights: str | None = None,
         model_id: str = "ryzen-llm",
         model_sha256: str | None = None,
         threads: int | None = None,
@@ -266,11 +278,23 @@ class Engine:
         self.kernel_warnings = [str(w.message) for w in caught]
         # Level 3 generates from bfloat16 copies of the linear weights (float32 activations):
         # decode reads every weight once per step, so half the bytes is nearly half the time.
-        model.cast_linear_weights(torch.bfloat16 if self.level >= 3 else torch.float32)
+        # int8 and int4 read a half and about a third of those bytes again, through the fused
+        # quantized kernels only (there is no other implementation of their math).
+        if weights is None:
+            weights = "bfloat16" if self.level >= 3 else "float32"
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights: expected one of {', '.join(WEIGHT_FORMATS)}, got "
+                             f"{weights!r}")
+        if weights in QUANTIZED_FORMATS and model.kernels.choices["decode_linear"].impl != "fused":
+            raise ValueError(f"weights: {weights!r} runs on the fused decode_linear only "
+                             f"(optimization level >= 2 with the compiled extension); at level "
+                             f"{self.level} decode_linear is "
+                             f"{model.kernels.choices['decode_linear'].reason}")
+        model.cast_linear_weights(weights)
+        self.weights = weights
         # With the fused decode_linear every row is computed the same way whatever the batch,
         # so batching needs no padding rows to keep greedy output exact (decode_rows).
         self.batch_invariant = model.kernels.batch_invariant_decode
-        weights = "bfloat16" if self.level >= 3 else "float32"
         self.level_note = (f"level {self.level}: {weights} linear weights, "
                            + ("batch-invariant decode" if self.batch_invariant
                               else "decode padded to MKL's row counts" if exact
@@ -315,7 +339,8 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> "Engine":
         """Loads weights, config and tokenizer from a checkpoint folder (model.safetensors,
-        state.json, tokenizer.json, manifest.json) as written by save_checkpoint."""
+        state.json, tokenizer.json, manifest.json) as written by save_checkpoint. kwargs go to
+        Engine (level, weights="int8", kv_cache_dtype, ...)."""
         path = Path(path)
         ckpt = load_checkpoint(path)
         raw = ckpt.config
