@@ -35,8 +35,12 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // y = x @ weight.T + bias, GELU'd when gelu; x (M, K) float32, weight (N, K) float32/bfloat16,
   // bias (N,) float32; each row's result is independent of M (batch-invariant decode GEMM). The weight may
   // also be bfloat16 packed by ryzen_llm.ops.decode_linear.pack_decode_weight, (ceil(N/16), ceil(K/2), 16, 2),
-  // N then given by out_features or the bias.
+  // or a 3-D int8/int4 weight of quantized_decode_linear (run by that kernel), N then given by out_features or the bias.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu, int out_features=-1) -> Tensor");
+  // The same with quantized weights packed by ryzen_llm.ops.quantized_decode_linear (decode_linear takes them too): int8
+  // (ceil(N/16), ceil(K/4)+2, 64), one scale per output, x quantized per row; int4 as uint8 (ceil(N/16), 5*ceil(K/32), 64),
+  // one scale per output and 32 K, x quantized per 32 K; exact int32 sums (VNNI), batch-invariant; N from out_features or bias.
+  m.def("quantized_decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu, int out_features=-1) -> Tensor");
   // Per row of logits (B, V) float32: the first argmax (int64), its log-softmax value and the row's log-sum-exp.
   m.def("greedy_pick(Tensor logits) -> (Tensor tokens, Tensor logprobs, Tensor logsumexp)");
   // One transformer block of a decode step (csrc/decode_block.cpp): x (B, C) residual stream, h (B, C)

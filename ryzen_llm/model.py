@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from ryzen_llm.config import ModelConfig
 from ryzen_llm.ops._extension import extension_loaded
 from ryzen_llm.ops.decode_linear import pack_decode_weight
+from ryzen_llm.ops.quantized_decode_linear import QUANTIZED_FORMATS, pack_int4, pack_int8
+from ryzen_llm.ops import reference as _reference
 from ryzen_llm.ops.dispatch import KernelSet
 
 
@@ -280,27 +282,52 @@ class ScaledTransformerModel(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def cast_linear_weights(self, dtype: torch.dtype) -> "ScaledTransformerModel":
+    def cast_linear_weights(self, dtype: torch.dtype | str) -> "ScaledTransformerModel":
         """Stores the weight matrices of every linear layer (attention, feed-forward, LM head) in
-        dtype, for generation: a decode step is bound by reading weights, and bfloat16 halves
-        the bytes. With bfloat16 each linear also keeps `decode_weight`, the same values packed
-        for the fused decode_linear's outer-product kernel (pack_decode_weight; one more copy of
-        the bfloat16 weights), which the fused ops read instead. Biases, embeddings and
-        LayerNorms stay float32; activations and accumulation stay float32 (forward_with_cache
-        widens the weights in registers). forward() and loss() need float32 weights: cast back
-        with torch.float32 before training."""
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
-        packed = dtype == torch.bfloat16 and extension_loaded()
+        a generation format: torch.float32 / "float32", torch.bfloat16 / "bfloat16", "int8" or
+        "int4". A decode step is bound by reading weights, and bfloat16 halves the bytes. With
+        bfloat16 each linear also keeps `decode_weight`, the same values packed for the fused
+        decode_linear's outer-product kernel (pack_decode_weight; one more copy of the bfloat16
+        weights), which the fused ops read instead. With "int8" (one scale per output) or "int4"
+        (one scale per output and 32 inputs) `decode_weight` holds the packed codes
+        (ryzen_llm.ops.quantized_decode_linear; the fused ops then also quantize the activations
+        entering each linear to int8) and the weight itself the dequantized float32 values, for
+        the composed reference path. Needs the compiled extension. Biases, embeddings and
+        LayerNorms stay float32; accumulation and outputs stay float32. forward() and loss()
+        need float32 weights: cast back with torch.float32 before training (after int8/int4 that
+        keeps the dequantized values: the rounding is not undone)."""
+        names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+        fmt = names.get(dtype, dtype)
+        formats = ("float32", "bfloat16", *QUANTIZED_FORMATS)
+        if fmt not in formats:
+            raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or one of "
+                             f"{', '.join(repr(f) for f in formats)}, got {dtype!r}")
+        quantized = fmt in QUANTIZED_FORMATS
+        if quantized and not extension_loaded():
+            raise RuntimeError(f"{fmt} weights need the compiled extension (ryzen_llm._C): "
+                               "its kernels are the only implementation of the format")
+        packed = fmt == "bfloat16" and extension_loaded()
         self.__dict__.pop("_decode_block_args", None)  # kept by ops.decode_block
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                module.weight.data = module.weight.data.to(dtype)
+                if quantized:
+                    w = module.weight.data
+                    if fmt == "int8":
+                        codes, scales = _reference.quantize_weight_int8(w)
+                        module.decode_weight = pack_int8(codes, scales)
+                    else:
+                        codes, scales = _reference.quantize_weight_int4(w)
+                        module.decode_weight = pack_int4(codes, scales)
+                    module.weight.data = _reference.dequantize_weight(codes, scales)
+                    continue
+                module.weight.data = module.weight.data.to(getattr(torch, fmt))
                 module.decode_weight = pack_decode_weight(module.weight.data) if packed else None
-        self.linear_weight_dtype = dtype
+        self.linear_weight_dtype = torch.bfloat16 if fmt == "bfloat16" else torch.float32
+        self.linear_weight_format = fmt
         return self
 
     linear_weight_dtype = torch.float32
+    linear_weight_format = "float32"  # cast_linear_weights' format: float32, bfloat16, int8, int4
 
     # -- input checks -----------------------------------------------------------------------
     def check_targets(self, targets: torch.Tensor, ignore_index: int = -100) -> None:
@@ -341,9 +368,9 @@ class ScaledTransformerModel(nn.Module):
         self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, C). attention_mask: (B, T), 1 = real token."""
-        if self.linear_weight_dtype != torch.float32:
+        if self.linear_weight_format != "float32":
             raise RuntimeError(
-                f"the linear weights are {self.linear_weight_dtype} for generation "
+                f"the linear weights are {self.linear_weight_format} for generation "
                 "(cast_linear_weights); forward and loss need cast_linear_weights(torch.float32)"
             )
         self._check_input(idx, attention_mask)

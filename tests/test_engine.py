@@ -32,6 +32,28 @@ def engine(ckpt):
     e.stop()
 
 
+def _engine_with_weights(ckpt, weights):
+    e = Engine.from_checkpoint(ckpt, weights=weights)
+    assert e.wait_ready(30)
+    return e
+
+
+@pytest.fixture(scope="module")
+def engine_weights_int8(ckpt):
+    """The same checkpoint served from int8 linear weights."""
+    e = _engine_with_weights(ckpt, "int8")
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="module")
+def engine_weights_int4(ckpt):
+    """The same checkpoint served from int4 linear weights."""
+    e = _engine_with_weights(ckpt, "int4")
+    yield e
+    e.stop()
+
+
 @pytest.fixture(scope="module")
 def engine_int8(ckpt):
     """The same checkpoint served from an int8 KV cache."""
@@ -100,8 +122,10 @@ def test_ragged_right_padded_prefill_matches_each_prompt_alone():
         model.forward_with_cache(idx, KVCache(ODD, 4), bad)
 
 
-@pytest.mark.parametrize("level, kv", [(2, "float32"), (3, "float32"), (3, "int8")])
-def test_padded_prefill_is_bitwise_each_prompt_alone(level, kv):
+@pytest.mark.parametrize("level, kv, weights", [
+    (2, "float32", None), (3, "float32", None), (3, "int8", None), (2, "float32", "int4"),
+    (3, "float32", "int8"), (3, "int8", "int4")])
+def test_padded_prefill_is_bitwise_each_prompt_alone(level, kv, weights):
     """What lets the engine prefill prompts admitted together as one batch (levels 2-3): each
     row's logits and cached keys/values are the bits the prompt gets alone."""
     from ryzen_llm import KernelOptimizer
@@ -109,7 +133,7 @@ def test_padded_prefill_is_bitwise_each_prompt_alone(level, kv):
     torch.manual_seed(2)
     model = ScaledTransformerModel(ODD).eval()
     KernelOptimizer(level).apply(model)
-    model.cast_linear_weights(torch.bfloat16 if level == 3 else torch.float32)
+    model.cast_linear_weights(weights or (torch.bfloat16 if level == 3 else torch.float32))
     dtype = getattr(torch, kv)
     lens = [5, 31, 2, 17, 64]  # (a one-token prompt is prefilled alone, on the decode path)
     prompts = [torch.randint(0, ODD.vocab_size, (n,)) for n in lens]
@@ -150,10 +174,11 @@ def test_causal_attention_decode_reference_ignores_keys_past_length():
     assert ks.calls[("causal_attention_decode", "reference")] == 1
 
 
-@pytest.mark.parametrize("level", [0, 2, 3])
+@pytest.mark.parametrize("level, weights", [(0, None), (2, None), (3, None), (2, "int4"),
+                                            (3, "int8"), (3, "int4")])
 @pytest.mark.parametrize("config", [ODD, ModelConfig(vocab_size=320, d_model=64, n_layers=2,
                                                     n_heads=4, d_ff=128, max_seq_len=64)])
-def test_decode_rows_are_bitwise_independent_of_the_batch(config, level):
+def test_decode_rows_are_bitwise_independent_of_the_batch(config, level, weights):
     """The premise of exact batching: each row's logits are the same bits for every batch size
     n: at levels 0-1 at decode_rows(n) rows (the BLAS's kernel choice by M does not leak into a
     row); at levels 2-3 (fused decode_linear, bfloat16 weights at 3) at exactly n rows."""
@@ -162,7 +187,7 @@ def test_decode_rows_are_bitwise_independent_of_the_batch(config, level):
     from ryzen_llm import KernelOptimizer
 
     KernelOptimizer(level).apply(model)
-    model.cast_linear_weights(torch.bfloat16 if level == 3 else torch.float32)
+    model.cast_linear_weights(weights or (torch.bfloat16 if level == 3 else torch.float32))
     padded = not model.kernels.batch_invariant_decode
     assert padded == (level < 2)
     N = 14
@@ -190,7 +215,8 @@ def test_decode_rows_are_bitwise_independent_of_the_batch(config, level):
 
 
 # -- engine -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["engine", "engine_int8"])
+@pytest.mark.parametrize("which", ["engine", "engine_int8", "engine_weights_int8",
+                                   "engine_weights_int4"])
 def test_greedy_alone_equals_batched_bitwise(which, request):
     engine = request.getfixturevalue(which)
     assert engine.cache.quantized == (which == "engine_int8")
@@ -370,6 +396,32 @@ def test_levels_choose_weights_and_padding(ckpt):
     assert e0.cache.batch == decode_rows(e0.max_batch_size)
     with pytest.raises(ValueError, match="threads"):
         Engine.from_checkpoint(ckpt, threads=0, start=False)
+
+@pytest.mark.parametrize("weights, dtype", [("int8", torch.int8), ("int4", torch.uint8)])
+def test_quantized_weights_are_packed_and_named(ckpt, weights, dtype):
+    e = Engine.from_checkpoint(ckpt, weights=weights, warmup_steps=0, start=False)
+    assert e.weights == weights and f"{weights} linear weights" in e.level_note
+    assert e.model.lm_head.decode_weight.dtype == dtype and e.model.lm_head.decode_weight.dim() == 3
+    assert e.model.linear_weight_format == weights and not e.exact
+    with pytest.raises(RuntimeError, match="cast_linear_weights"):
+        e.model(torch.zeros(1, 4, dtype=torch.long))  # training forward needs float32
+    # the composed path (no fused decode step) runs the same quantized kernels, bit for bit
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.inference_mode():
+        fused = e.model.forward_with_cache(ids, KVCache(e.model.config, 1))
+        e.model.kernels.__dict__["fused_decode_block"] = False  # cached_property: composed path
+        composed = e.model.forward_with_cache(ids, KVCache(e.model.config, 1))
+    assert torch.equal(fused, composed)
+
+
+def test_unknown_or_unsupported_weight_format_is_a_named_error(ckpt):
+    with pytest.raises(ValueError, match="weights: expected one of float32, bfloat16, int8, int4"):
+        Engine.from_checkpoint(ckpt, weights="int3", warmup_steps=0, start=False)
+    with pytest.raises(ValueError, match="weights: 'int8' runs on the fused decode_linear only"):
+        Engine.from_checkpoint(ckpt, level=1, weights="int8", warmup_steps=0, start=False)
+    with pytest.raises(ValueError, match="dtype: expected torch.float32, torch.bfloat16 or one"):
+        ScaledTransformerModel(ODD).cast_linear_weights(torch.float16)
+
 
 def test_kv_cache_dtype_from_config_or_argument(ckpt):
     e = Engine.from_checkpoint(ckpt, warmup_steps=0, start=False)

@@ -16,9 +16,11 @@
 // bfloat16 weights packed by pack_decode_weight (a 4-D weight) take another kernel: outer
 // products, each output summed over the K pairs in order in its own lane (see packed_tile) -
 // another order than the dot products' but, again, the same whatever the batch. Bias and GELU
-// run 16 outputs at a time in both. Inference only: no autograd.
+// run 16 outputs at a time in both. int8 and int4 weights (3-D, packed by
+// ryzen_llm.ops.quantized_decode_linear) go to quantized_decode_linear.cpp. Inference only.
 #include "common.h"
 #include "fast_math.h"
+#include "cpu/quantized_decode_linear.h"
 
 #include <torch/library.h>
 
@@ -421,6 +423,8 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   check_contiguous(x, "x");
   check_cpu(weight, "weight");
   if (weight.dim() == 4) return decode_linear_packed(x, weight, bias, gelu, out_features);
+  // int8 / int4 weights packed by ryzen_llm.ops.quantized_decode_linear: their own kernels
+  if (weight.dim() == 3) return quantized_decode_linear_cpu(x, weight, bias, gelu, out_features);
   check_dim(weight, 2, "weight");
   TORCH_CHECK(out_features < 0 || out_features == weight.size(0), "out_features: ", out_features,
               " does not match the weight's ", weight.size(0), " rows");

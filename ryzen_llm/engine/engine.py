@@ -35,7 +35,27 @@ from ryzen_llm.engine.scheduler import Scheduler, decode_rows
 from ryzen_llm.heap import keep_freed_heap
 from ryzen_llm.model import KVCache, ScaledTransformerModel
 from ryzen_llm.ops.dispatch import KernelOptimizer
+from ryzen_llm.ops.quantized_decode_linear import QUANTIZED_FORMATS
 from ryzen_llm.tokenizer import Tokenizer
+
+# The formats the engine can hold its linear weights in (Engine(weights=...); the default is
+# bfloat16 at level 3 and float32 below).
+WEIGHT_FORMATS = ("float32", "bfloat16", *QUANTIZED_FORMATS)
+
+
+def weight_format(weights: str | None, level: int, model: ScaledTransformerModel) -> str:
+    """The format the linear weights are held in: `weights`, or the level's default. int8 and
+    int4 run through the fused quantized kernels only (there is no other implementation of their
+    math), so they need the fused decode_linear (level >= 2 with the compiled extension)."""
+    if weights is None:
+        return "bfloat16" if level >= 3 else "float32"
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights: expected one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    if weights in QUANTIZED_FORMATS and model.kernels.choices["decode_linear"].impl != "fused":
+        raise ValueError(f"weights: {weights!r} runs on the fused decode_linear only "
+                         f"(optimization level >= 2 with the compiled extension); at level "
+                         f"{level} decode_linear is {model.kernels.choices['decode_linear'].reason}")
+    return weights
 
 
 def warm_up(model: ScaledTransformerModel, cache: KVCache, steps: int, row_counts: list[int],
@@ -77,7 +97,10 @@ class Engine:
     and out, no text); config (default Config(model=model.config)), whose optimization.
     kernel_level and inference section give the defaults of level, max_batch_size (rows of the
     KV cache), max_queue (default 4 x max_batch_size), warmup_steps and kv_cache_dtype
-    ("float32" or "int8"); exact (pad decode steps to row counts whose results agree, levels
+    ("float32" or "int8"); weights (the linear weights' format: "float32", "bfloat16", or
+    "int8"/"int4" at levels 2-3 through ryzen_llm.ops.quantized_decode_linear, the activations
+    entering each linear quantized to int8 per row (int8) or per 32 inputs (int4); default
+    bfloat16 at level 3, float32 below); exact (pad decode steps to row counts whose results agree, levels
     0-1); model_id and model_sha256 (the model's name for the server, its weights' hash);
     threads (of the engine's thread; default the caller's count now); step_delay_s and on_step
     (a pause and a callback per decode step); start (False: the caller starts engine._thread).
@@ -95,6 +118,7 @@ class Engine:
         warmup_steps: int | None = None,
         exact: bool = True,
         kv_cache_dtype: str | None = None,
+        weights: str | None = None,
         model_id: str = "ryzen-llm",
         model_sha256: str | None = None,
         threads: int | None = None,
@@ -110,12 +134,13 @@ class Engine:
             KernelOptimizer(self.level).apply(model)
         self.kernel_warnings = [str(w.message) for w in caught]
         # Level 3 generates from bfloat16 copies of the linear weights (float32 activations):
-        # decode reads every weight once per step, so half the bytes is nearly half the time.
-        model.cast_linear_weights(torch.bfloat16 if self.level >= 3 else torch.float32)
+        # decode reads every weight once per step, so half the bytes is nearly half the time;
+        # int8 and int4 read a half and about a third of those bytes again.
+        self.weights = weights = weight_format(weights, self.level, model)
+        model.cast_linear_weights(weights)
         # With the fused decode_linear every row is computed the same way whatever the batch,
         # so batching needs no padding rows to keep greedy output exact (decode_rows).
         self.batch_invariant = model.kernels.batch_invariant_decode
-        weights = "bfloat16" if self.level >= 3 else "float32"
         self.level_note = (f"level {self.level}: {weights} linear weights, "
                            + ("batch-invariant decode" if self.batch_invariant
                               else "decode padded to MKL's row counts" if exact
@@ -159,7 +184,8 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> "Engine":
         """Loads weights, config and tokenizer from a checkpoint folder (model.safetensors,
-        state.json, tokenizer.json, manifest.json) as written by save_checkpoint."""
+        state.json, tokenizer.json, manifest.json) as written by save_checkpoint. kwargs go to
+        Engine (level, weights="int8", kv_cache_dtype, ...)."""
         path = Path(path)
         ckpt = load_checkpoint(path)
         raw = ckpt.config

@@ -183,8 +183,9 @@ class KernelSet:
         return self._run("decode_linear", x, weight, bias, gelu)
 
     def decode_weight(self, linear: torch.nn.Linear) -> torch.Tensor:
-        """The weight decode_linear reads for `linear`: its packed bfloat16 copy
-        (ScaledTransformerModel.cast_linear_weights) where the fused kernel runs, else the weight."""
+        """The weight decode_linear reads for `linear`: its packed bfloat16, int8 or int4 copy
+        (ScaledTransformerModel.cast_linear_weights) where the fused kernel runs, else the weight
+        (after an int8/int4 cast, its dequantized float32 values)."""
         packed = getattr(linear, "decode_weight", None)
         if packed is not None and self.choices["decode_linear"].impl == "fused":
             return packed

@@ -123,6 +123,106 @@ def decode_linear(
     y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return F.gelu(y) if gelu else y
 
+# -- quantized weights for generation (the math of quantized_decode_linear) ---------------------
+INT4_GROUP = 32  # int4: K values per weight scale and per activation scale
+
+
+def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (N, K) and float32 scales (N,) of a (N, K) weight: one absmax / 127 per output,
+    codes round(w / scale) (half to even) in [-127, 127]; an all-zero row has scale 0."""
+    w = weight.detach().float()
+    scale = w.abs().amax(1) / 127.0  # (N,)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / safe[:, None]).clamp(-127, 127)
+    return codes.to(torch.int8), scale
+
+
+def quantize_weight_int4(weight: torch.Tensor,
+                         group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes (N, K) as int8 in [-8, 7] and float32 scales (N, ceil(K / group)) of a (N, K)
+    weight, one scale per output and group of `group` values along K (the last group may be
+    short): the value of largest magnitude m maps to -8, scale = m / -8 (its sign may be either;
+    llama.cpp's Q4_0 rule, which uses all 16 codes), codes round(w / scale) clamped to [-8, 7]."""
+    w = weight.detach().float()
+    N, K = w.shape
+    G = -(-K // group)
+    padded = w.new_zeros(N, G * group)
+    padded[:, :K] = w
+    v = padded.view(N, G, group)
+    at = v.abs().argmax(-1, keepdim=True)
+    scale = v.gather(-1, at).squeeze(-1) / -8.0  # (N, G)
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+    codes = torch.round(v / safe[..., None]).clamp(-8, 7).view(N, G * group)[:, :K]
+    return codes.to(torch.int8), scale
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 (N, K) weights of int8 or int4 codes (N, K) and their scales: (N,) per output
+    (int8) or (N, G) per output and group of INT4_GROUP along K (int4)."""
+    if scales.dim() == 1:
+        return codes.float() * scales[:, None]
+    N, K = codes.shape
+    per_k = scales.repeat_interleave(INT4_GROUP, dim=1)[:, :K]
+    return codes.float() * per_k
+
+
+def quantize_activations_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (M, G * group), zero past K, and float32 scales (M, G) of x (M, K) float32, per
+    row and run of `group` values along K (the last may be short): scale = absmax / 127,
+    q = round(x * (1 / scale)) (half to even) in [-127, 127]. A run holding NaN or inf gets scale
+    NaN and zero codes; an all-zero run (or one whose 1 / scale overflows) scale 0, zero codes.
+    The kernel quantizes x the same way at run time, bit for bit."""
+    M, K = x.shape
+    G = -(-K // group)
+    padded = x.new_zeros(M, G * group)
+    padded[:, :K] = x
+    v = padded.view(M, G, group)
+    finite = torch.isfinite(v).all(-1)
+    scale = v.abs().amax(-1) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    overflow = torch.isinf(inv)
+    scale = torch.where(overflow, torch.zeros_like(scale), scale)
+    inv = torch.where(overflow | ~finite, torch.zeros_like(inv), inv)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = torch.round(v * inv[..., None]).clamp(-127, 127)
+    q = torch.where(finite[..., None], q, torch.zeros_like(q))
+    return q.to(torch.int8).view(M, G * group), scale
+
+
+def quantized_decode_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """quantized_decode_linear's math on unpacked weights: x (M, K) float32; codes (N, K) int8
+    and scales from quantize_weight_int8 ((N,): int8 format) or quantize_weight_int4 ((N, G):
+    int4 format). int8: x quantized per row, y = float(sum_k xq wq) * (x scale * w scale).
+    int4: x quantized per group of 32 along K, y = sum over groups in K order of
+    float(sum_k xq wq) * (x scale * w scale). Then + bias and GELU (exact erf form). The integer
+    sums are exact (float64 matmul of integers); every float operation rounds as the kernel's."""
+    M, K = x.shape
+    N = codes.shape[0]
+    if scales.dim() == 1:  # int8: one run per row
+        xq, xs = quantize_activations_int8(x.float(), K)
+        dot = xq[:, :K].double() @ codes.double().T  # (M, N), exact integers
+        y = dot.float() * (xs * scales[None, :])
+    else:
+        xq, xs = quantize_activations_int8(x.float(), INT4_GROUP)
+        G = scales.shape[1]
+        wq = x.new_zeros(N, G * INT4_GROUP, dtype=torch.float64)
+        wq[:, :K] = codes.double()
+        dots = torch.einsum("mgk,ngk->mng", xq.double().view(M, G, INT4_GROUP),
+                            wq.view(N, G, INT4_GROUP))  # (M, N, G), exact integers
+        y = x.new_zeros(M, N, dtype=torch.float32)
+        for g in range(G):
+            y = y + dots[:, :, g].float() * (xs[:, g, None] * scales[None, :, g])
+    if bias is not None:
+        y = y + bias.float()
+    return F.gelu(y) if gelu else y
+
+
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes of keys or values x (..., hs), one scale per hs-vector: quantize_blockwise
     with block_size hs and 8 bits (absmax / 127, round half to even, NaN/inf -> scale NaN and
