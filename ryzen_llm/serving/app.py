@@ -89,8 +89,8 @@ def create_app(
     metrics = Metrics(engine)
     engine.on_step = metrics.batch.observe
     cache = ResponseCache(cache_size, cache_ttl_s)
-    app = FastAPI(title="ryzen_llm", version=__version__, docs_url=None, redoc_url=None,
-                  openapi_url=None,
+    app = FastAPI(title="ryzen_llm", version=__version__, openapi_url="/openapi.json",
+                  docs_url="/docs", redoc_url=None, swagger_ui_oauth2_redirect_url=None,
                   description="OpenAI-compatible completions (POST /v1/completions, streaming "
                   "over SSE) and batch generation (POST /infer) from one model on CPUs.")
     app.state.engine, app.state.metrics, app.state.serve_state = engine, metrics, state

@@ -23,8 +23,8 @@ from ryzen_llm.serving.runner import PromptRunner
 
 router = APIRouter()
 
-STREAM_RESPONSE = {"description": "With stream: true, text/event-stream instead: one "
-                   "CompletionStreamResponse per `data:` event, ending in `data: [DONE]`",
+STREAM_RESPONSE = {"description": "The completion; with stream: true, text/event-stream instead: "
+                   "one CompletionStreamResponse per `data:` event, ending in `data: [DONE]`",
                    "content": {"text/event-stream": {"schema": {
                        "$ref": "#/components/schemas/CompletionStreamResponse"}}}}
 

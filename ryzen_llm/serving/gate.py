@@ -12,8 +12,10 @@ from ryzen_llm.serving.errors import error_response
 from ryzen_llm.serving.metrics import Metrics
 
 WORK_ROUTES = ("/infer", "/v1/completions")
-KNOWN_ROUTES = WORK_ROUTES + ("/v1/models", "/health", "/ready", "/metrics")
-OPEN_ROUTES = ("/health", "/ready", "/metrics")  # probes and scrapers need no key
+DOC_ROUTES = ("/openapi.json", "/docs")
+KNOWN_ROUTES = WORK_ROUTES + ("/v1/models", "/health", "/ready", "/metrics") + DOC_ROUTES
+# probes and scrapers need no key, nor does the API's description (the same for every server)
+OPEN_ROUTES = ("/health", "/ready", "/metrics") + DOC_ROUTES
 
 
 class ServeState:
