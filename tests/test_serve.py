@@ -433,3 +433,30 @@ def test_answers_match_their_documented_models(served):
     P.HealthResponse.model_validate(httpx.get(url + "/health").json())
     for bad in ({"inputs": ["x"], "n": 99}, {"inputs": ["x"], "stop": [""]}):
         P.ErrorResponse.model_validate(httpx.post(url + "/infer", json=bad).json())
+
+
+def test_streamed_completion_on_a_full_queue_is_429_not_a_broken_stream(ckpt):
+    s = Served(create_app(Engine.from_checkpoint(ckpt, max_batch_size=1, max_queue=1,
+                                                 warmup_steps=0, step_delay_s=0.02)))
+    try:
+        async def fire():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                return await asyncio.gather(*[
+                    client.post("/v1/completions", json={"prompt": p, "max_tokens": 10,
+                                                         "stream": True})
+                    for p in PROMPTS[:6]])
+
+        responses = asyncio.run(fire())
+        codes = [r.status_code for r in responses]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "rate_limit_exceeded"
+            else:
+                assert r.text.endswith("data: [DONE]\n\n")
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "the quick " * 200,
+                                                        "stream": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    finally:
+        s.close()

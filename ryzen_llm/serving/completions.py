@@ -97,13 +97,36 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     params = body.to_sampling_params()
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
-        return StreamingResponse(stream_completion(runner, prompts, params, body, cid, created),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        # queued before the 200 goes out, so that a full queue is still a 429 (and a prompt
+        # the engine refuses a 400), not a stream that breaks off
+        queue: asyncio.Queue = asyncio.Queue()
+        reqs = submit_streaming(runner, prompts, params, queue)
+        return CompletionStream(stream_completion(runner, reqs, queue, body, cid, created),
+                                reqs, runner.metrics)
     results, _ = await runner.run(request, prompts, params, "prompt", True)
     # sent as it is, like /infer's answer (see ryzen_llm.serving.protocol)
     return JSONResponse(completion_response(results, body, engine.decode, cid, created,
                                             engine.model_id))
+
+
+class CompletionStream(StreamingResponse):
+    """The SSE response of a streamed completion. Its events' generator cancels what is left
+    when it ends; this also covers a client gone before the generator's first step."""
+
+    def __init__(self, events: AsyncIterator[str], reqs: list[Request], metrics):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.reqs, self.metrics = reqs, metrics
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            left = [r for r in self.reqs if not r.future.done() and not r.cancelled]
+            if left:
+                self.metrics.cancelled.labels("client_disconnected").inc(len(left))
+            for r in left:
+                r.cancel()
 
 
 def sse(payload: dict) -> str:
@@ -126,12 +149,12 @@ def submit_streaming(runner: PromptRunner, prompts: list[str], params: SamplingP
     return reqs
 
 
-async def stream_completion(runner: PromptRunner, prompts: list[str], params: SamplingParams,
+async def stream_completion(runner: PromptRunner, reqs: list[Request], queue: asyncio.Queue,
                             body: CompletionBody, cid: str, created: int) -> AsyncIterator[str]:
+    """The SSE events of requests submitted by submit_streaming, until every prompt is done,
+    the request's timeout, or the client goes away (which cancels what is left)."""
     engine, metrics, timeout_s = runner.engine, runner.metrics, runner.request_timeout_s
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    reqs = submit_streaming(runner, prompts, params, queue)
     head = {"id": cid, "object": "text_completion", "created": created, "model": engine.model_id}
 
     def chunk(index, text, finish, lp_block=None):
