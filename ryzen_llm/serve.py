@@ -1,4 +1,4 @@
-"""The HTTP server's entry point: `python -m ryzen_llm.serve --checkpoint PATH [--host H] [--port P]`.
+"""The HTTP server's entry point: `python -m ryzen_llm.serve --checkpoint PATH [--port P] ...`.
 
 The server itself is the package ryzen_llm.serving (its docstring lists the endpoints and the
 module that owns each job); this module keeps the names scripts and tests import from here.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, FastAPI, Request as HTTPRequest
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,16 +19,10 @@ from ryzen_llm.serving.protocol import (CompletionStreamResponse, ErrorResponse,
                                         ModelList, ReadyResponse)
 from ryzen_llm.serving.runner import PromptRunner
 
-probes = APIRouter()
-
-
-@probes.get("/health", response_model=HealthResponse)
 async def health():
     return {"status": "ok"}
 
 
-@probes.get("/ready", response_model=ReadyResponse,
-            responses={503: {"model": ErrorResponse, "description": "Warming up, or draining"}})
 async def ready(request: HTTPRequest):
     state: ServeState = request.app.state.serve_state
     engine: Engine = request.app.state.engine
@@ -39,20 +33,27 @@ async def ready(request: HTTPRequest):
     return {"status": "ready", "model": engine.model_id}
 
 
-@probes.get("/metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
-                             "description": "Prometheus text format"}})
 async def prometheus(request: HTTPRequest):
     metrics: Metrics = request.app.state.metrics
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@probes.get("/v1/models", response_model=ModelList)
 async def models(request: HTTPRequest):
     engine: Engine = request.app.state.engine
     return {"object": "list", "data": [{"id": engine.model_id, "object": "model",
                                         "created": int(request.app.state.started),
                                         "owned_by": "ryzen_llm"}]}
+
+
+def add_probe_routes(app: FastAPI) -> None:
+    app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
+    app.add_api_route("/ready", ready, methods=["GET"], response_model=ReadyResponse,
+                      responses={503: {"model": ErrorResponse,
+                                       "description": "Warming up, or draining"}})
+    app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=Response,
+                      responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                                       "description": "Prometheus text format"}})
+    app.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList)
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -98,9 +99,11 @@ def create_app(
     app.state.runner = PromptRunner(engine, metrics, cache, request_timeout_s, retry_after_s)
     metrics.ready_gauge.set_function(lambda: int(engine.ready.is_set() and not state.draining))
     add_error_handlers(app)
-    app.include_router(probes)
-    app.include_router(infer.router)
-    app.include_router(completions.router)
+    # routes added to the app itself: FastAPI's include_router puts a second routing layer
+    # in front of every request
+    add_probe_routes(app)
+    infer.add_routes(app)
+    completions.add_routes(app)
     app.openapi = lambda: _openapi(app)
     app.add_middleware(Gate, state=state, metrics=metrics, api_key=api_key,
                        max_body_bytes=max_body_bytes)

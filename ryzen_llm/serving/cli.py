@@ -26,7 +26,8 @@ MAKE_ONE = "python -m ryzen_llm.train --preset quick"
 def latest_checkpoint(runs_dir: str | Path = "runs") -> Path | None:
     """The newest runs/*/{optimized,baseline}/checkpoints/best the trainer wrote."""
     found = [p for p in Path(runs_dir).glob("*/*/checkpoints/best")
-             if p.parent.parent.name in ("optimized", "baseline") and (p / "manifest.json").is_file()]
+             if p.parent.parent.name in ("optimized", "baseline")
+             and (p / "manifest.json").is_file()]
     return max(found, key=lambda p: (p / "manifest.json").stat().st_mtime, default=None)
 
 
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("RYZEN_LLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $RYZEN_LLM_API_KEY)")
     p.add_argument("--level", type=int, choices=(0, 1, 2, 3),
-                   help="kernel level (default: the checkpoint's; 3 generates from bfloat16 weights, "
-                   "0-2 from float32)")
+                   help="kernel level (default: the checkpoint's; 3 generates from bfloat16 "
+                   "weights, 0-2 from float32)")
     p.add_argument("--max-batch-size", type=int, help="live sequences per decode step")
     p.add_argument("--max-queue", type=int, help="waiting prompts before 429 (default 4x batch)")
     p.add_argument("--warmup-steps", type=int, help="decode steps before ready (default: "

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import AsyncIterator, Callable
 
-from fastapi import APIRouter, Request as HTTPRequest
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ryzen_llm.engine import Request, SamplingParams
@@ -20,8 +20,6 @@ from ryzen_llm.serving.errors import APIError, error_body
 from ryzen_llm.serving.protocol import (ERROR_RESPONSES, CompletionBody, CompletionResponse,
                                         error_doc)
 from ryzen_llm.serving.runner import PromptRunner
-
-router = APIRouter()
 
 STREAM_RESPONSE = {"description": "The completion; with stream: true, text/event-stream instead: "
                    "one CompletionStreamResponse per `data:` event, ending in `data: [DONE]`",
@@ -86,9 +84,6 @@ def completion_response(results: list[dict], body: CompletionBody, decode: Calla
                                           "total_tokens": n_prompt + n_out}}
 
 
-@router.post("/v1/completions", response_model=CompletionResponse,
-             responses={200: STREAM_RESPONSE, **ERROR_RESPONSES,
-                        404: error_doc("The request names a model this server does not serve")})
 async def completions(body: CompletionBody, request: HTTPRequest):
     runner: PromptRunner = request.app.state.runner
     runner.check_ready()
@@ -107,6 +102,13 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     # sent as it is, like /infer's answer (see ryzen_llm.serving.protocol)
     return JSONResponse(completion_response(results, body, engine.decode, cid, created,
                                             engine.model_id))
+
+
+def add_routes(app: FastAPI) -> None:
+    app.add_api_route(
+        "/v1/completions", completions, methods=["POST"], response_model=CompletionResponse,
+        responses={200: STREAM_RESPONSE, **ERROR_RESPONSES,
+                   404: error_doc("The request names a model this server does not serve")})
 
 
 class CompletionStream(StreamingResponse):

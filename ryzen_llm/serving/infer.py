@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request as HTTPRequest
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
 from ryzen_llm.serving.protocol import ERROR_RESPONSES, InferBody, InferResponse
 from ryzen_llm.serving.runner import PromptRunner
-
-router = APIRouter()
 
 # the fields of an engine result that /infer returns for each prompt
 OUTPUT_FIELDS = ("text", "token_ids", "logprobs", "mean_logprob", "finish_reason",
@@ -26,7 +24,6 @@ def infer_output(result: dict, cached: bool, n: int) -> dict:
     return out
 
 
-@router.post("/infer", response_model=InferResponse, responses=ERROR_RESPONSES)
 async def infer(body: InferBody, request: HTTPRequest):
     runner: PromptRunner = request.app.state.runner
     runner.check_ready()
@@ -38,3 +35,8 @@ async def infer(body: InferBody, request: HTTPRequest):
     # InferResponse and walk it through jsonable_encoder on every request
     return JSONResponse({"model": runner.engine.model_id, "outputs": outputs,
                          "timings": {"total_ms": round((time.perf_counter() - t0) * 1e3, 3)}})
+
+
+def add_routes(app: FastAPI) -> None:
+    app.add_api_route("/infer", infer, methods=["POST"], response_model=InferResponse,
+                      responses=ERROR_RESPONSES)
