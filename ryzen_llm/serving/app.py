@@ -19,6 +19,7 @@ from ryzen_llm.serving.protocol import (CompletionStreamResponse, ErrorResponse,
                                         ModelList, ReadyResponse)
 from ryzen_llm.serving.runner import PromptRunner
 
+
 async def health():
     return {"status": "ok"}
 

@@ -1,7 +1,7 @@
 """POST /v1/completions: OpenAI's completions API, whole or streamed over SSE.
 
 A streamed response is one `data: {json}` event per generated token, one with the
-finish_reason per choice, then `data: [DONE]`. The 200 goes out with the first event, so a
+finish_reason per choice, then `data: [DONE]`. The 200 goes out before the first token, so a
 failure after it (timeout, engine stopped) is an error event that ends the stream instead.
 """
 from __future__ import annotations
@@ -82,33 +82,6 @@ def completion_response(results: list[dict], body: CompletionBody, decode: Calla
     return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
             "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
                                           "total_tokens": n_prompt + n_out}}
-
-
-async def completions(body: CompletionBody, request: HTTPRequest):
-    runner: PromptRunner = request.app.state.runner
-    runner.check_ready()
-    engine = runner.engine
-    prompts = check_completion_body(body, engine.model_id)
-    params = body.to_sampling_params()
-    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if body.stream:
-        # queued before the 200 goes out, so that a full queue is still a 429 (and a prompt
-        # the engine refuses a 400), not a stream that breaks off
-        queue: asyncio.Queue = asyncio.Queue()
-        reqs = submit_streaming(runner, prompts, params, queue)
-        return CompletionStream(stream_completion(runner, reqs, queue, body, cid, created),
-                                reqs, runner.metrics)
-    results, _ = await runner.run(request, prompts, params, "prompt", True)
-    # sent as it is, like /infer's answer (see ryzen_llm.serving.protocol)
-    return JSONResponse(completion_response(results, body, engine.decode, cid, created,
-                                            engine.model_id))
-
-
-def add_routes(app: FastAPI) -> None:
-    app.add_api_route(
-        "/v1/completions", completions, methods=["POST"], response_model=CompletionResponse,
-        responses={200: STREAM_RESPONSE, **ERROR_RESPONSES,
-                   404: error_doc("The request names a model this server does not serve")})
 
 
 class CompletionStream(StreamingResponse):
@@ -203,3 +176,30 @@ async def stream_completion(runner: PromptRunner, reqs: list[Request], queue: as
             metrics.cancelled.labels("client_disconnected").inc(len(left))
         for r in left:
             r.cancel()
+
+
+async def completions(body: CompletionBody, request: HTTPRequest):
+    runner: PromptRunner = request.app.state.runner
+    runner.check_ready()
+    engine = runner.engine
+    prompts = check_completion_body(body, engine.model_id)
+    params = body.to_sampling_params()
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if body.stream:
+        # queued before the 200 goes out, so that a full queue is still a 429 (and a prompt
+        # the engine refuses a 400), not a stream that breaks off
+        queue: asyncio.Queue = asyncio.Queue()
+        reqs = submit_streaming(runner, prompts, params, queue)
+        return CompletionStream(stream_completion(runner, reqs, queue, body, cid, created),
+                                reqs, runner.metrics)
+    results, _ = await runner.run(request, prompts, params, "prompt", True)
+    # sent as it is, like /infer's answer (see ryzen_llm.serving.protocol)
+    return JSONResponse(completion_response(results, body, engine.decode, cid, created,
+                                            engine.model_id))
+
+
+def add_routes(app: FastAPI) -> None:
+    app.add_api_route(
+        "/v1/completions", completions, methods=["POST"], response_model=CompletionResponse,
+        responses={200: STREAM_RESPONSE, **ERROR_RESPONSES,
+                   404: error_doc("The request names a model this server does not serve")})

@@ -3,8 +3,8 @@
 Request models validate (a bad field is a 422 naming it). Response models document: they are
 the routes' response_model, so /openapi.json and /docs describe every answer, but the handlers
 return their plain dicts as a JSONResponse, which FastAPI sends as it is (no second walk of the
-payload through jsonable_encoder on every request). tests/test_serving_units.py validates real
-answers against these models, so the two cannot drift apart.
+payload through jsonable_encoder on every request). tests/test_serve.py validates real answers
+against these models, so the two cannot drift apart.
 """
 from __future__ import annotations
 
