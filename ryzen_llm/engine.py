@@ -50,11 +50,13 @@ cast_linear_weights) with float32 activations; levels 0-2 from the float32 weigh
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import json
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -70,17 +72,26 @@ from ryzen_llm.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointError, loa
 from ryzen_llm.config import KV_CACHE_DTYPES, Config, ModelConfig, config_from_dict
 from ryzen_llm.heap import keep_freed_heap
 from ryzen_llm.model import KVCache, ScaledTransformerModel
-from ryzen_llm.native import OMP_PAUSE_SOFT, libgomp_pause
 from ryzen_llm.ops.dispatch import KernelOptimizer
 from ryzen_llm.tokenizer import Tokenizer
 
-_omp_pause = libgomp_pause()  # torch, imported above, has loaded the OpenMP runtime
+# libgomp's omp_pause_resource_all (loaded by torch), or None: another runtime (LLVM's libomp
+# also exports GOMP_* names, and its pause is process-wide) or none found.
+_omp_pause = None
+if sys.platform.startswith("linux"):
+    try:
+        _lib = ctypes.CDLL(None)
+        if hasattr(_lib, "GOMP_parallel") and not hasattr(_lib, "__kmpc_fork_call"):
+            _omp_pause = _lib.omp_pause_resource_all
+            _omp_pause.argtypes, _omp_pause.restype = [ctypes.c_int], ctypes.c_int
+    except (OSError, AttributeError):
+        pass
 
 
 def release_idle_openmp_workers() -> bool:
     """Ends the idle OpenMP workers of the calling thread's team (libgomp), so that the engine's
     scheduler thread runs the only team (see "Threads" above). True when it did."""
-    return _omp_pause is not None and _omp_pause(OMP_PAUSE_SOFT) == 0
+    return _omp_pause is not None and _omp_pause(1) == 0  # 1: omp_pause_soft
 
 
 def decode_rows(n: int, exact: bool = True) -> int:

@@ -4,8 +4,9 @@ the dynamic loader's dladdr.
 Each entry point is looked up in the symbols the process has already loaded (ctypes.CDLL(None)):
 the C library's at import, the OpenMP runtime's when asked (torch loads it). Where the platform
 lacks one (not Linux, musl, LLVM's libomp) its name here is None or the function says "don't
-know", and the callers (ryzen_llm.heap, ryzen_llm.engine, ryzen_llm.memory_trace,
-ryzen_llm.ops._extension) fall back to doing nothing.
+know", and the callers (ryzen_llm.heap, ryzen_llm.memory_trace, ryzen_llm.ops._extension)
+fall back to doing nothing. libgomp_pause is the engine's lookup; the engine still keeps its own
+copy until its OpenMP module (split from engine.py on another branch) imports this one.
 
 Named native, not platform: a ryzen_llm/platform.py would shadow the standard library's platform
 module (which torch imports) for any script run from inside the package folder.
