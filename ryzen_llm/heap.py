@@ -24,24 +24,10 @@ preset glibc held 120-250 MiB of free heap in the optimized run.
 """
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import torch
 
-_malloc_trim = _mallopt = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(None)
-        _malloc_trim = _libc.malloc_trim  # absent from musl and other C libraries
-        _mallopt = _libc.mallopt
-        _mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    except (OSError, AttributeError):
-        pass
+from ryzen_llm.native import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, malloc_trim, mallopt
 
-# mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 # glibc's largest mmap threshold on 64-bit systems (HEAP_MAX_SIZE / 2)
 MMAP_THRESHOLD_MAX_BYTES = 32 << 20
 SERVING_TRIM_THRESHOLD_BYTES = 64 << 20
@@ -49,7 +35,7 @@ SERVING_TRIM_THRESHOLD_BYTES = 64 << 20
 
 def release_free_heap() -> bool:
     """malloc_trim(0) where glibc provides it. True when it returned memory to the system."""
-    return bool(_malloc_trim(0)) if _malloc_trim is not None else False
+    return bool(malloc_trim(0)) if malloc_trim is not None else False
 
 
 def keep_freed_heap(mmap_threshold: int = MMAP_THRESHOLD_MAX_BYTES,
@@ -62,10 +48,10 @@ def keep_freed_heap(mmap_threshold: int = MMAP_THRESHOLD_MAX_BYTES,
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if not isinstance(value, int) or not 0 <= value < 2**31:
             raise ValueError(f"{name}: expected bytes in [0, 2**31), got {value!r}")
-    if _mallopt is None:
+    if mallopt is None:
         return False
-    ok_mmap = _mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-    ok_trim = _mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    ok_mmap = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+    ok_trim = mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
     return ok_mmap and ok_trim
 
 

@@ -4,13 +4,14 @@ Each mark("stage") prints one line to stderr with the process's current resident
 its own high-water mark (VmHWM) and getrusage's ru_maxrss, in MiB. ru_maxrss is what the trainer
 reports; it can exceed VmHWM because the kernel carries the parent's high-water mark into a
 process started by fork + exec (multiprocessing's spawn). Without the variable, mark() does
-nothing, and this module imports only os, sys and ctypes.
+nothing, and this module imports only os, sys and ryzen_llm.native (ctypes).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
+
+from ryzen_llm.native import mallinfo2
 
 ENV_VAR = "RYZEN_LLM_MEMTRACE"
 
@@ -27,21 +28,6 @@ def _status_mib(*keys: str) -> dict[str, float]:
             if key in keys:
                 out[key] = int(value.split()[0]) / 1024  # the file says kB
     return out
-
-
-class Mallinfo2(ctypes.Structure):
-    """glibc's struct mallinfo2 (all arenas): arena = heap bytes, hblks/hblkhd = mmapped blocks
-    and their bytes, uordblks/fordblks = bytes in use/free in the heap."""
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def mallinfo2() -> Mallinfo2:
-    """glibc's mallinfo2() (Linux with glibc 2.33+ only)."""
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = Mallinfo2
-    return libc.mallinfo2()
 
 
 def _malloc_mib() -> dict[str, float]:

@@ -381,3 +381,82 @@ def test_sigterm_drains_in_flight_requests_then_exits(ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_openapi_lists_the_completions_request_and_response_schemas(served):
+    r = httpx.get(served.url + "/openapi.json")
+    assert r.status_code == 200
+    spec = r.json()
+    schemas = spec["components"]["schemas"]
+    for name in ("CompletionBody", "CompletionResponse", "CompletionStreamResponse",
+                 "CompletionChoice", "CompletionUsage", "ErrorResponse", "InferBody",
+                 "InferResponse", "ModelList"):
+        assert name in schemas, name
+    post = spec["paths"]["/v1/completions"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/CompletionBody")
+    ok = post["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/CompletionResponse")
+    assert ok["text/event-stream"]["schema"]["$ref"].endswith("/CompletionStreamResponse")
+    for code in ("400", "422", "429", "503", "504"):
+        assert post["responses"][code]["content"]["application/json"]["schema"]["$ref"] \
+            .endswith("/ErrorResponse"), code
+    assert set(schemas["CompletionResponse"]["required"]) >= {"id", "created", "model",
+                                                               "choices", "usage"}
+    infer = spec["paths"]["/infer"]["post"]["responses"]["200"]["content"]
+    assert infer["application/json"]["schema"]["$ref"].endswith("/InferResponse")
+    assert httpx.get(served.url + "/docs").status_code == 200
+
+
+def test_answers_match_their_documented_models(served):
+    """The handlers send plain dicts; each must validate against the response model that
+    /openapi.json publishes for it (the models forbid fields they do not list)."""
+    from ryzen_llm.serving import protocol as P
+
+    url = served.url
+    r = httpx.post(url + "/infer", json={"inputs": PROMPTS[:2], "max_new_tokens": 3})
+    P.InferResponse.model_validate(r.json())
+    r = httpx.post(url + "/infer", json={"inputs": [PROMPTS[0]], "max_new_tokens": 3, "n": 2,
+                                         "temperature": 0.8, "seed": 1})
+    assert P.InferResponse.model_validate(r.json()).outputs[0].candidates is not None
+    r = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[:2], "max_tokens": 3,
+                                                  "logprobs": 0, "temperature": 0})
+    assert P.CompletionResponse.model_validate(r.json()).choices[0].logprobs is not None
+    with httpx.stream("POST", url + "/v1/completions", json={
+            "prompt": PROMPTS[1], "max_tokens": 3, "stream": True, "logprobs": 0}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for e in events[:-1]:
+        P.CompletionStreamResponse.model_validate_json(e)
+    P.ModelList.model_validate(httpx.get(url + "/v1/models").json())
+    P.ReadyResponse.model_validate(httpx.get(url + "/ready").json())
+    P.HealthResponse.model_validate(httpx.get(url + "/health").json())
+    for bad in ({"inputs": ["x"], "n": 99}, {"inputs": ["x"], "stop": [""]}):
+        P.ErrorResponse.model_validate(httpx.post(url + "/infer", json=bad).json())
+
+
+def test_streamed_completion_on_a_full_queue_is_429_not_a_broken_stream(ckpt):
+    s = Served(create_app(Engine.from_checkpoint(ckpt, max_batch_size=1, max_queue=1,
+                                                 warmup_steps=0, step_delay_s=0.02)))
+    try:
+        async def fire():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+                return await asyncio.gather(*[
+                    client.post("/v1/completions", json={"prompt": p, "max_tokens": 10,
+                                                         "stream": True})
+                    for p in PROMPTS[:6]])
+
+        responses = asyncio.run(fire())
+        codes = [r.status_code for r in responses]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "rate_limit_exceeded"
+            else:
+                assert r.text.endswith("data: [DONE]\n\n")
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "the quick " * 200,
+                                                        "stream": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    finally:
+        s.close()

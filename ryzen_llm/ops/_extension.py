@@ -35,26 +35,13 @@ def libstdcxx_owner() -> str | None:
     formatting an integer into an error message can then crash the process (seen on a machine
     whose CXX was a separately installed GCC; building with the system g++ fixed it). None when
     it cannot tell (not loaded, not Linux, the symbol not found)."""
-    import ctypes
-    import sys
+    from ryzen_llm.native import LINUX, symbol_owner
 
-    if not extension_loaded() or not sys.platform.startswith("linux"):
+    if not extension_loaded() or not LINUX:
         return None
     from ryzen_llm import _C
 
-    class DlInfo(ctypes.Structure):
-        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-    try:
-        handle = ctypes.CDLL(_C.__file__)  # the loaded library: searched first, then its needs
-        address = ctypes.cast(getattr(handle, _OSTREAM_INSERT_LONG), ctypes.c_void_p).value
-        info = DlInfo()
-        if not ctypes.CDLL(None).dladdr(ctypes.c_void_p(address), ctypes.byref(info)):
-            return None
-    except (OSError, AttributeError):
-        return None
-    return info.dli_fname.decode() if info.dli_fname else None
+    return symbol_owner(_C.__file__, _OSTREAM_INSERT_LONG)
 
 
 def embeds_libstdcxx() -> bool | None:
