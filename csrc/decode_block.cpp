@@ -85,8 +85,8 @@ void scatter_rows(const at::Tensor& dst, const at::Tensor& slots, const T* src, 
 
 // A prompt's B x T x H rows of D values (row (b, t, h) at src + b * s_b + t * s_t + h * s_h)
 // -> positions 0..T-1 of dst (B, H, Tmax, D), contiguous: for each (batch, head) T rows into one
-// contiguous run. The prefill's cache write without copy_'s strided TensorIterator, which moved
-// 32 prompts x 32 tokens at ~15 GB/s. CPU tensors only.
+// contiguous run. The prefill's cache write without copy_'s strided TensorIterator, which moves
+// such rows one element at a time. CPU tensors only.
 template <typename T>
 void write_prompt_rows(const at::Tensor& dst, const T* src, int64_t s_b, int64_t s_t,
                        int64_t s_h, int64_t B, int64_t Tn, int64_t H, int64_t D) {
@@ -220,7 +220,7 @@ at::Tensor lm_head(const at::Tensor& h, const at::Tensor& weight, int64_t vocab_
 // A whole decode step: embedding, the first LayerNorm, every block (decode_block above, called
 // directly), the LM head, and lengths[:B] += 1; the same ops in the same order as
 // ScaledTransformerModel.forward_with_cache with one decode_block op per block, so the same bits,
-// without the ~100 us of Python around them per step (slots, embedding, cache views, wrappers).
+// without the Python around them per step (slots, embedding, cache views, wrappers).
 // block_weights: 12 per block in decode_block's order (qkv weight, bias, proj weight, bias, ln2
 // weight, bias, fc1 weight, bias, fc2 weight, bias, next LayerNorm weight, bias); block_eps: 2 per
 // block (ln2, next); caches: one per block, all their rows (the step uses rows 0..B-1); k_scales,

@@ -3,22 +3,22 @@
 glibc serves blocks under its mmap threshold (which rises to 32 MiB as big blocks are freed) from
 its heap, keeps what is freed there for reuse, and returns memory to the system only from the
 top of the heap. A training step takes and frees gigabytes in 64 KiB-8 MiB blocks, activations
-and gradients living for different spans, and the holes they leave stay resident: at the full
-preset glibc held 120-250 MiB of free heap in the optimized run.
+and gradients living for different spans, and the holes they leave stay resident (docs/memory.md
+has the measurements).
 
 - enable_cpu_block_cache installs the extension's allocator (csrc/cpu/cpu_block_cache.cpp) for
   the training loop: a freed block of 64 KiB or more waits for the next request of exactly its
-  size, which a step makes every micro-batch. Optimized run, 4 full-preset steps: peak RSS
-  660 -> 561 MiB, and 5x fewer page faults; the baseline 1030 -> 827 MiB; same losses.
+  size, which a step makes every micro-batch: a lower peak and far fewer page faults, the same
+  losses.
 - release_free_heap (malloc_trim(0)) after each step hands back the free pages left in glibc's
   heap by the smaller blocks, without moving anything; the pages the next step reuses fault back
-  in, a few thousand per step.
+  in.
 - keep_freed_heap (mallopt) for the inference engine: its prefills take and free activations of
   1-8 MiB whose sizes change with every batch. Under glibc's default thresholds (mmap from
   128 KiB, raised to the size of the largest block freed, and the heap trimmed back whenever
   twice that is free at its top) most of them were mapped or trimmed and faulted in fresh each
-  time: a prefill of 32 prompts x 32 tokens took 32.6-35.0 ms, 24.3-25.3 ms with the thresholds
-  fixed at 32 MiB (mmap) and 64 MiB (trim). Not an exact-size cache like the one above: glibc's
+  time, a large share of a prefill's time (docs/serving.md); the thresholds are fixed at 32 MiB
+  (mmap) and 64 MiB (trim). Not an exact-size cache like the one above: glibc's
   bins serve any size from what was freed, so a server's ever new batch shapes cannot grow it
   past its peak use plus the 64 MiB of free top it may keep.
 """

@@ -21,9 +21,9 @@ answer repeats); with `--stream` it POSTs /v1/completions with "stream": true (n
 and also measures the time to the first token event. Percentiles are linearly interpolated
 between the closest ranks (numpy's default). A tool that records: nothing here judges a time.
 
-It sends with aiohttp, which costs ~0.13 ms of CPU per request on a 2-core machine where an
-httpx.AsyncClient cost ~0.7 ms: run on the server's machine, the load generator takes as little
-as it can of the cores it measures.
+It sends with aiohttp, which took several times less CPU per request than httpx.AsyncClient
+where both were measured (docs/serving.md): run on the server's machine, the load generator
+takes as little as it can of the cores it measures.
 """
 from __future__ import annotations
 

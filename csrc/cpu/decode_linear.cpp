@@ -4,10 +4,10 @@
 // lanes walking K, then one fixed horizontal sum), so a sequence decoded alone gets the same
 // bits as inside a batch of 31 others and the engine needs no padding rows to stay exact.
 //
-// float32 weights: float32 x, FMA. bfloat16 weights (half the bytes; the seed model's 21 MB
-// then stays in a 32 MB L3): x is rounded to bfloat16 too, as autocast does, and on CPUs with
-// AVX512-BF16 each vdpbf16ps takes 32 weights as they are stored (2 products per lane, fp32
-// sums); elsewhere both operands are widened to fp32 in registers. Accumulation is fp32.
+// float32 weights: float32 x, FMA. bfloat16 weights (half the bytes a decode step reads): x is
+// rounded to bfloat16 too, as autocast does, and on CPUs with AVX512-BF16 each vdpbf16ps takes
+// 32 weights as they are stored (2 products per lane, fp32 sums); elsewhere both operands are
+// widened to fp32 in registers. Accumulation is fp32.
 //
 // Each weight row is read from memory once per call and reused from L2 for every group of up to
 // 4 input rows; with 1 or 2 rows a tile spans 8 weight rows, so that enough independent sums are

@@ -16,23 +16,15 @@ idle engine's team still throttles other threads' parallel work).
 """
 from __future__ import annotations
 
-import ctypes
-import sys
+import torch  # noqa: F401  (loads the OpenMP runtime that libgomp_pause looks up)
 
-# libgomp's omp_pause_resource_all (loaded by torch), or None: another runtime (LLVM's libomp
-# also exports GOMP_* names, and its pause is process-wide) or none found.
-_omp_pause = None
-if sys.platform.startswith("linux"):
-    try:
-        _lib = ctypes.CDLL(None)
-        if hasattr(_lib, "GOMP_parallel") and not hasattr(_lib, "__kmpc_fork_call"):
-            _omp_pause = _lib.omp_pause_resource_all
-            _omp_pause.argtypes, _omp_pause.restype = [ctypes.c_int], ctypes.c_int
-    except (OSError, AttributeError):
-        pass
+from ryzen_llm.native import OMP_PAUSE_SOFT, libgomp_pause
+
+# libgomp's omp_pause_resource_all, or None: another runtime or none found.
+_omp_pause = libgomp_pause()
 
 
 def release_idle_openmp_workers() -> bool:
     """Ends the idle OpenMP workers of the calling thread's team (libgomp), so that the engine's
     scheduler thread runs the only team (see the module docstring). True when it did."""
-    return _omp_pause is not None and _omp_pause(1) == 0  # 1: omp_pause_soft
+    return _omp_pause is not None and _omp_pause(OMP_PAUSE_SOFT) == 0
