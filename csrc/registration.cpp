@@ -56,10 +56,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // 0..B-1; lengths[:B] = prompt_lengths. Other arguments as decode_step's.
   m.def("prefill_step(Tensor idx, Tensor? key_padding_mask, Tensor prompt_lengths, Tensor tok_emb, Tensor pos_emb, Tensor ln0_weight, Tensor ln0_bias, float ln0_eps, Tensor[] block_weights, float[] block_eps, Tensor head_weight, int vocab_size, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales, Tensor(e!) lengths, int n_heads) -> Tensor");
   // Process state, not tensor math: c10's CPU allocator caches blocks of >= min_bytes by exact size
-  // while enabled (the trainer's steps). disable/release return the bytes freed; stats are
+  // while enabled (the trainer's steps). disable returns the bytes freed; stats are
   // [cached, in use, most held since enable] in bytes.
   m.def("cpu_block_cache_enable(int min_bytes) -> bool");
   m.def("cpu_block_cache_disable() -> int");
-  m.def("cpu_block_cache_release() -> int");
   m.def("cpu_block_cache_stats() -> int[]");
 }

@@ -143,8 +143,6 @@ bool cpu_block_cache_enable(int64_t min_bytes) {
 
 int64_t cpu_block_cache_disable() { return CpuBlockCache::instance().disable(); }
 
-int64_t cpu_block_cache_release() { return CpuBlockCache::instance().release(); }
-
 std::vector<int64_t> cpu_block_cache_stats() { return CpuBlockCache::instance().stats(); }
 
 }  // namespace
@@ -153,7 +151,6 @@ std::vector<int64_t> cpu_block_cache_stats() { return CpuBlockCache::instance().
 TORCH_LIBRARY_IMPL(ryzen_llm, CompositeExplicitAutograd, m) {
   m.impl("cpu_block_cache_enable", TORCH_FN(cpu_block_cache_enable));
   m.impl("cpu_block_cache_disable", TORCH_FN(cpu_block_cache_disable));
-  m.impl("cpu_block_cache_release", TORCH_FN(cpu_block_cache_release));
   m.impl("cpu_block_cache_stats", TORCH_FN(cpu_block_cache_stats));
 }
 
