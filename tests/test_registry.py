@@ -75,3 +75,15 @@ def test_readme_op_table_is_the_registry():
 def test_an_unknown_override_names_the_ops():
     with pytest.raises(ValueError, match="no_such_op=fused: .*add_layer_norm"):
         resolve(3, overrides={"no_such_op": "fused"})
+
+
+def test_a_declared_op_without_a_method_runs_through_the_kernel_set():
+    """A new op needs no KernelSet method: kernels.<op>(...) runs the chosen implementation and
+    counts the call (shown here on an op that has a method, called the generic way)."""
+    kernels = KernelSet(0)
+    x, bias = torch.randn(3, 8), torch.randn(8)
+    generic = KernelSet.__getattr__(kernels, "bias_gelu")
+    torch.testing.assert_close(generic(x, bias), OP_SPECS["bias_gelu"].reference(x, bias))
+    assert kernels.calls[("bias_gelu", "reference")] == 1
+    with pytest.raises(AttributeError, match="no_such_op"):
+        kernels.no_such_op

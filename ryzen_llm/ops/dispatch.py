@@ -148,6 +148,16 @@ class KernelSet:
         self.count(self._key[op])
         return self._fn[op](*args)
 
+    def __getattr__(self, name: str):
+        """kernels.<op>(*args) for a declared op without a method of its own below: runs the
+        chosen implementation and counts the call, so a new op needs no method here. The
+        methods below document the model's ops with their shapes, or do more than pass their
+        arguments through."""
+        choices = self.__dict__.get("choices")
+        if choices is not None and name in choices:
+            return functools.partial(self._run, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def add_layer_norm(self, x, residual, weight, bias, eps):
         """(x + residual, LayerNorm(x + residual)); residual may be None."""
         return self._run("add_layer_norm", x, residual, weight, bias, eps)
