@@ -48,6 +48,17 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
   TORCH_CHECK(t.sizes() == expected, name, ": expected sizes ", expected, ", got ", t.sizes());
 }
 
+// An optional (N,) float32 bias on the CPU: its values, or null without one.
+inline const float* checked_float_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
+              bias->scalar_type());
+  check_shape(*bias, {N}, "bias");
+  check_contiguous(*bias, "bias");
+  return bias->data_ptr<float>();
+}
+
 // Rows of a row-wise kernel handed to one task of at::parallel_for: enough work per task that
 // scheduling costs nothing next to it.
 inline int64_t row_grain(int64_t row_len) {

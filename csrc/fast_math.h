@@ -118,6 +118,18 @@ RYZEN_LLM_INLINE double gelu_grad(double u) {
          u * 0.39894228040143267794 * std::exp(-0.5 * u * u);
 }
 
+// The epilogue of the decode linears (decode_linear, quantized_decode_linear) on one vector's
+// worth of outputs: v += b (bias or zeros), then GELU when asked, on all 16 lanes at once.
+RYZEN_LLM_INLINE void epilogue16(float* v, const float* b, bool gelu) {
+  if (gelu) {
+#pragma omp simd simdlen(16)
+    for (int f = 0; f < 16; ++f) v[f] = gelu_value(v[f] + b[f]);
+  } else {
+#pragma omp simd simdlen(16)
+    for (int f = 0; f < 16; ++f) v[f] += b[f];
+  }
+}
+
 // ---- attention's softmax ------------------------------------------------------------------
 // The flash attention kernels (cpu/causal_attention.cpp) keep their own exp and bfloat16 store:
 // softmax_exp gives exactly 0 for -inf and below -87 (a masked key contributes nothing), where

@@ -61,17 +61,6 @@ RYZEN_LLM_INLINE RYZEN_LLM_AVX512_TARGET __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// v += b, then GELU when asked, on all 16 lanes at once (one vector's worth of outputs).
-RYZEN_LLM_INLINE void epilogue16(float* v, const float* b, bool gelu) {
-  if (gelu) {
-#pragma omp simd simdlen(16)
-    for (int f = 0; f < 16; ++f) v[f] = gelu_value(v[f] + b[f]);
-  } else {
-#pragma omp simd simdlen(16)
-    for (int f = 0; f < 16; ++f) v[f] += b[f];
-  }
-}
-
 // Writes a tile's R x NR sums through the epilogue. The bias add and GELU run on all 16 slots of
 // one vector (unused slots hold zeros): every output of the kernel takes the same vector
 // instructions, whatever tile it sat in, and GELU costs a vector per tile instead of ~15 ns per
@@ -359,17 +348,6 @@ void rows_block_bf16_dot(const uint16_t* x, const uint16_t* w, float* y, int64_t
 }
 #endif
 
-// The bias's float32 values for N outputs, or null without one.
-const float* checked_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value()) return nullptr;
-  check_cpu(*bias, "bias");
-  TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
-              bias->scalar_type());
-  check_shape(*bias, {N}, "bias");
-  check_contiguous(*bias, "bias");
-  return bias->data_ptr<float>();
-}
-
 // x (M, K) against bfloat16 weights packed by pack_decode_weight: (ceil(N / 16), ceil(K / 2), 16, 2).
 at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, bool gelu,
@@ -386,7 +364,7 @@ at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(N >= 0, "out_features: required with a packed weight and no bias");
   TORCH_CHECK((N + 15) / 16 == nblocks, "out_features: ", N, " outputs do not fit the packed "
               "weight's ", nblocks, " blocks of 16");
-  const float* bias_ptr = checked_bias(bias, N);
+  const float* bias_ptr = checked_float_bias(bias, N);
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const Epilogue ep{bias_ptr, gelu};
@@ -434,7 +412,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight: expected (N, ", K, ") to match x's ", K,
               " input features, got sizes ", weight.sizes());
-  const float* bias_ptr = checked_bias(bias, N);
+  const float* bias_ptr = checked_float_bias(bias, N);
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const Epilogue ep{bias_ptr, gelu};

@@ -185,17 +185,6 @@ void quantize_groups_s8(const float* x, int64_t M, int64_t K, int64_t G, int8_t*
                    });
 }
 
-// v = v + b (bias or zeros), then GELU when asked, on all 16 lanes (as decode_linear's epilogue).
-RYZEN_LLM_INLINE void epilogue16(float* v, const float* b, bool gelu) {
-  if (gelu) {
-#pragma omp simd simdlen(16)
-    for (int f = 0; f < 16; ++f) v[f] = gelu_value(v[f] + b[f]);
-  } else {
-#pragma omp simd simdlen(16)
-    for (int f = 0; f < 16; ++f) v[f] += b[f];
-  }
-}
-
 #if defined(RYZEN_LLM_AVX512)
 // Multiplies and adds through builtins that GCC never contracts into an FMA (the plain
 // intrinsics are vector arithmetic it may fuse): the references round after every operation.
@@ -393,16 +382,6 @@ __attribute__((optimize("fp-contract=off"))) void int4_blocks_portable(
   }
 }
 
-const float* checked_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value()) return nullptr;
-  check_cpu(*bias, "bias");
-  TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
-              bias->scalar_type());
-  check_shape(*bias, {N}, "bias");
-  check_contiguous(*bias, "bias");
-  return bias->data_ptr<float>();
-}
-
 }  // namespace
 
 at::Tensor quantized_decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -434,7 +413,7 @@ at::Tensor quantized_decode_linear_cpu(const at::Tensor& x, const at::Tensor& we
   TORCH_CHECK(N >= 0, "out_features: required with a packed weight and no bias");
   TORCH_CHECK((N + 15) / 16 == nblocks, "out_features: ", N, " outputs do not fit the packed "
               "weight's ", nblocks, " blocks of 16");
-  const Epilogue ep{checked_bias(bias, N), gelu};
+  const Epilogue ep{checked_float_bias(bias, N), gelu};
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const float* xp = x.data_ptr<float>();
