@@ -41,6 +41,17 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // (ceil(N/16), ceil(K/4)+2, 64), one scale per output, x quantized per row; int4 as uint8 (ceil(N/16), 5*ceil(K/32), 64),
   // one scale per output and 32 K, x quantized per 32 K; exact int32 sums (VNNI), batch-invariant; N from out_features or bias.
   m.def("quantized_decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu, int out_features=-1) -> Tensor");
+  // int8 codes of a 2-D float32/bfloat16 x per row (row_codes (M, K), row_scales (M,)) and/or per column
+  // (col_codes (M, K), col_scales (K,)), absmax / 127; tensors not asked for are empty (csrc/cpu/int8_linear.cpp).
+  m.def("int8_quantize(Tensor x, bool rows, bool cols) -> (Tensor row_codes, Tensor row_scales, Tensor col_codes, Tensor col_scales)");
+  // acc (M, N) int32 * row_scales[m] * col_scales[n] (+ bias) in dtype; with gelu, pre is that and y = GELU(pre).
+  m.def("int8_dequantize(Tensor acc, Tensor row_scales, Tensor col_scales, Tensor? bias, bool gelu, ScalarType dtype) -> (Tensor y, Tensor pre)");
+  // The int8 linear of level 4 on x (M, K) and a weight quantized per output (w_codes (N, K), w_scales (N,)):
+  // y = x @ W.T + bias (GELU'd); pre for backward (gelu only); x's column codes for an int8 weight gradient (save_columns).
+  m.def("int8_linear_forward(Tensor x, Tensor w_codes, Tensor w_scales, Tensor? bias, bool gelu, bool save_columns) -> (Tensor y, Tensor pre, Tensor x_col_codes, Tensor x_col_scales)");
+  // Its backward with the weight quantized per input (w_col_codes (N, K), w_col_scales (K,)); x_saved is x's column codes
+  // (int8_weight_grad) or x itself; grad_weight float32 (N, K), grad_bias float32 (N,).
+  m.def("int8_linear_backward(Tensor grad_y, Tensor pre, Tensor x_saved, Tensor x_col_scales, Tensor w_col_codes, Tensor w_col_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // Per row of logits (B, V) float32: the first argmax (int64), its log-softmax value and the row's log-sum-exp.
   m.def("greedy_pick(Tensor logits) -> (Tensor tokens, Tensor logprobs, Tensor logsumexp)");
   // One transformer block of a decode step (csrc/decode_block.cpp): x (B, C) residual stream, h (B, C)

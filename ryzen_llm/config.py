@@ -91,13 +91,16 @@ class TrainingConfig:
 
 @dataclass
 class OptimizationConfig:
-    kernel_level: int = 3  # 0 = plain PyTorch (the baseline) ... 3 = every fused kernel
+    kernel_level: int = 3  # 0 = plain PyTorch (the baseline) ... 3 = every fused kernel, 4 = + int8 GEMMs
     compression_ratio: float = 0.3  # target bytes of compressed tensors / fp32 bytes; 0 = off
 
     def __post_init__(self):
-        if self.kernel_level not in (0, 1, 2, 3):
+        from ryzen_llm.ops.dispatch import LEVELS
+
+        if self.kernel_level not in LEVELS:
             raise ConfigError(
-                f"optimization.kernel_level: must be 0, 1, 2 or 3, got {self.kernel_level}"
+                f"optimization.kernel_level: must be one of {', '.join(map(str, LEVELS))}, "
+                f"got {self.kernel_level}"
             )
         if not 0.0 <= self.compression_ratio <= 1.0:
             raise ConfigError(

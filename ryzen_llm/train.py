@@ -36,6 +36,7 @@ from ryzen_llm.heap import (
 )
 from ryzen_llm.memory_trace import mark
 from ryzen_llm.model import ScaledTransformerModel
+from ryzen_llm.ops.dispatch import LEVELS
 from ryzen_llm.train_step import NonFiniteError, TrainStep, resolve_device, warmup_cosine
 
 mark("imports")
@@ -432,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="corpus: 'stdlib' (default), 'synthetic', a text file, folder or glob")
     p.add_argument("--only", choices=RUNS, help="train only one of the two runs, in this process "
                    "(default: the config's `runs`)")
-    p.add_argument("--level", type=int, choices=(0, 1, 2, 3), help="kernel level of the optimized run")
+    p.add_argument("--level", type=int, choices=LEVELS, help="kernel level of the optimized run")
     p.add_argument("--name", help="run folder name under output_dir (default: preset-timestamp)")
     p.add_argument("--output-dir", help="where run folders go (default: runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run folder")

@@ -169,7 +169,8 @@ class StepGraph:
 class TrainStep:
     """Forward, backward, gradient clipping and the AdamW update, with everything the
     optimization level implies (fused ops, fused AdamW and bf16 autocast at level 3; on a GPU,
-    level 3 also replays each step's forward and backward as one CUDA graph)."""
+    level 3 also replays each step's forward and backward as one CUDA graph; level 4 adds the
+    int8 GEMMs of ryzen_llm.ops.linear, on the CPU)."""
 
     # Eager steps of a batch shape before its step is captured: cuBLAS handles, autocast and the
     # optimizer's state are set up outside the capture, as CUDA graphs require.
@@ -203,9 +204,12 @@ class TrainStep:
         model = model.module if self.ddp is not None else model
         self.model = model
         self.level = level
-        self.kernels = KernelOptimizer(level, kernel_overrides).apply(model).kernels
         # Where the model lives is where the step runs: batches are moved there.
         self.device = next(model.parameters()).device
+        if level >= 4 and self.device.type != "cpu":
+            raise ValueError(f"level {level}: the int8 linear layers run on the CPU only in this "
+                             f"build (the model is on {self.device}); use level 3 there")
+        self.kernels = KernelOptimizer(level, kernel_overrides).apply(model).kernels
         # bf16 mixed precision is part of level 3 where the device computes bf16 natively
         # (CPUs with AVX512-BF16/AMX, GPUs from Ampere on); elsewhere it would be slower than fp32.
         if bf16 is None:

@@ -1,6 +1,7 @@
 """A mini model trained 30 steps at every level next to level 0 (Liger-Kernel's convergence
-test): per-step losses equal within 1e-4 relative at the fp32 levels and 2e-2 at level 3 (bf16
-where the CPU computes bf16 natively)."""
+test): per-step losses equal within 1e-4 relative at the fp32 levels, 2e-2 at level 3 (bf16
+where the CPU computes bf16 natively) and 5e-3 at level 4 (int8 GEMMs; measured worst 1.2e-3
+on the development CPU, against 5.8e-4 for level 3: the bound is four times that)."""
 import pytest
 import torch
 
@@ -37,11 +38,11 @@ def baseline() -> list[float]:
 
 
 @pytest.mark.skipif(not extension_loaded(), reason="the fused kernels are not built")
-@pytest.mark.parametrize("level", [1, 2, 3])
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
 def test_level_tracks_the_baseline_step_by_step(level, baseline):
     base = baseline
     got, step = losses(level)
-    rtol = 2e-2 if step.bf16 else 1e-4
+    rtol = 5e-3 if level == 4 else 2e-2 if step.bf16 else 1e-4
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, base))
     print(f"level {level} ({'bf16' if step.bf16 else 'fp32'}): loss {base[0]:.4f} -> "
           f"{base[-1]:.4f}, worst per-step relative difference {worst:.2e} (bound {rtol})")

@@ -125,6 +125,11 @@ class FusedAdamW(torch.optim.Optimizer):
                     torch.ops.ryzen_llm.adamw_step_(
                         params, grads, exp_avgs, exp_avg_sqs, *hyper, step
                     )
+                # The ops write the parameters in place without autograd seeing it: move their
+                # version counters as an in-place torch op would, so that anything keyed on
+                # them (autograd's saved-tensor check, the int8 weight codes of
+                # ryzen_llm.ops.linear) knows the values changed.
+                torch.autograd.graph.increment_version(params)
         return loss
 
 

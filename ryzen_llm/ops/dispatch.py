@@ -31,6 +31,8 @@ OP_SPECS = registry()
 # The level at which each op switches to its fused kernel.
 LEVEL_OF_OP: dict[str, int] = {name: spec.level for name, spec in OP_SPECS.items()}
 OPS = tuple(LEVEL_OF_OP)
+# The optimization levels: 0 (plain PyTorch) up to the highest level an op declares.
+LEVELS = tuple(range(max(LEVEL_OF_OP.values()) + 1))
 # Ops only generation calls (ryzen_llm.engine); a training run reports them as not called.
 INFERENCE_OPS = frozenset(name for name, spec in OP_SPECS.items() if spec.inference_only)
 # The ops a fused decode_block runs inside it, per call (quantize_kv only with an int8 cache).
@@ -75,8 +77,9 @@ def _parse_env(env: str | None) -> dict[str, str]:
 
 def resolve(level: int, overrides: dict[str, str] | None = None) -> dict[str, OpChoice]:
     """Per op: which implementation runs at this level, and why."""
-    if level not in (0, 1, 2, 3):
-        raise ValueError(f"optimization level: expected 0, 1, 2 or 3, got {level!r}")
+    if level not in LEVELS:
+        raise ValueError(f"optimization level: expected one of {', '.join(map(str, LEVELS))}, "
+                         f"got {level!r}")
     explicit = _parse_env(os.environ.get("RYZEN_LLM_OPS"))
     for op, impl in (overrides or {}).items():
         if op not in LEVEL_OF_OP or impl not in ("fused", "reference"):
@@ -125,6 +128,10 @@ class KernelSet:
         else:
             quantize_kv = reference.quantize_kv
         self._quantize_kv = quantize_kv
+        if self.choices["linear"].impl == "fused" and "gelu_feed_forward" in self.choices:
+            c = self.choices["gelu_feed_forward"]
+            self.choices["gelu_feed_forward"] = OpChoice(
+                c.impl, c.reason + "; the int8 linear runs the feed-forward instead (two calls)")
         self.calls: Counter[tuple[str, str]] = Counter()
         # What one fused decode step runs, per (blocks, int8 cache): counted with one update
         self._step_calls: dict[tuple[int, bool], Counter[tuple[str, str]]] = {}
@@ -256,7 +263,14 @@ class KernelSet:
         """True when a decode step's rows are computed independently of the batch size."""
         return self.choices["decode_linear"].impl == "fused"
 
+    def linear(self, x, weight, bias, gelu=False):
+        """x @ weight.T + bias (GELU'd when gelu): F.linear below level 4, int8 GEMMs from it."""
+        return self._run("linear", x, weight, bias, gelu)
+
     def gelu_feed_forward(self, x, w1, b1, w2, b2):
+        if self.choices["linear"].impl == "fused":
+            # level 4: two int8 linears, bias + GELU in the first one's epilogue
+            return self.linear(self.linear(x, w1, b1, True), w2, b2)
         if self.choices["gelu_feed_forward"].impl == "fused":
             return self._run("gelu_feed_forward", x, w1, b1, w2, b2)
         # Not fused as a whole: the GEMMs stay ATen's and bias + GELU goes through its own op.
@@ -286,7 +300,8 @@ class KernelOptimizer:
 
     0 = plain PyTorch fp32 (the baseline); 1 = fused LayerNorm, GELU, cross-entropy;
     2 = + fused attention; 3 = + fused feed-forward and AdamW, and bf16 mixed precision where
-    the CPU has native bf16 (see TrainStep).
+    the CPU has native bf16 (see TrainStep); 4 = + the blocks' linear layers on int8 GEMMs
+    (ryzen_llm.ops.linear; CPU only).
     """
 
     def __init__(self, level: int = 3, overrides: dict[str, str] | None = None):

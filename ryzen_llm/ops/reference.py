@@ -41,6 +41,13 @@ def gelu_feed_forward(
     return F.linear(bias_gelu(F.linear(x, w1), b1), w2, b2)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           gelu: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias, GELU'd (exact erf form) when gelu: nn.Linear's math."""
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -368,3 +375,64 @@ def dequantize_blockwise(
         q = torch.stack([data & 0xF, data >> 4], dim=1).reshape(-1)[:n].float() - 8
     idx = torch.arange(n) // block_size
     return (q * scales[idx]).to(dtype).reshape(shape)
+
+
+# -- int8 GEMMs for training (the math of the level-4 linear, ryzen_llm.ops.linear) --------------
+def int8_quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (same shape) and float32 scales of a 2-D x, one per row (dim=1: the absmax is
+    taken along dim 1) or per column (dim=0): scale = absmax / 127, q = round(x * (1 / scale))
+    (half to even) in [-127, 127]. A row/column holding NaN or inf gets scale NaN and zero codes;
+    an all-zero one (or one whose 1 / scale overflows) scale 0. Bit for bit the kernel's codes."""
+    v = x.float()
+    finite = torch.isfinite(v).all(dim)
+    scale = v.abs().amax(dim) / 127.0 if v.shape[dim] else v.new_zeros(v.shape[1 - dim])
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    overflow = torch.isinf(inv)
+    scale = torch.where(overflow, torch.zeros_like(scale), scale)
+    inv = torch.where(overflow | ~finite, torch.zeros_like(inv), inv)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = torch.round(v * inv.unsqueeze(dim)).clamp(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) of int8 codes as exact int32 sums (through int64)."""
+    return (a.long() @ b.long()).to(torch.int32)
+
+
+def int8_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        gelu: bool = False) -> torch.Tensor:
+    """The level-4 linear's forward on x (M, K): x per row and the weight per output channel in
+    int8, the int32 sum dequantized with both scales in float32, + bias (float32), then GELU of
+    the pre-activation rounded to x's dtype; the result in x's dtype."""
+    xq, xs = int8_quantize(x, 1)
+    wq, ws = int8_quantize(weight, 1)
+    y = int8_matmul(xq, wq.t()).float() * (xs[:, None] * ws[None, :])
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    return F.gelu(y.float()).to(x.dtype) if gelu else y
+
+
+def int8_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         pre: torch.Tensor | None, int8_weight_grad: bool):
+    """(grad_x, grad_weight, grad_bias) of the level-4 linear: grad_y through GELU'(pre) when pre
+    is given (in grad_y's dtype), grad_x from grad_y per row and the weight per input channel,
+    grad_weight from grad_y and x per column (int8_weight_grad) or grad_y.T @ x in float32."""
+    g = grad_y
+    if pre is not None:
+        p = pre.float()
+        phi = 0.5 * torch.erfc(-p / math.sqrt(2.0))
+        d = phi + p * torch.exp(-0.5 * p * p) / math.sqrt(2.0 * math.pi)
+        g = (grad_y.float() * d).to(grad_y.dtype)
+    grad_bias = g.float().sum(0)
+    gq, gs = int8_quantize(g, 1)
+    wq, ws = int8_quantize(weight, 0)
+    grad_x = (int8_matmul(gq, wq).float() * (gs[:, None] * ws[None, :])).to(grad_y.dtype)
+    if int8_weight_grad:
+        gcq, gcs = int8_quantize(g, 0)
+        xcq, xcs = int8_quantize(x, 0)
+        grad_w = int8_matmul(gcq.t(), xcq).float() * (gcs[:, None] * xcs[None, :])
+    else:
+        grad_w = (g.t().float() @ x.float())
+    return grad_x, grad_w, grad_bias

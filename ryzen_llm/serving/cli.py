@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ryzen_llm.engine import Engine
+from ryzen_llm.ops.dispatch import LEVELS
 from ryzen_llm.serving.app import create_app
 from ryzen_llm.serving.gate import ServeState
 
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("RYZEN_LLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $RYZEN_LLM_API_KEY)")
-    p.add_argument("--level", type=int, choices=(0, 1, 2, 3),
-                   help="kernel level (default: the checkpoint's; 3 generates from bfloat16 "
+    p.add_argument("--level", type=int, choices=LEVELS,
+                   help="kernel level (default: the checkpoint's; 3 and 4 generate from bfloat16 "
                    "weights, 0-2 from float32)")
     p.add_argument("--max-batch-size", type=int, help="live sequences per decode step")
     p.add_argument("--max-queue", type=int, help="waiting prompts before 429 (default 4x batch)")

@@ -1,0 +1,390 @@
+// int8 linear layers for training (level 4): y = x @ W.T + b with the GEMMs in int8 x int8 ->
+// int32, as SwitchBack and similar recipes do.
+//
+//   forward:      x quantized per row (absmax / 127), W per output channel  -> y
+//   grad input:   grad_y per row, W per input channel                       -> grad_x
+//   weight grad:  grad_y per column (output channel, over the tokens) and x per column (input
+//                 channel)                                                 -> grad_W (int8 mode),
+//                 or grad_y.T @ x in the activations' dtype (bfloat16 under autocast)
+//
+// Each int32 sum is exact; the dequantization multiplies it by its row's and its column's scale
+// (in float32), adds the bias and applies GELU when asked, in one pass (the epilogue). The GEMMs
+// themselves run through at::_int_mm (oneDNN: AVX512-VNNI / AMX-int8 where the CPU has them).
+//
+// Quantization (int8_quantize) is one op for activations, gradients and weights: per row, per
+// column, or both from one read of x for the absolute maxima and one for the codes. Codes are
+// round(v * (1 / scale)) half to even, clamped to [-127, 127]; a row or column holding NaN or inf
+// gets scale NaN and zero codes (its results read back as NaN, as a float GEMM's would); an
+// all-zero one (or one whose 1 / scale overflows) gets scale 0.
+#include "common.h"
+#include "fast_math.h"
+
+#include <torch/library.h>
+
+#include <cfloat>
+#include <vector>
+
+namespace ryzen_llm {
+namespace {
+
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to nearest even
+
+// scale and 1/scale of an absolute maximum (see the file comment for the special cases)
+RYZEN_LLM_INLINE void scale_of(float amax, bool nonfinite, float* scale, float* inv) {
+  float s = amax / 127.0f;
+  float i = s > 0.0f ? 1.0f / s : 0.0f;
+  if (!(i <= FLT_MAX)) {
+    s = 0.0f;
+    i = 0.0f;
+  }
+  if (nonfinite) {
+    s = __builtin_nanf("");
+    i = 0.0f;
+  }
+  *scale = s;
+  *inv = i;
+}
+
+RYZEN_LLM_INLINE int8_t code_of(float v) {
+  // v goes through a variable before rounding: fused into one expression GCC would contract the
+  // multiply that made it into the add (FMA) and round a different value than the reference.
+  float r = (v + kRoundMagic) - kRoundMagic;
+  r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
+  return static_cast<int8_t>(static_cast<int32_t>(r));
+}
+
+// Absolute maxima of rows [begin, end): per row into row_amax/row_bad (when non-null) and folded
+// into this task's column maxima col_amax/col_bad (when non-null).
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void absmax_rows(const typename E::raw_t* x, int64_t begin, int64_t end,
+                                         int64_t K, float* row_amax, uint8_t* row_bad,
+                                         float* col_amax, uint8_t* col_bad) {
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x + r * K;
+    float amax = 0.0f;
+    int bad = 0;
+    if (col_amax != nullptr) {
+#pragma omp simd reduction(max : amax) reduction(| : bad)
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = std::fabs(E::load(xr[k]));
+        const int nf = !(a <= FLT_MAX);
+        bad |= nf;
+        amax = a > amax ? a : amax;
+        col_amax[k] = a > col_amax[k] ? a : col_amax[k];
+        col_bad[k] |= static_cast<uint8_t>(nf);
+      }
+    } else {
+#pragma omp simd reduction(max : amax) reduction(| : bad)
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = std::fabs(E::load(xr[k]));
+        bad |= !(a <= FLT_MAX);
+        amax = a > amax ? a : amax;
+      }
+    }
+    if (row_amax != nullptr) {
+      row_amax[r] = amax;
+      row_bad[r] = static_cast<uint8_t>(bad);
+    }
+  }
+}
+
+// Codes of rows [begin, end): per row (row_inv) and/or per column (col_inv).
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void codes_rows(const typename E::raw_t* x, int64_t begin, int64_t end,
+                                        int64_t K, const float* row_inv, int8_t* row_codes,
+                                        const float* col_inv, int8_t* col_codes, float* v) {
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x + r * K;
+    if (row_codes != nullptr) {
+      const float inv = row_inv[r];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) v[k] = E::load(xr[k]) * inv;
+      int8_t* out = row_codes + r * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) out[k] = code_of(v[k]);
+    }
+    if (col_codes != nullptr) {
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) v[k] = E::load(xr[k]) * col_inv[k];
+      int8_t* out = col_codes + r * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) out[k] = code_of(v[k]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
+    const at::Tensor& x, bool rows, bool cols) {
+  check_cpu(x, "x");
+  check_dim(x, 2, "x");
+  check_contiguous(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x: expected float32 or bfloat16, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const auto i8 = x.options().dtype(at::kChar);
+  at::Tensor row_codes = at::empty({rows ? M : 0, rows ? K : 0}, i8);
+  at::Tensor row_scales = at::empty({rows ? M : 0}, f32);
+  at::Tensor col_codes = at::empty({cols ? M : 0, cols ? K : 0}, i8);
+  at::Tensor col_scales = at::empty({cols ? K : 0}, f32);
+  if (M == 0 || K == 0 || (!rows && !cols)) {
+    if (cols) col_scales.zero_();
+    if (rows) row_scales.zero_();
+    return {row_codes, row_scales, col_codes, col_scales};
+  }
+  std::vector<float> row_amax(rows ? M : 0), row_inv(rows ? M : 0);
+  std::vector<uint8_t> row_bad(rows ? M : 0);
+  // column maxima: one partial per task, folded afterwards
+  const int64_t tasks = cols ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M)) : 1;
+  const int64_t chunk = (M + tasks - 1) / tasks;
+  std::vector<float> col_amax(cols ? tasks * K : 0, 0.0f), col_inv(cols ? K : 0);
+  std::vector<uint8_t> col_bad(cols ? tasks * K : 0, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_quantize", [&] {
+    using E = Elem<scalar_t>;
+    const auto* xp = E::ptr(x);
+    if (cols) {
+      at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          absmax_rows<E>(xp, t * chunk, std::min(M, (t + 1) * chunk), K,
+                         rows ? row_amax.data() : nullptr, rows ? row_bad.data() : nullptr,
+                         col_amax.data() + t * K, col_bad.data() + t * K);
+        }
+      });
+      float* cs = col_scales.data_ptr<float>();
+      for (int64_t k = 0; k < K; ++k) {
+        float amax = 0.0f;
+        bool bad = false;
+        for (int64_t t = 0; t < tasks; ++t) {
+          amax = std::max(amax, col_amax[t * K + k]);
+          bad = bad || col_bad[t * K + k];
+        }
+        scale_of(amax, bad, cs + k, &col_inv[k]);
+      }
+    } else {
+      at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
+        absmax_rows<E>(xp, b, e, K, row_amax.data(), row_bad.data(), nullptr, nullptr);
+      });
+    }
+    if (rows) {
+      float* rs = row_scales.data_ptr<float>();
+      for (int64_t r = 0; r < M; ++r) scale_of(row_amax[r], row_bad[r], rs + r, &row_inv[r]);
+    }
+    at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
+      std::vector<float> v(K);
+      codes_rows<E>(xp, b, e, K, rows ? row_inv.data() : nullptr,
+                    rows ? row_codes.data_ptr<int8_t>() : nullptr,
+                    cols ? col_inv.data() : nullptr,
+                    cols ? col_codes.data_ptr<int8_t>() : nullptr, v.data());
+    });
+  });
+  return {row_codes, row_scales, col_codes, col_scales};
+}
+
+// y = acc * row_scale * col_scale (+ bias), and with gelu: pre = that, y = GELU(pre); per row.
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void dequantize_row(const int32_t* acc, float row_scale,
+                                            const float* col_scales, const float* bias,
+                                            bool gelu, typename E::raw_t* pre,
+                                            typename E::raw_t* y, int64_t N) {
+  if (gelu) {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      float u = static_cast<float>(acc[n]) * (row_scale * col_scales[n]);
+      if (bias != nullptr) u += bias[n];
+      // GELU of the stored (rounded) pre-activation, which backward differentiates
+      const auto p = E::store(u);
+      pre[n] = p;
+      y[n] = E::store(gelu_value(static_cast<float>(E::load(p))));
+    }
+  } else if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      y[n] = E::store(static_cast<float>(acc[n]) * (row_scale * col_scales[n]) + bias[n]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      y[n] = E::store(static_cast<float>(acc[n]) * (row_scale * col_scales[n]));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_dequantize_cpu(const at::Tensor& acc,
+                                                       const at::Tensor& row_scales,
+                                                       const at::Tensor& col_scales,
+                                                       const c10::optional<at::Tensor>& bias,
+                                                       bool gelu, at::ScalarType dtype) {
+  check_cpu(acc, "acc");
+  check_dim(acc, 2, "acc");
+  check_contiguous(acc, "acc");
+  TORCH_CHECK(acc.scalar_type() == at::kInt, "acc: expected int32, got ", acc.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "dtype: expected float32 or bfloat16, got ", dtype);
+  const int64_t M = acc.size(0), N = acc.size(1);
+  for (auto [t, name, len] : {std::tuple{&row_scales, "row_scales", M},
+                              std::tuple{&col_scales, "col_scales", N}}) {
+    check_cpu(*t, name);
+    TORCH_CHECK(t->scalar_type() == at::kFloat, name, ": expected float32, got ", t->scalar_type());
+    check_shape(*t, {len}, name);
+    check_contiguous(*t, name);
+  }
+  const float* b = checked_float_bias(bias, N);
+  auto opts = acc.options().dtype(dtype);
+  at::Tensor y = at::empty({M, N}, opts);
+  at::Tensor pre = at::empty({gelu ? M : 0, gelu ? N : 0}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "int8_dequantize", [&] {
+    using E = Elem<scalar_t>;
+    const int32_t* a = acc.data_ptr<int32_t>();
+    const float* rs = row_scales.data_ptr<float>();
+    const float* cs = col_scales.data_ptr<float>();
+    auto* yp = E::ptr(y);
+    auto* pp = gelu ? E::ptr(pre) : nullptr;
+    at::parallel_for(0, M, row_grain(N), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        dequantize_row<E>(a + r * N, rs[r], cs, b, gelu, pp ? pp + r * N : nullptr, yp + r * N,
+                          N);
+      }
+    });
+  });
+  return {y, pre};
+}
+
+// grad_pre = grad_y * GELU'(pre), row by row; grad_bias_part (this task's) accumulates it.
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void gelu_grad_row(const typename E::raw_t* grad,
+                                           const typename E::raw_t* pre, typename E::raw_t* out,
+                                           float* grad_bias_part, int64_t N) {
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) {
+    const float d = static_cast<float>(E::load(grad[n])) * gelu_grad(static_cast<float>(E::load(pre[n])));
+    out[n] = E::store(d);
+    grad_bias_part[n] += d;
+  }
+}
+
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void sum_row(const typename E::raw_t* grad, float* part, int64_t N) {
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) part[n] += static_cast<float>(E::load(grad[n]));
+}
+
+// The gradient at the GEMM's output (through GELU when gelu) and its column sums (grad_bias).
+std::tuple<at::Tensor, at::Tensor> output_grad(const at::Tensor& grad_y, const at::Tensor& pre,
+                                               bool gelu) {
+  const int64_t M = grad_y.size(0), N = grad_y.size(1);
+  at::Tensor g = gelu ? at::empty_like(grad_y) : grad_y;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  const int64_t chunk = std::max<int64_t>(1, (M + tasks - 1) / tasks);
+  std::vector<float> parts(tasks * N, 0.0f);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad_y.scalar_type(), "int8_linear_grad", [&] {
+    using E = Elem<scalar_t>;
+    const auto* gy = E::ptr(grad_y);
+    const auto* pp = gelu ? E::ptr(pre) : nullptr;
+    auto* gp = E::ptr(g);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* part = parts.data() + t * N;
+        for (int64_t r = t * chunk; r < std::min(M, (t + 1) * chunk); ++r) {
+          if (gelu) {
+            gelu_grad_row<E>(gy + r * N, pp + r * N, gp + r * N, part, N);
+          } else {
+            sum_row<E>(gy + r * N, part, N);
+          }
+        }
+      }
+    });
+  });
+  at::Tensor grad_bias = at::zeros({N}, grad_y.options().dtype(at::kFloat));
+  float* gb = grad_bias.data_ptr<float>();
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t n = 0; n < N; ++n) gb[n] += parts[t * N + n];
+  }
+  return {g, grad_bias};
+}
+
+void check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t rows, int64_t cols,
+                 int64_t scale_len, const char* name, const char* scales_name) {
+  check_cpu(codes, name);
+  TORCH_CHECK(codes.scalar_type() == at::kChar, name, ": expected int8 codes, got ",
+              codes.scalar_type());
+  check_shape(codes, {rows, cols}, name);
+  check_contiguous(codes, name);
+  check_cpu(scales, scales_name);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, scales_name, ": expected float32, got ",
+              scales.scalar_type());
+  check_shape(scales, {scale_len}, scales_name);
+}
+
+void check_activations(const at::Tensor& x, const char* name) {
+  check_cpu(x, name);
+  check_dim(x, 2, name);
+  check_contiguous(x, name);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name,
+              ": expected float32 or bfloat16, got ", x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cpu(
+    const at::Tensor& x, const at::Tensor& w_codes, const at::Tensor& w_scales,
+    const c10::optional<at::Tensor>& bias, bool gelu, bool save_columns) {
+  check_activations(x, "x");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(w_codes.dim() == 2, "w_codes: expected a 2-D tensor, got ", w_codes.dim(), "-D");
+  const int64_t N = w_codes.size(0);
+  check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
+  auto [x_rows, x_row_scales, x_cols, x_col_scales] = int8_quantize_cpu(x, true, save_columns);
+  at::Tensor acc = at::_int_mm(x_rows, w_codes.t());
+  auto [y, pre] = int8_dequantize_cpu(acc, x_row_scales, w_scales, bias, gelu, x.scalar_type());
+  return {y, pre, x_cols, x_col_scales};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& pre, const at::Tensor& x_saved,
+    const at::Tensor& x_col_scales, const at::Tensor& w_col_codes,
+    const at::Tensor& w_col_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) {
+  check_activations(grad_y, "grad_y");
+  const int64_t M = grad_y.size(0), N = grad_y.size(1);
+  const int64_t K = w_col_codes.dim() == 2 ? w_col_codes.size(1) : -1;
+  check_codes(w_col_codes, w_col_scales, N, K, K, "w_col_codes", "w_col_scales");
+  if (gelu) {
+    check_same_dtype(pre, grad_y, "pre", "grad_y");
+    check_shape(pre, {M, N}, "pre");
+    check_contiguous(pre, "pre");
+  }
+  if (int8_weight_grad) {
+    check_codes(x_saved, x_col_scales, M, K, K, "x_saved", "x_col_scales");
+  } else {
+    check_same_dtype(x_saved, grad_y, "x_saved", "grad_y");
+    check_shape(x_saved, {M, K}, "x_saved");
+  }
+  auto [g, grad_bias] = output_grad(grad_y, pre, gelu);
+  auto [g_rows, g_row_scales, g_cols, g_col_scales] =
+      int8_quantize_cpu(g, need_grad_x, int8_weight_grad);
+  at::Tensor grad_x;
+  if (need_grad_x) {
+    at::Tensor acc = at::_int_mm(g_rows, w_col_codes);  // (M, K)
+    grad_x = std::get<0>(int8_dequantize_cpu(acc, g_row_scales, w_col_scales, c10::nullopt,
+                                             false, grad_y.scalar_type()));
+  } else {
+    grad_x = at::empty({0}, grad_y.options());
+  }
+  at::Tensor grad_w;
+  if (int8_weight_grad) {
+    at::Tensor acc = at::_int_mm(g_cols.t(), x_saved);  // (N, K), summed over the M tokens
+    grad_w = std::get<0>(int8_dequantize_cpu(acc, g_col_scales, x_col_scales, c10::nullopt,
+                                             false, at::kFloat));
+  } else {
+    grad_w = at::mm(g.t(), x_saved).to(at::kFloat);
+  }
+  return {grad_x, grad_w, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
+  m.impl("int8_quantize", &int8_quantize_cpu);
+  m.impl("int8_dequantize", &int8_dequantize_cpu);
+  m.impl("int8_linear_forward", &int8_linear_forward_cpu);
+  m.impl("int8_linear_backward", &int8_linear_backward_cpu);
+}
+
+}  // namespace ryzen_llm

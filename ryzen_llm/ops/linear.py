@@ -1,0 +1,136 @@
+"""The model's linear layers, x @ W.T + b (GELU'd when gelu): nn.Linear's math below level 4,
+int8 GEMMs from level 4 (the C++ side is csrc/cpu/int8_linear.cpp).
+
+The level-4 linear quantizes x per row and the weight per output channel for the forward GEMM,
+grad_y per row and the weight per input channel for the input gradient, and (INT8_WEIGHT_GRAD)
+grad_y and x per column for the weight gradient; each int8 x int8 -> int32 sum is exact and is
+dequantized with its row's and column's float32 scales, + bias (float32), GELU, in one pass.
+The weight's codes are made once per optimizer step: they are cached on the parameter and
+remade when its version counter moves (the optimizer updates it in place), so gradient
+accumulation over micro-batches quantizes each weight once. Saved for backward: x's column
+codes (int8, half the bytes of bfloat16) or, without the int8 weight gradient, x itself, and
+the pre-activation of a GELU'd layer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops._spec import OpSpec
+
+_LIB = "ryzen_llm"
+
+# The weight gradient's GEMM in int8 (grad_y and x per column) or in the activations' dtype.
+INT8_WEIGHT_GRAD = True
+
+_CACHE_ATTR = "_ryzen_llm_int8_codes"
+
+
+def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(row codes, row scales, column codes, column scales) of a (N, K) weight: per output
+    channel for the forward, per input channel for the input gradient. Cached on the weight
+    until it changes (its version counter or storage); remade on every call under
+    torch.compile, which cannot guard on the cache."""
+    w = weight.detach()
+    if torch.compiler.is_compiling():
+        return torch.ops.ryzen_llm.int8_quantize(w.float().contiguous(), True, True)
+    key = (w._version, w.data_ptr(), w.shape, w.dtype)
+    cached = getattr(weight, _CACHE_ATTR, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    codes = torch.ops.ryzen_llm.int8_quantize(w.float().contiguous(), True, True)
+    setattr(weight, _CACHE_ATTR, (key, codes))
+    return codes
+
+
+if extension_loaded():
+
+    @torch.library.custom_op(f"{_LIB}::int8_linear", mutates_args=())
+    def _int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     w_codes: torch.Tensor, w_scales: torch.Tensor, w_col_codes: torch.Tensor,
+                     w_col_scales: torch.Tensor, gelu: bool, int8_weight_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int8_linear_forward with the float weight as an input, so that autograd hands its
+        gradient back; returns (y, pre, x's column codes, their scales)."""
+        y, pre, x_cols, x_col_scales = torch.ops.ryzen_llm.int8_linear_forward(
+            x, w_codes, w_scales, bias, gelu, int8_weight_grad)
+        return y, pre, x_cols, x_col_scales
+
+    @_int8_linear.register_fake
+    def _(x, weight, bias, w_codes, w_scales, w_col_codes, w_col_scales, gelu, int8_weight_grad):
+        M, K = x.shape
+        N = w_codes.shape[0]
+        pre = x.new_empty((M, N) if gelu else (0, 0))
+        cols = x.new_empty((M, K) if int8_weight_grad else (0, 0), dtype=torch.int8)
+        scales = x.new_empty((K if int8_weight_grad else 0,), dtype=torch.float32)
+        return x.new_empty((M, N)), pre, cols, scales
+
+    for _name, _fake in (
+        ("int8_quantize", lambda x, rows, cols: (
+            x.new_empty(x.shape if rows else (0, 0), dtype=torch.int8),
+            x.new_empty((x.shape[0] if rows else 0,), dtype=torch.float32),
+            x.new_empty(x.shape if cols else (0, 0), dtype=torch.int8),
+            x.new_empty((x.shape[1] if cols else 0,), dtype=torch.float32))),
+        ("int8_dequantize", lambda acc, rs, cs, bias, gelu, dtype: (
+            acc.new_empty(acc.shape, dtype=dtype),
+            acc.new_empty(acc.shape if gelu else (0, 0), dtype=dtype))),
+        ("int8_linear_forward", lambda x, w_codes, w_scales, bias, gelu, save_columns: (
+            x.new_empty((x.shape[0], w_codes.shape[0])),
+            x.new_empty((x.shape[0], w_codes.shape[0]) if gelu else (0, 0)),
+            x.new_empty(x.shape if save_columns else (0, 0), dtype=torch.int8),
+            x.new_empty((x.shape[1] if save_columns else 0,), dtype=torch.float32))),
+        ("int8_linear_backward", lambda grad_y, pre, x_saved, x_col_scales, w_col_codes,
+         w_col_scales, gelu, need_grad_x, int8_weight_grad: (
+            grad_y.new_empty((grad_y.shape[0], w_col_codes.shape[1]) if need_grad_x else (0,)),
+            grad_y.new_empty(w_col_codes.shape, dtype=torch.float32),
+            grad_y.new_empty((w_col_codes.shape[0],), dtype=torch.float32))),
+    ):
+        torch.library.register_fake(f"{_LIB}::{_name}")(_fake)
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, _, _, w_col_codes, w_col_scales, gelu, int8_weight_grad = inputs
+        _, pre, x_cols, x_col_scales = output
+        ctx.set_materialize_grads(False)
+        ctx.gelu, ctx.int8_weight_grad = gelu, int8_weight_grad
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        x_saved = x_cols if int8_weight_grad else x
+        ctx.save_for_backward(pre, x_saved, x_col_scales, w_col_codes, w_col_scales)
+
+    def _backward(ctx, grad_y, *_unused):
+        if grad_y is None:
+            return (None,) * 9
+        pre, x_saved, x_col_scales, w_col_codes, w_col_scales = ctx.saved_tensors
+        grad_x, grad_w, grad_b = torch.ops.ryzen_llm.int8_linear_backward(
+            grad_y.contiguous(), pre, x_saved, x_col_scales, w_col_codes, w_col_scales,
+            ctx.gelu, ctx.needs_input_grad[0], ctx.int8_weight_grad)
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_w.to(ctx.weight_dtype),
+                grad_b if ctx.has_bias else None, None, None, None, None, None, None)
+
+    _int8_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                gelu: bool = False) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T + bias (N,), GELU'd when gelu, with int8 GEMMs (see the
+    module docstring); reference.int8_linear_forward/backward are its exact math. Under
+    autocast x is cast to the autocast dtype, as F.linear would; the bias stays float32 and is
+    added in float32. The result has x's (autocast) dtype."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"int8_linear: x must be float32 or bfloat16 (or autocast to one), "
+                        f"got {dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    codes = weight_codes(weight)
+    b = bias.float().contiguous() if bias is not None else None
+    y, _, _, _ = torch.ops.ryzen_llm.int8_linear(x2, weight, b, *codes, gelu, INT8_WEIGHT_GRAD)
+    return y.view(*lead, y.shape[-1])
+
+
+SPECS = (OpSpec("linear", 4, int8_linear, reference.linear,
+                "the model's linear layers (qkv, proj, fc1 + GELU, fc2) on int8 GEMMs"),)

@@ -1,0 +1,198 @@
+"""The level-4 linear (ryzen_llm.ops.linear, csrc/cpu/int8_linear.cpp) against the exact math of
+its quantization (reference.int8_*): codes bit for bit, int32 sums exact, forward and backward
+within a rounding of the stored dtype; and against nn.Linear's float math within the error int8
+quantization makes (measured here, ~1% of the output's norm)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ryzen_llm.ops import linear as L
+from ryzen_llm.ops import reference
+from tests.ops.conftest import requires_extension
+
+pytestmark = requires_extension
+
+SHAPES = [(1, 5, 3), (3, 40, 17), (97, 77, 33), (130, 100, 70)]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K", [(1, 1), (3, 40), (97, 77), (2048, 13)])
+def test_quantize_matches_reference_bit_for_bit(M, K, dtype):
+    g = torch.Generator().manual_seed(M * K)
+    x = (torch.randn(M, K, generator=g) * torch.logspace(-3, 3, K)).to(dtype)
+    x[0, 0] = 0.0
+    if M > 2:
+        x[1] = 0.0  # an all-zero row: scale 0, codes 0
+    rows, row_scales, cols, col_scales = torch.ops.ryzen_llm.int8_quantize(x, True, True)
+    ref_rows, ref_row_scales = reference.int8_quantize(x, 1)
+    ref_cols, ref_col_scales = reference.int8_quantize(x, 0)
+    assert torch.equal(rows, ref_rows) and torch.equal(cols, ref_cols)
+    assert torch.equal(row_scales, ref_row_scales) and torch.equal(col_scales, ref_col_scales)
+    only_rows = torch.ops.ryzen_llm.int8_quantize(x, True, False)
+    assert torch.equal(only_rows[0], rows) and only_rows[2].numel() == 0
+
+
+def test_quantize_marks_nonfinite_rows_and_columns_nan():
+    x = torch.randn(6, 9)
+    x[2, 4] = float("nan")
+    x[4, 1] = float("inf")
+    rows, row_scales, cols, col_scales = torch.ops.ryzen_llm.int8_quantize(x, True, True)
+    assert row_scales[[2, 4]].isnan().all() and not row_scales[[0, 1, 3, 5]].isnan().any()
+    assert col_scales[[4, 1]].isnan().all() and not col_scales[[0, 2, 3, 5, 6, 7, 8]].isnan().any()
+    assert (rows[2] == 0).all() and (cols[:, 4] == 0).all()
+    # a NaN activation row gives a NaN output row, the others are untouched (as a float GEMM)
+    w = torch.randn(5, 9)
+    y = L.int8_linear(x, w, None)
+    assert y[[2, 4]].isnan().all() and y[[0, 1, 3, 5]].isfinite().all()
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES + [(2048, 512, 64)])
+def test_int_sums_are_exact(M, K, N):
+    g = torch.Generator().manual_seed(K)
+    a = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    assert torch.equal(torch._int_mm(a, b.t()), reference.int8_matmul(a, b.t()))
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("int8_weight_grad", [True, False])
+def test_forward_backward_match_the_quantized_math(M, K, N, dtype, gelu, int8_weight_grad,
+                                                   monkeypatch):
+    monkeypatch.setattr(L, "INT8_WEIGHT_GRAD", int8_weight_grad)
+    g = torch.Generator().manual_seed(M + K + N)
+    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(N, K, generator=g) / K**0.5).requires_grad_()
+    b = torch.randn(N, generator=g).requires_grad_()
+    grad_y = torch.randn(M, N, generator=g).to(dtype)
+    y = L.int8_linear(x, w, b, gelu)
+    y.backward(grad_y)
+    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == torch.float32
+
+    ref_y = reference.int8_linear_forward(x.detach(), w.detach(), b.detach(), gelu)
+    pre = None
+    if gelu:
+        pre = reference.int8_linear_forward(x.detach(), w.detach(), b.detach(), False)
+    ref_gx, ref_gw, ref_gb = reference.int8_linear_backward(grad_y, x.detach(), w.detach(), pre,
+                                                            int8_weight_grad)
+    # The same codes and exact int32 sums: what may differ is the float32 epilogue's rounding
+    # (one ulp of the stored dtype; GELU's float polynomial adds ~3e-7 relative in float32), and
+    # the bias gradient, which the kernel sums before rounding.
+    ulp = torch.finfo(dtype).eps
+    assert (y.double() - ref_y.double()).abs().max() <= 4 * ulp * ref_y.double().abs().max()
+    assert (x.grad.double() - ref_gx.double()).abs().max() <= 4 * ulp * ref_gx.double().abs().max()
+    tol_w = 1e-6 if int8_weight_grad else 2 * ulp  # bf16 weight-gradient GEMM rounds its result
+    assert rel(w.grad, ref_gw) <= tol_w
+    assert rel(b.grad, ref_gb) <= 4 * ulp
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_close_to_the_float_linear(gelu):
+    """Against nn.Linear's float32 math: the error int8 makes, ~1% relative (bound 3%)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 96, generator=g, requires_grad=True)
+    w = (torch.randn(80, 96, generator=g) / 10).requires_grad_()
+    b = torch.randn(80, generator=g).requires_grad_()
+    grad_y = torch.randn(256, 80, generator=g)
+    L.int8_linear(x, w, b, gelu).backward(grad_y)
+    got = (x.grad, w.grad, b.grad)
+    x.grad = w.grad = b.grad = None
+    y = reference.linear(x, w, b, gelu)
+    y.backward(grad_y)
+    errors = [rel(a, e) for a, e in zip(got, (x.grad, w.grad, b.grad))]
+    print("relative errors of grad x, w, b:", errors)
+    assert max(errors) < 0.03
+
+
+def test_leading_dims_and_autocast():
+    x = torch.randn(2, 7, 24)
+    w, b = torch.randn(10, 24), torch.randn(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = L.int8_linear(x, w, b)
+    assert y.shape == (2, 7, 10) and y.dtype == torch.bfloat16
+    assert rel(y, F.linear(x, w, b)) < 0.03
+
+
+def test_weight_codes_are_made_once_per_update():
+    """Cached on the weight: reused until the optimizer changes it (both AdamWs move its
+    version), so micro-batches of one step share one quantization."""
+    from ryzen_llm.ops.adamw import FusedAdamW
+
+    for make in (torch.optim.AdamW, FusedAdamW):
+        w = torch.nn.Parameter(torch.randn(8, 16))
+        first = L.weight_codes(w)
+        assert L.weight_codes(w) is first
+        w.grad = torch.randn(8, 16)
+        make([w], lr=0.1).step()
+        again = L.weight_codes(w)
+        assert again is not first
+        assert torch.equal(again[0], reference.int8_quantize(w.detach(), 1)[0])
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 12, generator=g, requires_grad=True)
+    w = torch.randn(7, 12, generator=g, requires_grad=True)
+    b = torch.randn(7, generator=g, requires_grad=True)
+    codes = L.weight_codes(w)
+    for gelu, wg in [(False, True), (True, False)]:
+        torch.library.opcheck(torch.ops.ryzen_llm.int8_linear, (x, w, b, *codes, gelu, wg),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(torch.ops.ryzen_llm.int8_quantize, (x.detach(), True, True))
+
+
+def test_compiles_with_fullgraph():
+    x = torch.randn(9, 20, requires_grad=True)
+    w = torch.randn(6, 20, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+
+    def f(x, w, b):
+        return L.int8_linear(x, w, b, True).sum()
+
+    eager = f(x, w, b)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, b)
+    assert torch.allclose(eager, compiled)
+
+
+def test_bad_input_names_the_argument():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    codes = L.weight_codes(w)
+    with pytest.raises(RuntimeError, match="x: expected float32 or bfloat16"):
+        torch.ops.ryzen_llm.int8_linear_forward(x.double(), codes[0], codes[1], None, False, False)
+    with pytest.raises(RuntimeError, match="w_codes: expected sizes"):
+        torch.ops.ryzen_llm.int8_linear_forward(torch.randn(4, 9), codes[0], codes[1], None,
+                                                False, False)
+    with pytest.raises(RuntimeError, match="x: expected a contiguous tensor"):
+        torch.ops.ryzen_llm.int8_linear_forward(torch.randn(8, 4).t(), codes[0], codes[1], None,
+                                                False, False)
+    with pytest.raises(RuntimeError, match="w_codes: expected int8 codes"):
+        torch.ops.ryzen_llm.int8_linear_forward(x, w, codes[1], None, False, False)
+    with pytest.raises(RuntimeError, match="bias: expected sizes"):
+        torch.ops.ryzen_llm.int8_linear_forward(x, codes[0], codes[1], torch.randn(4), False,
+                                                False)
+    with pytest.raises(TypeError, match="int8_linear: x must be float32 or bfloat16"):
+        L.int8_linear(x.half(), w, None)
+    with pytest.raises(RuntimeError, match="acc: expected int32"):
+        torch.ops.ryzen_llm.int8_dequantize(torch.zeros(2, 3), torch.ones(2), torch.ones(3),
+                                            None, False, torch.float32)
+
+
+def test_level4_runs_the_int8_linear_and_trains_on_cpu_only():
+    from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=16)
+    step = TrainStep(ScaledTransformerModel(cfg), level=4, lr=1e-3)
+    idx = torch.randint(0, 64, (2, 17))
+    step(idx[:, :-1], idx[:, 1:])
+    calls = step.kernels.summary()
+    assert calls["linear"]["calls"] == {"fused": 4}  # qkv, proj, fc1, fc2
+    assert calls["gelu_feed_forward"]["calls"] == {}
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="level 4: the int8 linear layers run on the CPU"):
+            TrainStep(ScaledTransformerModel(cfg).cuda(), level=4)
