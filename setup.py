@@ -80,8 +80,9 @@ setup(
     ],
     extras_require={
         "test": ["expecttest", "httpx>=0.25"],
-        # the Hugging Face generate() peer of benchmarks/bench_generate.py; without it that peer
-        # is reported as "not measured"
-        "bench": ["transformers>=4.40"],
+        # the Hugging Face generate() peer of benchmarks/bench_generate.py and torchao's int8
+        # mixed-precision training peer of bench_train_step.py; without them those peers are
+        # reported as "not measured"
+        "bench": ["transformers>=4.40", "torchao>=0.14"],
     },
 )

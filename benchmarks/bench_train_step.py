@@ -1,11 +1,13 @@
 """One training micro-step of the seed's model (batch 16 x 128: forward, backward, clipping,
 AdamW) at every optimization level, beside the plain-PyTorch peers of PERFORMANCE.md, all in one
 process on the same inputs: eager fp32 with the attention written out (the seed's baseline),
-eager fp32 with F.scaled_dot_product_attention, eager bf16 autocast with and without SDPA, and
-torch.compile fp32 and bf16.
+eager fp32 with F.scaled_dot_product_attention, eager bf16 autocast with and without SDPA,
+torch.compile fp32 and bf16, and the int8 training a PyTorch user could pick instead of level 4:
+torchao's int8 mixed-precision training (`torchao.prototype.quantized_training`, its linear
+layers' forward and input-gradient GEMMs in int8) with bf16 autocast, eager and compiled.
 
 Each result records ms/step, tokens/s and model-FLOP utilisation against the matmul peak
-measured in the same session; the terminal summary prints the table with each row's speed
+measured in the same session (fp32 or bf16; int8 rows also against torch._int_mm's peak); the terminal summary prints the table with each row's speed
 relative to the fastest peer. Nothing asserts on time.
 
 Run: pytest benchmarks/bench_train_step.py --benchmark-only
@@ -55,16 +57,23 @@ def model_flops_per_step(config: ModelConfig, params: int) -> float:
 
 @pytest.fixture(scope="session")
 def matmul_peak():
-    """Measured GFLOP/s of a 2048^3 matmul, fp32 and bf16, in this process."""
+    """Measured GFLOP/s of a 2048^3 matmul, fp32 and bf16, and GOP/s of torch._int_mm (int8 x
+    int8 -> int32), in this process."""
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(2048, 2048, dtype=dtype)
-        b = torch.randn(2048, 2048, dtype=dtype)
-        a @ b
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+        if dtype == torch.int8:
+            a = torch.randint(-127, 128, (2048, 2048), dtype=dtype)
+            b = torch.randint(-127, 128, (2048, 2048), dtype=dtype)
+            mm = torch._int_mm
+        else:
+            a = torch.randn(2048, 2048, dtype=dtype)
+            b = torch.randn(2048, 2048, dtype=dtype)
+            mm = torch.matmul
+        mm(a, b)
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            a @ b
+            mm(a, b)
             times.append(time.perf_counter() - t0)
         out[name] = 2 * 2048**3 / sorted(times)[len(times) // 2] / 1e9
     RESULTS["_matmul_peak_gflops"] = out
@@ -108,7 +117,8 @@ def plain_step(model, sdpa: bool, bf16: bool, compile: bool):
     return step
 
 
-def record(benchmark, name: str, kind: str, times: list[float], config, params, peak, bf16):
+def record(benchmark, name: str, kind: str, times: list[float], config, params, peak, bf16,
+           int8: bool = False):
     median = sorted(times)[len(times) // 2]
     flops = model_flops_per_step(config, params)
     peak_gflops = peak["bf16" if bf16 else "fp32"]
@@ -120,8 +130,10 @@ def record(benchmark, name: str, kind: str, times: list[float], config, params, 
         "tokens_per_s": B * T / median,
         "gflops": flops / median / 1e9,
         "mfu_vs_matmul_peak": flops / median / 1e9 / peak_gflops,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "int8 GEMMs + bf16" if int8 else "bf16" if bf16 else "fp32",
     }
+    if int8:  # the same work against the int8 GEMM's peak: what int8 could at best reach
+        info["mfu_vs_int8_peak"] = flops / median / 1e9 / peak["int8"]
     RESULTS[name] = info
     benchmark.extra_info.update(info)
 
@@ -141,10 +153,37 @@ def test_peer_micro_step(benchmark, name, matmul_peak):
            opts["bf16"])
 
 
-@pytest.mark.parametrize("level, compression", [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (3, 0.3)])
+TORCHAO_PEERS = {"torchao int8 mixed-precision, bf16 autocast": False,
+                 "torchao int8 mixed-precision, bf16, torch.compile": True}
+
+
+@pytest.mark.parametrize("name", list(TORCHAO_PEERS))
+def test_torchao_int8_peer(benchmark, name, matmul_peak):
+    """torchao's int8 mixed-precision training on the same model: every nn.Linear's weight
+    becomes its int8 training subclass (plain PyTorch ops otherwise), under bf16 autocast."""
+    benchmark.group = "train micro-step (16 x 128)"
+    try:
+        from torchao import quantize_
+        from torchao.prototype.quantized_training import int8_mixed_precision_training
+    except Exception as exc:  # not installed, or not importable beside this torch
+        RESULTS[name] = {"name": name, "kind": "peer", "not_measured": f"{type(exc).__name__}: {exc}"}
+        pytest.skip(f"torchao not measured: {exc}")
+    torch.manual_seed(0)
+    config = ModelConfig()
+    model = ScaledTransformerModel(config)
+    quantize_(model, int8_mixed_precision_training())  # before the optimizer sees the weights
+    step_fn = plain_step(model, sdpa=False, bf16=True, compile=TORCHAO_PEERS[name])
+    idx, targets = batch(config)
+    times = time_steps(benchmark, step_fn, idx, targets)
+    record(benchmark, name, "peer", times, config, model.count_parameters(), matmul_peak, True,
+           int8=True)
+
+
+@pytest.mark.parametrize("level, compression", [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (3, 0.3),
+                                                (4, 0.0), (4, 0.3)])
 def test_level_micro_step(benchmark, level, compression, matmul_peak):
-    """Level 3 with and without activation compression (the trainer's level 3 compresses at
-    optimization.compression_ratio, 0.3 by default)."""
+    """Level 3 and 4 with and without activation compression (the trainer's levels 3 and 4
+    compress at optimization.compression_ratio, 0.3 by default)."""
     benchmark.group = "train micro-step (16 x 128)"
     torch.manual_seed(0)
     config = ModelConfig()
@@ -154,11 +193,12 @@ def test_level_micro_step(benchmark, level, compression, matmul_peak):
     idx, targets = batch(config)
     times = time_steps(benchmark, step, idx, targets)
     fell_back = [op for op, c in step.kernels.choices.items() if c.reason.startswith("FELL BACK")]
-    name = f"ryzen_llm level {level}" + (", bf16" if step.bf16 else "")
+    name = f"ryzen_llm level {level}" + (", int8 GEMMs" if level >= 4 else "") + (
+        ", bf16" if step.bf16 else "")
     if compression:
         name += ", int8 activations"
     record(benchmark, name, "candidate", times, config, model.count_parameters(), matmul_peak,
-           step.bf16)
+           step.bf16, int8=level >= 4)
     RESULTS[name]["fell_back_to_reference"] = fell_back
     benchmark.extra_info["fell_back_to_reference"] = fell_back
     benchmark.extra_info["ops"] = {op: c.impl for op, c in step.kernels.choices.items()}

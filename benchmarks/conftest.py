@@ -54,7 +54,8 @@ def _train_step_summary(w):
         from benchmarks.bench_train_step import RESULTS
     except ImportError:
         return
-    rows = {k: v for k, v in RESULTS.items() if not k.startswith("_")}
+    rows = {k: v for k, v in RESULTS.items() if not k.startswith("_") and "not_measured" not in v}
+    missing = {k: v["not_measured"] for k, v in RESULTS.items() if "not_measured" in v}
     if not rows:
         return
     peers = {k: v for k, v in rows.items() if v["kind"] == "peer"}
@@ -65,19 +66,23 @@ def _train_step_summary(w):
         "matmul peak measured now: "
         + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items())
     )
-    w.write_line(f"{'configuration':<36} {'ms/step':>9} {'spread':>8} {'tokens/s':>9} "
-                 f"{'MFU':>6} {'vs best peer':>12}")
+    w.write_line(f"{'configuration':<52} {'ms/step':>9} {'spread':>8} {'tokens/s':>9} "
+                 f"{'MFU':>6} {'MFU int8':>8} {'vs best peer':>12}")
     for name, r in rows.items():
         ratio = peers[best_peer]["ms_per_step"] / r["ms_per_step"] if best_peer else float("nan")
         note = ""
         if r.get("fell_back_to_reference"):
             note = "  FELL BACK to reference: " + ", ".join(r["fell_back_to_reference"])
+        int8 = f"{r['mfu_vs_int8_peak']:.0%}" if "mfu_vs_int8_peak" in r else "-"
         w.write_line(
-            f"{name:<36} {r['ms_per_step']:>9.1f} {r['spread_ms']:>8.1f} "
-            f"{r['tokens_per_s']:>9,.0f} {r['mfu_vs_matmul_peak']:>6.0%} {ratio:>11.2f}x{note}"
+            f"{name:<52} {r['ms_per_step']:>9.1f} {r['spread_ms']:>8.1f} "
+            f"{r['tokens_per_s']:>9,.0f} {r['mfu_vs_matmul_peak']:>6.0%} {int8:>8} "
+            f"{ratio:>11.2f}x{note}"
         )
     if best_peer:
         w.write_line(f"best peer: {best_peer}")
+    for name, why in missing.items():
+        w.write_line(f"{name}: not measured ({why})")
 
 
 def _generate_summary(w):

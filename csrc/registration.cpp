@@ -46,9 +46,10 @@ TORCH_LIBRARY(ryzen_llm, m) {
   m.def("int8_quantize(Tensor x, bool rows, bool cols) -> (Tensor row_codes, Tensor row_scales, Tensor col_codes, Tensor col_scales)");
   // acc (M, N) int32 * row_scales[m] * col_scales[n] (+ bias) in dtype; with gelu, pre is that and y = GELU(pre).
   m.def("int8_dequantize(Tensor acc, Tensor row_scales, Tensor col_scales, Tensor? bias, bool gelu, ScalarType dtype) -> (Tensor y, Tensor pre)");
-  // The int8 linear of level 4 on x (M, K) and a weight quantized per output (w_codes (N, K), w_scales (N,)):
+  // The int8 linear of level 4 on x (M, K) and weight (N, K) given as its codes per output (w_codes, w_scales (N,))
+  // and per input (w_col_codes, w_col_scales (K,), for backward); weight itself only receives its gradient.
   // y = x @ W.T + bias (GELU'd); pre for backward (gelu only); x's column codes for an int8 weight gradient (save_columns).
-  m.def("int8_linear_forward(Tensor x, Tensor w_codes, Tensor w_scales, Tensor? bias, bool gelu, bool save_columns) -> (Tensor y, Tensor pre, Tensor x_col_codes, Tensor x_col_scales)");
+  m.def("int8_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor w_codes, Tensor w_scales, Tensor w_col_codes, Tensor w_col_scales, bool gelu, bool save_columns) -> (Tensor y, Tensor pre, Tensor x_col_codes, Tensor x_col_scales)");
   // Its backward with the weight quantized per input (w_col_codes (N, K), w_col_scales (K,)); x_saved is x's column codes
   // (int8_weight_grad) or x itself; grad_weight float32 (N, K), grad_bias float32 (N,).
   m.def("int8_linear_backward(Tensor grad_y, Tensor pre, Tensor x_saved, Tensor x_col_scales, Tensor w_col_codes, Tensor w_col_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");

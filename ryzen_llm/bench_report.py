@@ -150,9 +150,12 @@ def train_section(benches, out: Path, plt) -> list[str]:
                       _fmt(i.get("tokens_per_s"), ",.0f"),
                       _fmt(None if i.get("mfu_vs_matmul_peak") is None
                            else 100 * i["mfu_vs_matmul_peak"], ".0f", "%"),
+                      _fmt(None if i.get("mfu_vs_int8_peak") is None
+                           else 100 * i["mfu_vs_int8_peak"], ".0f", "%"),
                       _fmt(None if best is None else best / i["ms_per_step"], ".2f", "x"),
                       _fmt(i.get("peak_rss_mb"), ",.0f", " MB"), note])
-    lines += _table(["configuration", "kind", "ms/step", "tokens/s", "MFU", "vs best peer",
+    lines += _table(["configuration", "kind", "ms/step", "tokens/s", "MFU", "MFU vs int8 peak",
+                     "vs best peer",
                      "peak RSS", "note"], table)
     if best is None:
         lines += ["", f"Peers: {NOT_MEASURED}."]

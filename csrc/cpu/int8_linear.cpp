@@ -323,14 +323,19 @@ void check_activations(const at::Tensor& x, const char* name) {
               ": expected float32 or bfloat16, got ", x.scalar_type());
 }
 
+// weight: the float weight the codes were made from; only autograd uses it (its gradient is the
+// backward's grad_weight), the kernel checks that its shape matches the codes'.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cpu(
-    const at::Tensor& x, const at::Tensor& w_codes, const at::Tensor& w_scales,
-    const c10::optional<at::Tensor>& bias, bool gelu, bool save_columns) {
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& w_codes, const at::Tensor& w_scales, const at::Tensor& w_col_codes,
+    const at::Tensor& w_col_scales, bool gelu, bool save_columns) {
   check_activations(x, "x");
   const int64_t K = x.size(1);
-  TORCH_CHECK(w_codes.dim() == 2, "w_codes: expected a 2-D tensor, got ", w_codes.dim(), "-D");
-  const int64_t N = w_codes.size(0);
+  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(), "-D");
+  const int64_t N = weight.size(0);
+  check_shape(weight, {N, K}, "weight");
   check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
+  check_codes(w_col_codes, w_col_scales, N, K, K, "w_col_codes", "w_col_scales");
   auto [x_rows, x_row_scales, x_cols, x_col_scales] = int8_quantize_cpu(x, true, save_columns);
   at::Tensor acc = at::_int_mm(x_rows, w_codes.t());
   auto [y, pre] = int8_dequantize_cpu(acc, x_row_scales, w_scales, bias, gelu, x.scalar_type());

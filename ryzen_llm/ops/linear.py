@@ -13,8 +13,6 @@ the pre-activation of a GELU'd layer.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ryzen_llm.ops import reference
@@ -48,47 +46,36 @@ def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 if extension_loaded():
 
-    @torch.library.custom_op(f"{_LIB}::int8_linear", mutates_args=())
-    def _int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     w_codes: torch.Tensor, w_scales: torch.Tensor, w_col_codes: torch.Tensor,
-                     w_col_scales: torch.Tensor, gelu: bool, int8_weight_grad: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """int8_linear_forward with the float weight as an input, so that autograd hands its
-        gradient back; returns (y, pre, x's column codes, their scales)."""
-        y, pre, x_cols, x_col_scales = torch.ops.ryzen_llm.int8_linear_forward(
-            x, w_codes, w_scales, bias, gelu, int8_weight_grad)
-        return y, pre, x_cols, x_col_scales
-
-    @_int8_linear.register_fake
-    def _(x, weight, bias, w_codes, w_scales, w_col_codes, w_col_scales, gelu, int8_weight_grad):
+    @torch.library.register_fake(f"{_LIB}::int8_linear_forward")
+    def _(x, weight, bias, w_codes, w_scales, w_col_codes, w_col_scales, gelu, save_columns):
         M, K = x.shape
-        N = w_codes.shape[0]
+        N = weight.shape[0]
         pre = x.new_empty((M, N) if gelu else (0, 0))
-        cols = x.new_empty((M, K) if int8_weight_grad else (0, 0), dtype=torch.int8)
-        scales = x.new_empty((K if int8_weight_grad else 0,), dtype=torch.float32)
+        cols = x.new_empty((M, K) if save_columns else (0, 0), dtype=torch.int8)
+        scales = x.new_empty((K if save_columns else 0,), dtype=torch.float32)
         return x.new_empty((M, N)), pre, cols, scales
 
-    for _name, _fake in (
-        ("int8_quantize", lambda x, rows, cols: (
-            x.new_empty(x.shape if rows else (0, 0), dtype=torch.int8),
-            x.new_empty((x.shape[0] if rows else 0,), dtype=torch.float32),
-            x.new_empty(x.shape if cols else (0, 0), dtype=torch.int8),
-            x.new_empty((x.shape[1] if cols else 0,), dtype=torch.float32))),
-        ("int8_dequantize", lambda acc, rs, cs, bias, gelu, dtype: (
-            acc.new_empty(acc.shape, dtype=dtype),
-            acc.new_empty(acc.shape if gelu else (0, 0), dtype=dtype))),
-        ("int8_linear_forward", lambda x, w_codes, w_scales, bias, gelu, save_columns: (
-            x.new_empty((x.shape[0], w_codes.shape[0])),
-            x.new_empty((x.shape[0], w_codes.shape[0]) if gelu else (0, 0)),
-            x.new_empty(x.shape if save_columns else (0, 0), dtype=torch.int8),
-            x.new_empty((x.shape[1] if save_columns else 0,), dtype=torch.float32))),
-        ("int8_linear_backward", lambda grad_y, pre, x_saved, x_col_scales, w_col_codes,
-         w_col_scales, gelu, need_grad_x, int8_weight_grad: (
-            grad_y.new_empty((grad_y.shape[0], w_col_codes.shape[1]) if need_grad_x else (0,)),
-            grad_y.new_empty(w_col_codes.shape, dtype=torch.float32),
-            grad_y.new_empty((w_col_codes.shape[0],), dtype=torch.float32))),
-    ):
-        torch.library.register_fake(f"{_LIB}::{_name}")(_fake)
+    @torch.library.register_fake(f"{_LIB}::int8_linear_backward")
+    def _(grad_y, pre, x_saved, x_col_scales, w_col_codes, w_col_scales, gelu, need_grad_x,
+          int8_weight_grad):
+        M = grad_y.shape[0]
+        N, K = w_col_codes.shape
+        return (grad_y.new_empty((M, K) if need_grad_x else (0,)),
+                grad_y.new_empty((N, K), dtype=torch.float32),
+                grad_y.new_empty((N,), dtype=torch.float32))
+
+    @torch.library.register_fake(f"{_LIB}::int8_quantize")
+    def _(x, rows, cols):
+        M, K = x.shape
+        return (x.new_empty((M, K) if rows else (0, 0), dtype=torch.int8),
+                x.new_empty((M if rows else 0,), dtype=torch.float32),
+                x.new_empty((M, K) if cols else (0, 0), dtype=torch.int8),
+                x.new_empty((K if cols else 0,), dtype=torch.float32))
+
+    @torch.library.register_fake(f"{_LIB}::int8_dequantize")
+    def _(acc, row_scales, col_scales, bias, gelu, dtype):
+        return (acc.new_empty(acc.shape, dtype=dtype),
+                acc.new_empty(acc.shape if gelu else (0, 0), dtype=dtype))
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, _, _, w_col_codes, w_col_scales, gelu, int8_weight_grad = inputs
@@ -101,7 +88,7 @@ if extension_loaded():
         ctx.save_for_backward(pre, x_saved, x_col_scales, w_col_codes, w_col_scales)
 
     def _backward(ctx, grad_y, *_unused):
-        if grad_y is None:
+        if grad_y is None:  # only pre / the codes were used: not differentiable here
             return (None,) * 9
         pre, x_saved, x_col_scales, w_col_codes, w_col_scales = ctx.saved_tensors
         grad_x, grad_w, grad_b = torch.ops.ryzen_llm.int8_linear_backward(
@@ -110,7 +97,8 @@ if extension_loaded():
         return (grad_x if ctx.needs_input_grad[0] else None, grad_w.to(ctx.weight_dtype),
                 grad_b if ctx.has_bias else None, None, None, None, None, None, None)
 
-    _int8_linear.register_autograd(_backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{_LIB}::int8_linear_forward", _backward,
+                                    setup_context=_setup_context)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -128,7 +116,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     codes = weight_codes(weight)
     b = bias.float().contiguous() if bias is not None else None
-    y, _, _, _ = torch.ops.ryzen_llm.int8_linear(x2, weight, b, *codes, gelu, INT8_WEIGHT_GRAD)
+    y, _, _, _ = torch.ops.ryzen_llm.int8_linear_forward(x2, weight, b, *codes, gelu,
+                                                          INT8_WEIGHT_GRAD)
     return y.view(*lead, y.shape[-1])
 
 

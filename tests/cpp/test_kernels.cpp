@@ -400,6 +400,95 @@ TEST_CASE(causal_attention_decode_matches_naive_loop) {
 
 }  // namespace
 
+// ---- the level-4 int8 linear -------------------------------------------------------------------
+// Codes per row and column against a naive absmax/round loop, and the forward and backward of
+// int8_linear_forward/backward against naive integer sums of those codes, on awkward shapes.
+namespace {
+using QuantizeFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, bool,
+                                                                              bool);
+// naive codes of v (n values, stride s) with scale absmax/127; returns the scale
+float naive_codes(const float* v, int64_t n, int64_t s, int8_t* out, int64_t os) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i * s]));
+  const float scale = amax / 127.0f;
+  const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::nearbyint(v[i * s] * inv);
+    out[i * os] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, q)));
+  }
+  return scale;
+}
+}  // namespace
+
+TEST_CASE(int8_linear_matches_naive_loop) {
+  auto quantize = harness::op<QuantizeFn>("ryzen_llm::int8_quantize");
+  using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool);
+  using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, bool, bool, bool);
+  auto fwd = harness::op<Fwd>("ryzen_llm::int8_linear_forward");
+  auto bwd = harness::op<Bwd>("ryzen_llm::int8_linear_backward");
+  at::manual_seed(11);
+  struct Shape { int64_t M, K, N; };
+  for (auto [M, K, N] : std::vector<Shape>{{1, 5, 3}, {3, 40, 17}, {97, 77, 33}}) {
+    auto x = at::randn({M, K}), w = at::randn({N, K}), b = at::randn({N}), gy = at::randn({M, N});
+    // codes of x per row and per column, bit for bit
+    auto [xr, xrs, xc, xcs] = quantize.call(x, true, true);
+    auto er = at::empty({M, K}, at::kChar), ec = at::empty({M, K}, at::kChar);
+    const float* xp = x.data_ptr<float>();
+    bool same_scales = true;
+    for (int64_t m = 0; m < M; ++m)
+      same_scales &= naive_codes(xp + m * K, K, 1, er.data_ptr<int8_t>() + m * K, 1) ==
+                     xrs.data_ptr<float>()[m];
+    for (int64_t k = 0; k < K; ++k)
+      same_scales &= naive_codes(xp + k, M, K, ec.data_ptr<int8_t>() + k, K) ==
+                     xcs.data_ptr<float>()[k];
+    EXPECT(same_scales && at::equal(xr, er) && at::equal(xc, ec), "codes M %ld K %ld", (long)M, (long)K);
+    // forward: y = sum_k xr * wr * row scale * column scale + b
+    auto [wr, wrs, wc, wcs] = quantize.call(w, true, true);
+    auto [y, pre, x_cols, x_col_scales] = fwd.call(x, w, b, wr, wrs, wc, wcs, false, true);
+    auto ey = at::empty({M, N}, at::kDouble);
+    const int8_t *xq = xr.data_ptr<int8_t>(), *wq = wr.data_ptr<int8_t>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        int64_t acc = 0;
+        for (int64_t k = 0; k < K; ++k) acc += int64_t(xq[m * K + k]) * wq[n * K + k];
+        ey.data_ptr<double>()[m * N + n] = double(acc) * xrs.data_ptr<float>()[m] *
+                                           wrs.data_ptr<float>()[n] + b.data_ptr<float>()[n];
+      }
+    EXPECT(harness::max_abs_diff(y, ey) < 1e-5 * (1 + ey.abs().max().item<double>()), "forward M %ld", (long)M);
+    EXPECT(at::equal(x_cols, xc), "saved column codes");
+    // backward (int8 weight gradient): grad_x from grad_y per row and W per column; grad_W from
+    // grad_y and x per column
+    auto [gx, gw, gb] = bwd.call(gy, at::empty({0}), x_cols, x_col_scales, wc, wcs, false, true, true);
+    auto [gr, grs, gc, gcs] = quantize.call(gy, true, true);
+    auto egx = at::empty({M, K}, at::kDouble), egw = at::empty({N, K}, at::kDouble);
+    const int8_t *gq = gr.data_ptr<int8_t>(), *gcq = gc.data_ptr<int8_t>(), *wcq = wc.data_ptr<int8_t>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t acc = 0;
+        for (int64_t n = 0; n < N; ++n) acc += int64_t(gq[m * N + n]) * wcq[n * K + k];
+        egx.data_ptr<double>()[m * K + k] = double(acc) * grs.data_ptr<float>()[m] * wcs.data_ptr<float>()[k];
+      }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t acc = 0;
+        for (int64_t m = 0; m < M; ++m) acc += int64_t(gcq[m * N + n]) * xc.data_ptr<int8_t>()[m * K + k];
+        egw.data_ptr<double>()[n * K + k] = double(acc) * gcs.data_ptr<float>()[n] * xcs.data_ptr<float>()[k];
+      }
+    EXPECT(harness::max_abs_diff(gx, egx) < 1e-5 * (1 + egx.abs().max().item<double>()), "grad_x M %ld", (long)M);
+    EXPECT(harness::max_abs_diff(gw, egw) < 1e-5 * (1 + egw.abs().max().item<double>()), "grad_w M %ld", (long)M);
+    EXPECT(harness::max_abs_diff(gb, gy.sum(0)) < 1e-4 * M, "grad_b M %ld", (long)M);
+  }
+  EXPECT_THROWS(quantize.call(at::randn({3, 4}).to(at::kDouble), true, true), "x: expected float32 or bfloat16");
+  auto w = at::randn({3, 8});
+  auto [wr, wrs, wc, wcs] = quantize.call(w, true, true);
+  EXPECT_THROWS(fwd.call(at::randn({2, 7}), w, std::nullopt, wr, wrs, wc, wcs, false, false),
+                "weight: expected sizes");
+}
+
 int main() {
   int passed = 0, failed = 0;
   for (const auto& c : harness::cases()) {

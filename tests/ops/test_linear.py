@@ -141,7 +141,7 @@ def test_opcheck():
     b = torch.randn(7, generator=g, requires_grad=True)
     codes = L.weight_codes(w)
     for gelu, wg in [(False, True), (True, False)]:
-        torch.library.opcheck(torch.ops.ryzen_llm.int8_linear, (x, w, b, *codes, gelu, wg),
+        torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_forward, (x, w, b, *codes, gelu, wg),
                               test_utils=("test_schema", "test_faketensor",
                                           "test_aot_dispatch_dynamic"))
     torch.library.opcheck(torch.ops.ryzen_llm.int8_quantize, (x.detach(), True, True))
@@ -163,19 +163,22 @@ def test_compiles_with_fullgraph():
 def test_bad_input_names_the_argument():
     x, w = torch.randn(4, 8), torch.randn(3, 8)
     codes = L.weight_codes(w)
+
+    def forward(x, w=w, bias=None, codes=codes):
+        return torch.ops.ryzen_llm.int8_linear_forward(x, w, bias, *codes, False, False)
+
     with pytest.raises(RuntimeError, match="x: expected float32 or bfloat16"):
-        torch.ops.ryzen_llm.int8_linear_forward(x.double(), codes[0], codes[1], None, False, False)
-    with pytest.raises(RuntimeError, match="w_codes: expected sizes"):
-        torch.ops.ryzen_llm.int8_linear_forward(torch.randn(4, 9), codes[0], codes[1], None,
-                                                False, False)
+        forward(x.double())
+    with pytest.raises(RuntimeError, match="weight: expected sizes"):
+        forward(torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="x: expected a contiguous tensor"):
-        torch.ops.ryzen_llm.int8_linear_forward(torch.randn(8, 4).t(), codes[0], codes[1], None,
-                                                False, False)
+        forward(torch.randn(8, 4).t())
     with pytest.raises(RuntimeError, match="w_codes: expected int8 codes"):
-        torch.ops.ryzen_llm.int8_linear_forward(x, w, codes[1], None, False, False)
+        forward(x, codes=(w, *codes[1:]))
+    with pytest.raises(RuntimeError, match="w_col_codes: expected sizes"):
+        forward(x, codes=(*codes[:2], codes[2][:, :4], codes[3]))
     with pytest.raises(RuntimeError, match="bias: expected sizes"):
-        torch.ops.ryzen_llm.int8_linear_forward(x, codes[0], codes[1], torch.randn(4), False,
-                                                False)
+        forward(x, bias=torch.randn(4))
     with pytest.raises(TypeError, match="int8_linear: x must be float32 or bfloat16"):
         L.int8_linear(x.half(), w, None)
     with pytest.raises(RuntimeError, match="acc: expected int32"):

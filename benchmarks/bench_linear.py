@@ -1,0 +1,59 @@
+"""The level-4 int8 linear (ryzen_llm.ops.linear) against the bf16 linear a PyTorch user runs
+(F.linear on bf16 tensors: ATen/oneDNN, eager and torch.compile), at the seed model's shapes:
+2048 rows (16 x 128 tokens) through qkv 512->1536, proj 512->512, fc1 512->1024, fc2 1024->512
+and 512->2048, forward, backward and both. The int8 weight codes are made once (as once per
+optimizer step in training) and the bf16 peer's weight is bf16 already, so neither pays for
+its weight's preparation in the timed calls. Rates are GFLOP/s of the layer's GEMMs (int8
+ops counted the same).
+
+Run: pytest benchmarks/bench_linear.py --benchmark-only"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks._common import compiled, run
+from ryzen_llm.ops import reference
+from ryzen_llm.ops._extension import extension_error, extension_loaded
+
+M = 16 * 128
+SHAPES = {"qkv": (512, 1536), "proj": (512, 512), "fc1": (512, 1024), "fc2": (1024, 512),
+          "512x2048": (512, 2048)}
+MODES = ["fwd", "bwd", "full"]
+
+
+def impl(name: str):
+    if name == "reference":
+        return reference.linear
+    if name == "compile":
+        return compiled(reference.linear)
+    if not extension_loaded():
+        pytest.skip(f"FUSED linear UNAVAILABLE (ryzen_llm._C: {extension_error()}): not timed")
+    from ryzen_llm.ops.linear import int8_linear
+
+    return int8_linear
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", SHAPES)
+# fused: the int8 linear; reference and compile: F.linear in bf16, eager and torch.compile
+@pytest.mark.parametrize("name", ["fused", "reference", "compile"])
+def test_linear(benchmark, name, layer, mode):
+    K, N = SHAPES[layer]
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(M, K, generator=g).bfloat16().requires_grad_()
+        w = (torch.randn(N, K, generator=g) * K**-0.5).requires_grad_()
+        b = torch.zeros(N).requires_grad_()
+        if name != "fused":  # the bf16 peer's parameters are bf16 (no cast in the timed call)
+            w = w.detach().bfloat16().requires_grad_()
+            b = b.detach().bfloat16().requires_grad_()
+        return [x, w, b]
+
+    gemm = 2 * M * K * N
+    work = {"fwd": gemm, "bwd": 2 * gemm, "full": 3 * gemm}[mode]
+    benchmark.group = f"linear {layer} ({K}->{N}) {mode}"
+    run(benchmark, impl(name), make, mode, work, "GFLOP/s",
+        dict(impl=name, dtype="int8 GEMMs, bf16 activations" if name == "fused" else "bf16",
+             shape=[M, K, N]))
