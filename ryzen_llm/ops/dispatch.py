@@ -75,8 +75,10 @@ def _parse_env(env: str | None) -> dict[str, str]:
     return out
 
 
-def resolve(level: int, overrides: dict[str, str] | None = None) -> dict[str, OpChoice]:
-    """Per op: which implementation runs at this level, and why."""
+def resolve(level: int, overrides: dict[str, str] | None = None,
+            unavailable: dict[str, str] | None = None) -> dict[str, OpChoice]:
+    """Per op: which implementation runs at this level, and why. unavailable: ops whose fused
+    kernel cannot run where the caller runs them (op -> why, e.g. no kernel for its device)."""
     if level not in LEVELS:
         raise ValueError(f"optimization level: expected one of {', '.join(map(str, LEVELS))}, "
                          f"got {level!r}")
@@ -86,7 +88,7 @@ def resolve(level: int, overrides: dict[str, str] | None = None) -> dict[str, Op
             raise ValueError(f"kernel override {op}={impl}: expected op=fused|reference with op "
                              f"one of {', '.join(OPS)}")
     explicit.update(overrides or {})
-    fused = _fused_registry()
+    fused = {op: fn for op, fn in _fused_registry().items() if op not in (unavailable or {})}
     choices = {}
     for op, op_level in LEVEL_OF_OP.items():
         wanted = explicit.get(op)
@@ -100,11 +102,10 @@ def resolve(level: int, overrides: dict[str, str] | None = None) -> dict[str, Op
         if op in fused:
             choices[op] = OpChoice("fused", "forced by override" if wanted else f"level {level}")
             continue
-        missing = (
-            f"extension not loaded ({extension_error()})"
-            if not extension_loaded()
-            else "no fused kernel for this op in this build"
-        )
+        if not extension_loaded():
+            missing = f"extension not loaded ({extension_error()})"
+        else:
+            missing = (unavailable or {}).get(op, "no fused kernel for this op in this build")
         if wanted == "fused":
             raise FusedOpUnavailable(f"fused {op} was requested but is unavailable: {missing}")
         choices[op] = OpChoice("reference", f"FELL BACK: {missing}")
@@ -114,9 +115,10 @@ def resolve(level: int, overrides: dict[str, str] | None = None) -> dict[str, Op
 class KernelSet:
     """The ops a model calls, bound to one implementation each, with call counts."""
 
-    def __init__(self, level: int = 0, overrides: dict[str, str] | None = None):
+    def __init__(self, level: int = 0, overrides: dict[str, str] | None = None,
+                 unavailable: dict[str, str] | None = None):
         self.level = level
-        self.choices = resolve(level, overrides)
+        self.choices = resolve(level, overrides, unavailable)
         fused = _fused_registry()
         self._fn = {
             op: fused[op] if c.impl == "fused" else OP_SPECS[op].reference
@@ -304,9 +306,10 @@ class KernelOptimizer:
     (ryzen_llm.ops.linear; CPU only).
     """
 
-    def __init__(self, level: int = 3, overrides: dict[str, str] | None = None):
+    def __init__(self, level: int = 3, overrides: dict[str, str] | None = None,
+                 unavailable: dict[str, str] | None = None):
         self.level = level
-        self.kernels = KernelSet(level, overrides)
+        self.kernels = KernelSet(level, overrides, unavailable)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         for module in model.modules():

@@ -197,5 +197,16 @@ def test_level4_runs_the_int8_linear_and_trains_on_cpu_only():
     assert calls["linear"]["calls"] == {"fused": 4}  # qkv, proj, fc1, fc2
     assert calls["gelu_feed_forward"]["calls"] == {}
     if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="level 4: the int8 linear layers run on the CPU"):
-            TrainStep(ScaledTransformerModel(cfg).cuda(), level=4)
+        with pytest.warns(UserWarning, match="fused linear unavailable"):
+            cuda_step = TrainStep(ScaledTransformerModel(cfg).cuda(), level=4)
+        assert cuda_step.kernels.choices["linear"].reason.startswith("FELL BACK: no cuda kernel")
+
+
+def test_an_op_unavailable_where_it_runs_falls_back_and_says_so():
+    from ryzen_llm.ops.dispatch import KernelSet
+
+    with pytest.warns(UserWarning, match="level 4: fused linear unavailable"):
+        kernels = KernelSet(4, unavailable={"linear": "no cuda kernel in this build (CPU only)"})
+    choice = kernels.choices["linear"]
+    assert choice.impl == "reference"
+    assert choice.reason == "FELL BACK: no cuda kernel in this build (CPU only)"
