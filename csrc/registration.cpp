@@ -42,7 +42,7 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // one scale per output and 32 K, x quantized per 32 K; exact int32 sums (VNNI), batch-invariant; N from out_features or bias.
   m.def("quantized_decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu, int out_features=-1) -> Tensor");
   // int8 codes of a 2-D float32/bfloat16 x per row (row_codes (M, K), row_scales (M,)) and/or per column
-  // (col_codes (M, K), col_scales (K,)), absmax / 127; tensors not asked for are empty (csrc/cpu/int8_linear.cpp).
+  // (col_codes (M, K), col_scales (K,)), absmax / 127; tensors not asked for are empty (csrc/cpu/linear.cpp).
   m.def("int8_quantize(Tensor x, bool rows, bool cols) -> (Tensor row_codes, Tensor row_scales, Tensor col_codes, Tensor col_scales)");
   // acc (M, N) int32 * row_scales[m] * col_scales[n] (+ bias) in dtype; with gelu, pre is that and y = GELU(pre).
   m.def("int8_dequantize(Tensor acc, Tensor row_scales, Tensor col_scales, Tensor? bias, bool gelu, ScalarType dtype) -> (Tensor y, Tensor pre)");

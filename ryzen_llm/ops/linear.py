@@ -1,5 +1,5 @@
 """The model's linear layers, x @ W.T + b (GELU'd when gelu): nn.Linear's math below level 4,
-int8 GEMMs from level 4 (the C++ side is csrc/cpu/int8_linear.cpp).
+int8 GEMMs from level 4 (the C++ side is csrc/cpu/linear.cpp).
 
 The level-4 linear quantizes x per row and the weight per output channel for the forward GEMM,
 grad_y per row and the weight per input channel for the input gradient, and (INT8_WEIGHT_GRAD)

@@ -1,4 +1,4 @@
-"""The level-4 linear (ryzen_llm.ops.linear, csrc/cpu/int8_linear.cpp) against the exact math of
+"""The level-4 linear (ryzen_llm.ops.linear, csrc/cpu/linear.cpp) against the exact math of
 its quantization (reference.int8_*): codes bit for bit, int32 sums exact, forward and backward
 within a rounding of the stored dtype; and against nn.Linear's float math within the error int8
 quantization makes (measured here, ~1% of the output's norm)."""
