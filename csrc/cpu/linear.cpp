@@ -209,6 +209,24 @@ RYZEN_LLM_TARGET_CLONES void dequantize_row(const int32_t* acc, float row_scale,
   }
 }
 
+// Rows [r0, r1) of acc (row r at acc + r * N) into y (and pre), dtype float32 or bfloat16.
+void dequantize_rows(const int32_t* acc, int64_t r0, int64_t r1, const float* row_scales,
+                     const float* col_scales, const float* bias, bool gelu, at::Tensor& y,
+                     at::Tensor& pre) {
+  const int64_t N = y.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "int8_dequantize", [&] {
+    using E = Elem<scalar_t>;
+    auto* yp = E::ptr(y);
+    auto* pp = gelu ? E::ptr(pre) : nullptr;
+    at::parallel_for(r0, r1, row_grain(N), [&](int64_t b0, int64_t b1) {
+      for (int64_t r = b0; r < b1; ++r) {
+        dequantize_row<E>(acc + r * N, row_scales[r], col_scales, bias, gelu,
+                          pp ? pp + r * N : nullptr, yp + r * N, N);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> int8_dequantize_cpu(const at::Tensor& acc,
                                                        const at::Tensor& row_scales,
                                                        const at::Tensor& col_scales,
@@ -232,21 +250,30 @@ std::tuple<at::Tensor, at::Tensor> int8_dequantize_cpu(const at::Tensor& acc,
   auto opts = acc.options().dtype(dtype);
   at::Tensor y = at::empty({M, N}, opts);
   at::Tensor pre = at::empty({gelu ? M : 0, gelu ? N : 0}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "int8_dequantize", [&] {
-    using E = Elem<scalar_t>;
-    const int32_t* a = acc.data_ptr<int32_t>();
-    const float* rs = row_scales.data_ptr<float>();
-    const float* cs = col_scales.data_ptr<float>();
-    auto* yp = E::ptr(y);
-    auto* pp = gelu ? E::ptr(pre) : nullptr;
-    at::parallel_for(0, M, row_grain(N), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        dequantize_row<E>(a + r * N, rs[r], cs, b, gelu, pp ? pp + r * N : nullptr, yp + r * N,
-                          N);
-      }
-    });
-  });
+  dequantize_rows(acc.data_ptr<int32_t>(), 0, M, row_scales.data_ptr<float>(),
+                  col_scales.data_ptr<float>(), b, gelu, y, pre);
   return {y, pre};
+}
+
+// Rows of the int32 GEMM result per at::_int_mm call: its int32 buffer stays at most
+// kRowChunk x N (the whole result of the seed's qkv would be 12.6 MB), at no loss of speed
+// from 512 rows up at the seed's shapes.
+constexpr int64_t kRowChunk = 512;
+
+// y (M, N) (and pre with gelu) = a (M, K) @ b (K, N) in int32, dequantized chunk by chunk.
+void gemm_dequantize(const at::Tensor& a, const at::Tensor& b, const float* row_scales,
+                     const float* col_scales, const float* bias, bool gelu, at::Tensor& y,
+                     at::Tensor& pre) {
+  const int64_t M = a.size(0), N = b.size(1);
+  if (M == 0 || N == 0) return;
+  at::Tensor acc = at::empty({std::min(M, kRowChunk), N}, a.options().dtype(at::kInt));
+  for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, M - r0);
+    at::Tensor part = acc.narrow(0, 0, rows);
+    at::_int_mm_out(part, a.narrow(0, r0, rows), b);
+    dequantize_rows(part.data_ptr<int32_t>() - r0 * N, r0, r0 + rows, row_scales, col_scales,
+                    bias, gelu, y, pre);
+  }
 }
 
 // grad_pre = grad_y * GELU'(pre), row by row; grad_bias_part (this task's) accumulates it.
@@ -337,8 +364,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_c
   check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
   check_codes(w_col_codes, w_col_scales, N, K, K, "w_col_codes", "w_col_scales");
   auto [x_rows, x_row_scales, x_cols, x_col_scales] = int8_quantize_cpu(x, true, save_columns);
-  at::Tensor acc = at::_int_mm(x_rows, w_codes.t());
-  auto [y, pre] = int8_dequantize_cpu(acc, x_row_scales, w_scales, bias, gelu, x.scalar_type());
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor pre = at::empty({gelu ? M : 0, gelu ? N : 0}, x.options());
+  gemm_dequantize(x_rows, w_codes.t(), x_row_scales.data_ptr<float>(), w_scales.data_ptr<float>(),
+                  checked_float_bias(bias, N), gelu, y, pre);
   return {y, pre, x_cols, x_col_scales};
 }
 
@@ -364,19 +394,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cpu(
   auto [g, grad_bias] = output_grad(grad_y, pre, gelu);
   auto [g_rows, g_row_scales, g_cols, g_col_scales] =
       int8_quantize_cpu(g, need_grad_x, int8_weight_grad);
-  at::Tensor grad_x;
-  if (need_grad_x) {
-    at::Tensor acc = at::_int_mm(g_rows, w_col_codes);  // (M, K)
-    grad_x = std::get<0>(int8_dequantize_cpu(acc, g_row_scales, w_col_scales, c10::nullopt,
-                                             false, grad_y.scalar_type()));
-  } else {
-    grad_x = at::empty({0}, grad_y.options());
+  at::Tensor none;
+  at::Tensor grad_x = at::empty({need_grad_x ? M : 0, need_grad_x ? K : 0}, grad_y.options());
+  if (need_grad_x) {  // (M, N) @ (N, K)
+    gemm_dequantize(g_rows, w_col_codes, g_row_scales.data_ptr<float>(),
+                    w_col_scales.data_ptr<float>(), nullptr, false, grad_x, none);
   }
   at::Tensor grad_w;
-  if (int8_weight_grad) {
-    at::Tensor acc = at::_int_mm(g_cols.t(), x_saved);  // (N, K), summed over the M tokens
-    grad_w = std::get<0>(int8_dequantize_cpu(acc, g_col_scales, x_col_scales, c10::nullopt,
-                                             false, at::kFloat));
+  if (int8_weight_grad) {  // (N, M) @ (M, K): summed over the M tokens
+    grad_w = at::empty({N, K}, grad_y.options().dtype(at::kFloat));
+    gemm_dequantize(g_cols.t(), x_saved, g_col_scales.data_ptr<float>(),
+                    x_col_scales.data_ptr<float>(), nullptr, false, grad_w, none);
   } else {
     grad_w = at::mm(g.t(), x_saved).to(at::kFloat);
   }
