@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks._common import compiled, run
+from benchmarks._common import compiled
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._extension import extension_error, extension_loaded
 
@@ -34,26 +34,58 @@ def impl(name: str):
     return int8_linear
 
 
+ROUNDS = 15
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layer", SHAPES)
 # fused: the int8 linear; reference and compile: F.linear in bf16, eager and torch.compile
 @pytest.mark.parametrize("name", ["fused", "reference", "compile"])
 def test_linear(benchmark, name, layer, mode):
+    """fwd: the forward with autograd recording; bwd: backward from a fixed bf16 grad_y (the
+    forward untimed); full: both. No loss function around the layer: the timed work is the
+    layer's alone."""
     K, N = SHAPES[layer]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(N, K, generator=g) * K**-0.5).requires_grad_()
+    b = torch.zeros(N).requires_grad_()
+    if name != "fused":  # the bf16 peer's parameters are bf16 (no cast in the timed call)
+        w = w.detach().bfloat16().requires_grad_()
+        b = b.detach().bfloat16().requires_grad_()
+    grad_y = torch.randn(M, N, generator=g).bfloat16()
+    fn = impl(name)
+    benchmark.group = f"linear {layer} ({K}->{N}) {mode}"
 
-    def make():
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(M, K, generator=g).bfloat16().requires_grad_()
-        w = (torch.randn(N, K, generator=g) * K**-0.5).requires_grad_()
-        b = torch.zeros(N).requires_grad_()
-        if name != "fused":  # the bf16 peer's parameters are bf16 (no cast in the timed call)
-            w = w.detach().bfloat16().requires_grad_()
-            b = b.detach().bfloat16().requires_grad_()
-        return [x, w, b]
+    def clear():
+        x.grad = w.grad = b.grad = None
 
+    def forward():
+        return fn(x, w, b)
+
+    for _ in range(2):  # warm-up (and compile)
+        forward().backward(grad_y)
+    clear()
+    if mode == "fwd":
+        benchmark.pedantic(forward, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    elif mode == "bwd":
+
+        def setup():
+            clear()
+            return (forward(),), {}
+
+        benchmark.pedantic(lambda y: y.backward(grad_y), setup=setup, rounds=ROUNDS,
+                           warmup_rounds=1)
+    else:
+
+        def full():
+            clear()
+            forward().backward(grad_y)
+
+        benchmark.pedantic(full, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     gemm = 2 * M * K * N
     work = {"fwd": gemm, "bwd": 2 * gemm, "full": 3 * gemm}[mode]
-    benchmark.group = f"linear {layer} ({K}->{N}) {mode}"
-    run(benchmark, impl(name), make, mode, work, "GFLOP/s",
-        dict(impl=name, dtype="int8 GEMMs, bf16 activations" if name == "fused" else "bf16",
-             shape=[M, K, N]))
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        impl=name, mode=mode, shape=[M, K, N], gflops=work / median / 1e9,
+        dtype="int8 GEMMs, bf16 activations" if name == "fused" else "bf16")
