@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ryzen_llm import train as train_mod
-from ryzen_llm.checkpoint import load_checkpoint
+from ryzen_llm.checkpoint import _sha256, load_checkpoint, save_checkpoint
 from ryzen_llm.config import ModelConfig, config_from_dict
 from ryzen_llm.data import encode_corpus
 from ryzen_llm.evaluate import evaluate, main, windows
@@ -134,13 +134,14 @@ def test_bad_checkpoints_are_named_errors(ckpt, tmp_path, capsys):
 
 def test_state_without_config_is_a_named_error(ckpt, tmp_path, capsys):
     ck = _copy(ckpt, tmp_path)
-    raw = load_checkpoint(ck)
-    model = ScaledTransformerModel(config_from_dict(raw.config).model)
-    model.load_state_dict(raw.model_state)
-    from ryzen_llm.checkpoint import save_checkpoint
-
-    save_checkpoint(ck, model, {}, tokenizer_file=raw.tokenizer_path)
-    assert "config" in _error(capsys, "--checkpoint", str(ck))
+    state = json.loads((ck / "state.json").read_text())
+    del state["config"]
+    (ck / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["state.json"] = {"sha256": _sha256(ck / "state.json"),
+                              "bytes": (ck / "state.json").stat().st_size}
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    assert "state.json: holds no config" in _error(capsys, "--checkpoint", str(ck))
 
 
 def test_bad_data_and_options_are_named_errors(ckpt, tmp_path, capsys):
@@ -171,8 +172,6 @@ def test_weights_that_do_not_fit_the_config_are_a_named_error(ckpt, tmp_path, ca
     raw = load_checkpoint(ck)
     config = config_from_dict(raw.config)
     config.model.d_ff = 96
-    from ryzen_llm.checkpoint import save_checkpoint
-
     save_checkpoint(ck, ScaledTransformerModel(config_from_dict(raw.config).model),
                     config.to_dict(), tokenizer_file=raw.tokenizer_path)
     assert "does not fit the model" in _error(capsys, "--checkpoint", str(ck))
