@@ -512,7 +512,7 @@ def test_startup_output_names_the_weight_format(ckpt):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         first = proc.stdout.readline()
-        assert "int8 linear weights" in first and "int8 KV cache; weights int8" in first, first
+        assert "level 3: int8 linear weights" in first and "int8 KV cache" in first, first
         url = re.search(r"on (http://127\.0\.0\.1:\d+);", first).group(1)
         assert proc.stdout.readline().startswith("ready")
         assert httpx.get(url + "/health").json()["weights"] == "int8"

@@ -162,7 +162,7 @@ def run(app, engine: Engine, sock: socket.socket, args: argparse.Namespace, path
                             timeout_graceful_shutdown=5, lifespan="off")
     server = draining_server(config, app.state.serve_state, args.drain_timeout)
     print(f"serving {engine.model_id} from {path} ({engine.level_note}, "
-          f"{engine.kv_cache_dtype} KV cache; weights {engine.weights}) on "
+          f"{engine.kv_cache_dtype} KV cache) on "
           f"http://{args.host}:{port}; warming up ({engine.warmup_steps} decode steps)",
           flush=True)
 
