@@ -47,8 +47,9 @@ class Evaluation:
 
 
 def load_model(checkpoint: str | Path, weights: str | None, level: int | None):
-    """The engine's model of a checkpoint (Engine.from_checkpoint, its thread never started)
-    and the engine holding it; weights None and level None take the checkpoint's defaults."""
+    """An Engine of the checkpoint (Engine.from_checkpoint, its thread never started), whose
+    model holds the linear weights in the format generation would use; weights None and level
+    None take the checkpoint's defaults."""
     from ryzen_llm.engine import Engine
 
     path = Path(checkpoint)
