@@ -9,7 +9,10 @@ a machine shared with other jobs shows the work, not the waits for a core.
       greedy agreement of int8/int4 with bfloat16 over a fixed prompt set (32 tokens each)
   PYTHONPATH=. python scripts/compare_weight_formats.py agreement CHECKPOINT
       greedy agreement only, of float32/int8/int4 with bfloat16, over the English prompts and
-      over CODE_PROMPTS (what the stdlib-trained checkpoints were trained on), 32 tokens each
+      over CODE_PROMPTS (what the stdlib-trained checkpoints were trained on), 32 tokens each;
+      then teacher-forced: how often each format's next-token argmax is bfloat16's, over 256
+      windows of the checkpoint's validation split (free-running continuations part for good at
+      their first different token; teacher-forced, every position counts on its own)
 """
 from __future__ import annotations
 
@@ -65,6 +68,28 @@ def compare_agreement(path: str, new_tokens: int = 32) -> None:
                   flush=True)
     for e in engines.values():
         e.stop()
+    teacher_forced_agreement(path, formats)
+
+
+def teacher_forced_agreement(path: str, formats: tuple[str, ...], n_windows: int = 256) -> None:
+    from ryzen_llm.evaluate import evaluation_tokens, load_model, windows
+    from ryzen_llm.model import KVCache
+
+    picks = {}
+    for f in formats:
+        engine = load_model(path, f, None)
+        model = engine.model
+        tokens, _ = evaluation_tokens(engine, None, progress=False)
+        batches = windows(tokens, model.config.max_seq_len, 8, n_windows // 8, "val")
+        cache = KVCache(model.config, 8)
+        with torch.inference_mode():
+            picks[f] = torch.cat([model.forward_with_cache(idx, cache.rows(0, len(idx)),
+                                                           every_position=True).argmax(-1)
+                                  for idx, _ in batches]).flatten()
+    for f in formats[1:]:
+        same = int((picks[f] == picks["bfloat16"]).sum())
+        print(f"teacher-forced next-token argmax {f} vs bfloat16: {same}/{picks[f].numel()} "
+              f"= {same / picks[f].numel():.2%}", flush=True)
 
 
 def compare_ops(rounds: int = 9) -> None:
@@ -124,6 +149,28 @@ def compare_engine(path: str, rounds: int = 7) -> None:
               flush=True)
     for e in engines.values():
         e.stop()
+    teacher_forced_agreement(path, formats)
+
+
+def teacher_forced_agreement(path: str, formats: tuple[str, ...], n_windows: int = 256) -> None:
+    from ryzen_llm.evaluate import evaluation_tokens, load_model, windows
+    from ryzen_llm.model import KVCache
+
+    picks = {}
+    for f in formats:
+        engine = load_model(path, f, None)
+        model = engine.model
+        tokens, _ = evaluation_tokens(engine, None, progress=False)
+        batches = windows(tokens, model.config.max_seq_len, 8, n_windows // 8, "val")
+        cache = KVCache(model.config, 8)
+        with torch.inference_mode():
+            picks[f] = torch.cat([model.forward_with_cache(idx, cache.rows(0, len(idx)),
+                                                           every_position=True).argmax(-1)
+                                  for idx, _ in batches]).flatten()
+    for f in formats[1:]:
+        same = int((picks[f] == picks["bfloat16"]).sum())
+        print(f"teacher-forced next-token argmax {f} vs bfloat16: {same}/{picks[f].numel()} "
+              f"= {same / picks[f].numel():.2%}", flush=True)
 
 
 if __name__ == "__main__":
