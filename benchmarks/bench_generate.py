@@ -1,8 +1,10 @@
 """Generation throughput and per-token latency of ryzen_llm.Engine, in-process, at batch 1, 4,
-8, 16 and 32, beside Hugging Face transformers' GPT-2 generate() of the same shape (d_model 512,
+8, 16 and 32, with its linear weights in each of WEIGHTS (bfloat16, today's level 3, and int8 and
+int4), beside Hugging Face transformers' GPT-2 generate() of the same shape (d_model 512,
 4 layers, 8 heads, FFN 1024, vocab 2048, context 128; random weights, in float32 and in
 bfloat16; greedy, 32-token prompts, 16 new tokens, no early stop), all timed in this process
-after warm-up. The report compares the engine with the faster of the two HF runs.
+after warm-up. The report compares the engine with the faster of the two HF runs, and the int8
+and int4 engines with the bfloat16 one.
 
 Each result records in extra_info: median_ms (the whole batch), tokens_per_s (generated),
 ms_per_token (median_ms / 16: the per-token latency a client of the batch sees, prefill
@@ -25,17 +27,20 @@ import pytest
 import torch
 
 from benchmarks._serving import HF_DTYPES, NEW_TOKENS, PROMPT_TOKENS, hf_generate, hf_gpt2
+from ryzen_llm.bench_report import ENGINE_WEIGHTS, engine_impl
 from ryzen_llm.engine import Engine, SamplingParams
 
 BATCHES = [1, 4, 8, 16, 32]
+WEIGHTS = ENGINE_WEIGHTS  # bfloat16, int8, int4
 ROUNDS = 5
 RESULTS: dict[tuple[str, int], dict] = {}  # read by benchmarks/conftest.py for the summary
 
 
-@pytest.fixture(scope="module")
-def engine(seed_checkpoint):
+@pytest.fixture(scope="module", params=WEIGHTS)
+def engine(seed_checkpoint, request):
+    """One engine per weight format, in turn (the previous one stopped first)."""
     path, _ = seed_checkpoint
-    e = Engine.from_checkpoint(path)
+    e = Engine.from_checkpoint(path, weights=request.param)
     assert e.wait_ready(600), "the engine did not finish warming up"
     yield e
     e.stop()
@@ -81,8 +86,8 @@ def test_generate_ryzen_llm(benchmark, engine, seed_checkpoint, batch):
                              warmup_rounds=1, iterations=1)
     assert all(r["completion_tokens"] == NEW_TOKENS for r in out)
     t = [r["timings"] for r in out]
-    record(benchmark, "ryzen_llm", batch, {
-        "level": engine.level_note, "exact_batching": engine.exact,
+    record(benchmark, engine_impl(engine.weights), batch, {
+        "level": engine.level_note, "weights": engine.weights, "exact_batching": engine.exact,
         "engine_ttft_ms": statistics.median(x["time_to_first_token_ms"] for x in t),
         "engine_tpot_ms": statistics.median(x["time_per_output_token_ms"] for x in t),
     })

@@ -92,9 +92,12 @@ def _generate_summary(w):
         return
     if not RESULTS:
         return
+    from ryzen_llm.bench_report import ENGINE_WEIGHTS, engine_impl
+
     w.section("generation, seed-size model, 32-token prompts + 16 new tokens (medians)")
     w.write_line(f"{'batch':>5} {'ryzen_llm tok/s':>16} {'ms/token':>9} "
-                 f"{'HF fp32 tok/s':>16} {'HF bf16 tok/s':>16}")
+                 + "".join(f"{wt + ' tok/s':>16}" for wt in ENGINE_WEIGHTS[1:])
+                 + f"{'HF fp32 tok/s':>16} {'HF bf16 tok/s':>16}")
 
     def tps(r):
         return (f"{'not measured':>16}" if r is None or "not_measured" in r
@@ -106,7 +109,8 @@ def _generate_summary(w):
         if ours is None and all(r is None for r in hf):
             continue
         ms = f"{ours['ms_per_token']:>9.2f}" if ours and "ms_per_token" in ours else f"{'':>9}"
-        w.write_line(f"{b:>5} {tps(ours)} {ms} {tps(hf[0])} {tps(hf[1])}")
+        quantized = "".join(tps(RESULTS.get((engine_impl(wt), b))) for wt in ENGINE_WEIGHTS[1:])
+        w.write_line(f"{b:>5} {tps(ours)} {ms}{quantized} {tps(hf[0])} {tps(hf[1])}")
     notes = {r["not_measured"] for r in RESULTS.values() if "not_measured" in r}
     for n in notes:
         w.write_line(f"HF transformers generate(): {n}")

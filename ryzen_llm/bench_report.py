@@ -172,31 +172,50 @@ def train_section(benches, out: Path, plt) -> list[str]:
     return lines + ["", "![micro-step per level](train_step.png)", ""]
 
 
+# The engine's weight formats benchmarked (benchmarks/bench_generate.py), bfloat16 first: its
+# impl is "ryzen_llm" (the engine's default at level 3), the others "ryzen_llm_<format>".
+ENGINE_WEIGHTS = ("bfloat16", "int8", "int4")
+
+
+def engine_impl(weights: str) -> str:
+    return "ryzen_llm" if weights == "bfloat16" else f"ryzen_llm_{weights}"
+
+
 def generate_section(benches, out: Path, plt) -> list[str]:
     lines = ["## Generation throughput against batch size (in-process)", ""]
     rows = [b for b in benches if _info(b).get("scenario") == "generate"]
     if not rows:
         return lines + [f"Generation: {NOT_MEASURED}.", ""]
     by = {(_info(b)["impl"], _info(b)["batch"]): _info(b) for b in rows}
-    impls = {"ryzen_llm": "ryzen_llm Engine", "hf_transformers": "HF generate() float32",
-             "hf_transformers_bf16": "HF generate() bfloat16"}
+    hf_impls = {"hf_transformers": "HF generate() float32",
+                "hf_transformers_bf16": "HF generate() bfloat16"}
+    quantized = [w for w in ENGINE_WEIGHTS[1:] if any(k[0] == engine_impl(w) for k in by)]
+    impls = {"ryzen_llm": "ryzen_llm Engine (bfloat16)",
+             **{engine_impl(w): f"ryzen_llm Engine ({w})" for w in quantized}, **hf_impls}
     batches = sorted({k[1] for k in by})
     table = []
     for n in batches:
         ours = by.get(("ryzen_llm", n))
         cells = [str(n), _fmt(ours and ours.get("tokens_per_s"), ",.0f"),
                  _fmt(ours and ours.get("ms_per_token"), ".2f")]
-        hf = [by[(impl, n)] for impl in impls if impl != "ryzen_llm" and (impl, n) in by]
-        cells += [_fmt(by.get((impl, n), {}).get("tokens_per_s"), ",.0f")
-                  for impl in impls if impl != "ryzen_llm"]
+        for w in quantized:
+            q = by.get((engine_impl(w), n))
+            cells += [_fmt(q and q.get("tokens_per_s"), ",.0f"),
+                      _fmt(q["tokens_per_s"] / ours["tokens_per_s"] if q and ours else None,
+                           ".2f", "x")]
+        hf = [by[(impl, n)] for impl in hf_impls if (impl, n) in by]
+        cells += [_fmt(by.get((impl, n), {}).get("tokens_per_s"), ",.0f") for impl in hf_impls]
         best = max((i["tokens_per_s"] for i in hf if "tokens_per_s" in i), default=None)
         cells.append(_fmt(ours["tokens_per_s"] / best if ours and best else None, ".2f", "x"))
         table.append(cells)
     any_i = next(iter(by.values()))
     lines += [f"{any_i.get('prompt_tokens', '?')}-token prompts, {any_i.get('new_tokens', '?')} "
-              "new tokens, greedy; ms/token = batch time / new tokens. The HF peer runs in both "
-              "dtypes; the ratio is to the faster of the two at each batch.", "",
+              "new tokens, greedy; ms/token = batch time / new tokens. ryzen_llm = the engine "
+              "with bfloat16 weights; int8 and int4 are the engine with those weights, their "
+              "ratio to it. The HF peer runs in both dtypes; the last ratio is bfloat16 "
+              "ryzen_llm to the faster of the two at each batch.", "",
               *_table(["batch", "ryzen_llm tokens/s", "ryzen_llm ms/token",
+                       *(h for w in quantized for h in (f"{w} tokens/s", f"{w} vs bfloat16")),
                        "HF fp32 tokens/s", "HF bf16 tokens/s", "ryzen_llm vs faster HF"],
                       table)]
     fig, ax = plt.subplots(figsize=(6, 4))

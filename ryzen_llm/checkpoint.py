@@ -178,6 +178,8 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
         raise
     except Exception as exc:  # safetensors / json errors on a damaged file
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from None
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+        raise CheckpointError(f"{path / STATE_FILE}: holds no config")
     return Checkpoint(path, model_state, optimizer_state, state.get("trainer", {}), state["config"])
 
 

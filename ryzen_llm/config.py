@@ -109,6 +109,9 @@ class OptimizationConfig:
 
 
 KV_CACHE_DTYPES = ("float32", "int8")
+# The formats generation can hold the linear weights in (ryzen_llm.engine's `weights`; the
+# quantized ones are ryzen_llm.ops.quantized_decode_linear.QUANTIZED_FORMATS).
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 
 
 @dataclass
@@ -117,11 +120,16 @@ class InferenceConfig:
     max_batch_size: int = 32
     max_new_tokens: int = 16
     kv_cache_dtype: str = "float32"  # "int8": 0.27x the bytes, one fp32 scale per cached vector
+    weights: str | None = None  # linear weights: WEIGHT_FORMATS; None = the level's default
+    #                             (bfloat16 at level 3, float32 below)
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"inference.kv_cache_dtype: must be {' or '.join(KV_CACHE_DTYPES)}, "
                               f"got {self.kv_cache_dtype!r}")
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+            raise ConfigError(f"inference.weights: must be {', '.join(WEIGHT_FORMATS)} or null "
+                              f"(the level's default), got {self.weights!r}")
 
 
 @dataclass

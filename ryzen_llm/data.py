@@ -311,6 +311,32 @@ def _load_cache_entry(
         return None
 
 
+def split_texts(files: list[Path], texts: dict[Path, str],
+                val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train texts, validation texts) of a corpus's files (texts: each file's text): split by
+    file (split_files), or a single file's text at a line boundary (split_text)."""
+    if len(files) == 1:
+        train_text, val_text = split_text(texts[files[0]], val_fraction)
+        return [train_text], [val_text]
+    train_files, val_files = split_files(files, val_fraction)
+    return [texts[f] for f in train_files], [texts[f] for f in val_files]
+
+
+def encode_corpus(spec: str, tokenizer: Tokenizer, split: str = "all",
+                  max_bytes: int = 24_000_000, val_fraction: float = 0.05,
+                  progress: bool = True) -> np.ndarray:
+    """The tokens (N,) uint16 of a corpus spec (resolve_corpus) encoded with `tokenizer`, its
+    documents joined by eos as in the cache: "all" of it, or its "val" split (the files, or the
+    tail of a single file, that prepare_data holds out with the same max_bytes and
+    val_fraction). For evaluating a model on its own tokenizer; nothing is cached."""
+    if split not in ("all", "val"):
+        raise ValueError(f"split: expected 'all' or 'val', got {split!r}")
+    files = resolve_corpus(spec, max_bytes)
+    texts = {f: f.read_bytes().decode("utf-8", errors="replace") for f in files}
+    chosen = split_texts(files, texts, val_fraction)[1] if split == "val" else list(texts.values())
+    return _encode_documents(tokenizer, chosen, f"encode {split}", progress)
+
+
 def _build_cache_entry(entry: Path, spec: str, files: list[Path], names: list[str],
                        corpus_hash: str, n_bytes: int, vocab_size: int, val_fraction: float,
                        progress: bool) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
@@ -321,12 +347,7 @@ def _build_cache_entry(entry: Path, spec: str, files: list[Path], names: list[st
         raise RuntimeError(f"corpus {spec!r} changed while it was being read; run again")
     # Invalid UTF-8 deep inside a file (past the 8 KiB sniff) becomes U+FFFD, not a crash.
     texts = {f: c.decode("utf-8", errors="replace") for f, c in zip(files, contents)}
-    if len(files) == 1:
-        train_text, val_text = split_text(texts[files[0]], val_fraction)
-        train_texts, val_texts = [train_text], [val_text]
-    else:
-        train_files, val_files = split_files(files, val_fraction)
-        train_texts, val_texts = [texts[f] for f in train_files], [texts[f] for f in val_files]
+    train_texts, val_texts = split_texts(files, texts, val_fraction)
     tokenizer = Tokenizer.train(train_texts, vocab_size, show_progress=progress)
     train = _encode_documents(tokenizer, train_texts, "encode train", progress)
     val = _encode_documents(tokenizer, val_texts, "encode val", progress)

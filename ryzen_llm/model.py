@@ -402,9 +402,13 @@ class ScaledTransformerModel(nn.Module):
         idx: torch.Tensor,
         cache: KVCache,
         attention_mask: torch.Tensor | None = None,
+        every_position: bool = False,
     ) -> torch.Tensor:
         """Incremental forward for generation; returns logits (B, vocab_size) of each row's last
         real token, and updates the cache (rows 0..B-1 of `cache`; use cache.rows() for others).
+        every_position (prefill only): logits (B, T, vocab_size) of every position instead, for
+        teacher-forced evaluation through the generation kernels (ryzen_llm.evaluate); it runs
+        the composed path below, since prefill_step returns the last position's only.
 
         Prefill (T > 1): idx (B, T) are whole prompts, right-padded, each starting at position 0;
         attention_mask (B, T) marks real tokens (1) and must be a prefix of ones per row. Their
@@ -427,6 +431,8 @@ class ScaledTransformerModel(nn.Module):
         B, T = idx.shape
         if cache.batch < B:
             raise ValueError(f"cache: has {cache.batch} rows, idx has {B}")
+        if every_position and T == 1:
+            raise ValueError("every_position: needs a prefill (idx of >= 2 positions), got 1")
         if T == 1:
             positions = cache.lengths[:B]  # (B,)
             if not torch.compiler.is_compiling() and int(positions.max()) >= cache.max_len:
@@ -445,7 +451,7 @@ class ScaledTransformerModel(nn.Module):
             last = None
         else:
             mask, lengths = self._prompt_lengths(idx, cache, attention_mask)
-            if self.kernels.fused_prefill:  # the whole prefill as one op, the same bits
+            if self.kernels.fused_prefill and not every_position:  # one op, the same bits
                 return self.kernels.prefill_step(self, idx.long(), mask, lengths, cache)
             step = _CacheStep(None, None, mask)
             x = self.tok_emb(idx.long()) + self.pos_emb[:T]  # (B, T, C)
@@ -460,11 +466,13 @@ class ScaledTransformerModel(nn.Module):
         if last is None:
             h = h[:, 0]  # (B, C)
             cache.lengths[:B] += 1
+        elif every_position:
+            cache.lengths[:B] = lengths  # h stays (B, T, C): logits (B, T, V)
         else:
             h = h[torch.arange(B), last]  # (B, C): each row's last real token
             cache.lengths[:B] = lengths
         return k.decode_linear(h, k.decode_weight(self.lm_head), None,
-                               out_features=self.config.vocab_size)  # (B, V)
+                               out_features=self.config.vocab_size)  # (B, V) or (B, T, V)
 
     def _prompt_lengths(self, idx, cache: KVCache, attention_mask) -> tuple:
         """(key padding mask (B, T) bool or None, real lengths (B,)) of right-padded prompts,

@@ -103,3 +103,22 @@ def test_missing_sections_read_not_measured(tmp_path):
     assert not list(out.glob("*.png"))
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope.json"), "--out", str(out)])
+
+
+def test_generation_weight_formats_beside_bfloat16(tmp_path):
+    """int8 / int4 engine rows get a tokens/s column and a ratio to the bfloat16 engine; a
+    format benchmarked at one batch only reads "not measured" at the others."""
+    data = synthetic()
+    data["benchmarks"].append(bench("test_generate_ryzen_llm[int8-1]", "generate batch 1",
+                                    16 / 300.0, scenario="generate", impl="ryzen_llm_int8",
+                                    batch=1, tokens_per_s=300.0, ms_per_token=1e3 / 300.0,
+                                    weights="int8"))
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(data))
+    assert main([str(src), "--out", str(tmp_path / "r")]) == 0
+    lines = (tmp_path / "r" / "report.md").read_text().splitlines()
+    assert ("| batch | ryzen_llm tokens/s | ryzen_llm ms/token | int8 tokens/s | int8 vs bfloat16 "
+            "| HF fp32 tokens/s | HF bf16 tokens/s | ryzen_llm vs faster HF |") in lines
+    assert "| 1 | 200 | 5.00 | 300 | 1.50x | 100 | 125 | 1.60x |" in lines
+    assert ("| 4 | 600 | 6.67 | not measured | not measured | not measured | not measured "
+            "| not measured |") in lines

@@ -44,6 +44,7 @@ def test_overrides_apply_with_types():
         (["model.n_heads=7"], "divisible by model.n_heads"),
         (["optimization.kernel_level=5"], "optimization.kernel_level"),
         (["inference.kv_cache_dtype=fp8"], "inference.kv_cache_dtype: must be float32 or int8"),
+        (["inference.weights=int3"], "inference.weights: must be float32, bfloat16, int8, int4"),
         (["training.epochs"], "expected key=value"),
     ],
 )
@@ -68,3 +69,12 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="unknown"):
         load_config(preset="huge")
+
+
+def test_inference_weights_default_to_the_levels_choice():
+    from ryzen_llm.ops.quantized_decode_linear import QUANTIZED_FORMATS
+    from ryzen_llm.config import WEIGHT_FORMATS
+
+    assert load_config().inference.weights is None
+    assert load_config(overrides=["inference.weights=int4"]).inference.weights == "int4"
+    assert WEIGHT_FORMATS[2:] == QUANTIZED_FORMATS  # the quantized formats' one declaration

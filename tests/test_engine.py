@@ -433,6 +433,19 @@ def test_kv_cache_dtype_from_config_or_argument(ckpt):
         Engine(e.model, e.tokenizer, e.config, kv_cache_dtype="fp8", start=False)
 
 
+def test_weights_from_config_or_argument(ckpt):
+    e = Engine.from_checkpoint(ckpt, warmup_steps=0, start=False)
+    assert e.config.inference.weights is None and e.weights == "bfloat16"  # level 3's default
+    e.config.inference.weights = "int4"
+    config = e.config
+    e = Engine.from_checkpoint(ckpt, warmup_steps=0, start=False)
+    e = Engine(e.model, e.tokenizer, config, warmup_steps=0, start=False)
+    assert e.weights == "int4" and e.model.linear_weight_format == "int4"
+    e = Engine.from_checkpoint(ckpt, warmup_steps=0, start=False)
+    e = Engine(e.model, e.tokenizer, config, weights="int8", warmup_steps=0, start=False)
+    assert e.weights == "int8"  # the argument wins
+
+
 def test_checkpoint_without_tokenizer_is_refused(tmp_path):
     model = ScaledTransformerModel(ODD)
     path = save_checkpoint(tmp_path / "ck", model, {"model": vars(ODD)})

@@ -460,3 +460,64 @@ def test_streamed_completion_on_a_full_queue_is_429_not_a_broken_stream(ckpt):
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     finally:
         s.close()
+
+
+def test_int8_weights_and_int8_kv_cache_are_served_and_shown(ckpt):
+    """The weight format and the KV cache dtype combine, and /v1/models, /health and /metrics
+    say which are serving; answers are the engine's own greedy output in that format."""
+    e = Engine.from_checkpoint(ckpt, weights="int8", kv_cache_dtype="int8", warmup_steps=2)
+    s = Served(create_app(e))
+    try:
+        assert e.wait_ready(30)
+        card = httpx.get(s.url + "/v1/models").json()["data"][0]
+        assert card["weights"] == "int8" and card["kv_cache_dtype"] == "int8"
+        health = httpx.get(s.url + "/health").json()
+        assert health == {"status": "ok", "model": e.model_id, "weights": "int8",
+                          "kv_cache_dtype": "int8"}
+        info = dict(kv_cache_dtype="int8", level="3", model=e.model_id, weights="int8")  # sorted
+        assert metric(s.metrics(), "ryzen_llm_model_info", **info) == 1.0
+        r = httpx.post(s.url + "/infer", json={"inputs": [PROMPTS[0]], "max_new_tokens": 8,
+                                               "use_cache": False}, timeout=30)
+        alone = Engine.from_checkpoint(ckpt, weights="int8", kv_cache_dtype="int8",
+                                       warmup_steps=0)
+        want = alone.generate(PROMPTS[0], SamplingParams(max_new_tokens=8))
+        alone.stop()
+        assert r.json()["outputs"][0]["token_ids"] == want["token_ids"]
+    finally:
+        s.close()
+
+
+def test_weights_option_reaches_the_engine(tmp_path, monkeypatch):
+    seen = {}
+
+    def from_checkpoint(path, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop before serving")
+
+    monkeypatch.setattr(Engine, "from_checkpoint", staticmethod(from_checkpoint))
+    assert main(["--checkpoint", str(tmp_path), "--weights", "int4",
+                 "--kv-cache-dtype", "int8"]) == 2
+    assert seen["weights"] == "int4" and seen["kv_cache_dtype"] == "int8"
+    assert main(["--checkpoint", str(tmp_path)]) == 2
+    assert seen["weights"] is None  # the checkpoint config's inference.weights, else the level's
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--weights", "int3"])
+
+
+def test_startup_output_names_the_weight_format(ckpt):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ryzen_llm.serve", "--checkpoint", str(ckpt), "--port", "0",
+         "--warmup-steps", "1", "--weights", "int8", "--kv-cache-dtype", "int8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        assert "level 3: int8 linear weights" in first and "int8 KV cache" in first, first
+        url = re.search(r"on (http://127\.0\.0\.1:\d+);", first).group(1)
+        assert proc.stdout.readline().startswith("ready")
+        assert httpx.get(url + "/health").json()["weights"] == "int8"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

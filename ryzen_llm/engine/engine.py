@@ -26,7 +26,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from ryzen_llm.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointError, load_checkpoint
-from ryzen_llm.config import KV_CACHE_DTYPES, Config, config_from_dict
+from ryzen_llm.config import KV_CACHE_DTYPES, WEIGHT_FORMATS, Config, config_from_dict
 from ryzen_llm.engine.detokenizer import Detokenizer
 from ryzen_llm.engine.openmp import release_idle_openmp_workers
 from ryzen_llm.engine.request import EngineStopped, Request, SamplingParams
@@ -38,9 +38,9 @@ from ryzen_llm.ops.dispatch import KernelOptimizer
 from ryzen_llm.ops.quantized_decode_linear import QUANTIZED_FORMATS
 from ryzen_llm.tokenizer import Tokenizer
 
-# The formats the engine can hold its linear weights in (Engine(weights=...); the default is
-# bfloat16 at level 3 and float32 below).
-WEIGHT_FORMATS = ("float32", "bfloat16", *QUANTIZED_FORMATS)
+# WEIGHT_FORMATS (ryzen_llm.config): the formats the engine can hold its linear weights in
+# (Engine(weights=...); the default is bfloat16 at level 3 and float32 below).
+assert WEIGHT_FORMATS == ("float32", "bfloat16", *QUANTIZED_FORMATS), WEIGHT_FORMATS
 
 
 def weight_format(weights: str | None, level: int, model: ScaledTransformerModel) -> str:
@@ -97,13 +97,14 @@ class Engine:
     and out, no text); config (default Config(model=model.config)), whose optimization.
     kernel_level and inference section give the defaults of level, max_batch_size (rows of the
     KV cache), max_queue (default 4 x max_batch_size), warmup_steps and kv_cache_dtype
-    ("float32" or "int8"); weights (the linear weights' format: "float32", "bfloat16", or
-    "int8"/"int4" at levels 2-3 through ryzen_llm.ops.quantized_decode_linear, the activations
-    entering each linear quantized to int8 per row (int8) or per 32 inputs (int4); default
-    bfloat16 at level 3, float32 below); exact (pad decode steps to row counts whose results agree, levels
-    0-1); model_id and model_sha256 (the model's name for the server, its weights' hash);
-    threads (of the engine's thread; default the caller's count now); step_delay_s and on_step
-    (a pause and a callback per decode step); start (False: the caller starts engine._thread).
+    ("float32" or "int8") and weights; weights (the linear weights' format: "float32",
+    "bfloat16", or "int8"/"int4" at levels 2-3 through ryzen_llm.ops.quantized_decode_linear,
+    the activations entering each linear quantized to int8 per row (int8) or per 32 inputs
+    (int4); default inference.weights, else bfloat16 at level 3, float32 below); exact (pad
+    decode steps to row counts whose results agree, levels 0-1); model_id and model_sha256 (the
+    model's name for the server, its weights' hash); threads (of the engine's thread; default
+    the caller's count now); step_delay_s and on_step (a pause and a callback per decode step);
+    start (False: the caller starts engine._thread).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class Engine:
         # Level 3 generates from bfloat16 copies of the linear weights (float32 activations):
         # decode reads every weight once per step, so half the bytes is nearly half the time;
         # int8 and int4 read a half and about a third of those bytes again.
+        weights = inf.weights if weights is None else weights
         self.weights = weights = weight_format(weights, self.level, model)
         model.cast_linear_weights(weights)
         # With the fused decode_linear every row is computed the same way whatever the batch,
@@ -195,7 +197,12 @@ class Engine:
         except ValueError as exc:
             raise CheckpointError(f"{path / 'state.json'}: config does not load: {exc}") from None
         model = ScaledTransformerModel(config.model)
-        model.load_state_dict(ckpt.model_state)
+        try:
+            model.load_state_dict(ckpt.model_state)
+        except RuntimeError as exc:  # names every mismatched tensor, one per line: the first
+            detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise CheckpointError(f"{path / MODEL_FILE} does not fit the model of state.json's "
+                                  f"config: {detail[min(1, len(detail) - 1)]}") from None
         if ckpt.tokenizer_path is None:
             raise CheckpointError(f"checkpoint {str(path)!r} has no tokenizer.json; the engine "
                                   "needs the tokenizer the model was trained with")

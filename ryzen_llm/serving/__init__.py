@@ -1,9 +1,10 @@
 """The HTTP server, split by job. FastAPI on uvicorn, in front of one Engine (ryzen_llm.engine):
     POST /infer             {"inputs": [...], "max_new_tokens": 16, "temperature": 0, ...}
     POST /v1/completions    OpenAI-compatible, streaming over SSE ending in `data: [DONE]`
-    GET  /v1/models         the one model served
-    GET  /health            alive;  GET /ready: 503 until warm-up is done and while draining
-    GET  /metrics           Prometheus text format
+    GET  /v1/models         the one model served, with its weight format and KV cache dtype
+    GET  /health            alive, and the same formats;  GET /ready: 503 until warm-up is done
+                            and while draining
+    GET  /metrics           Prometheus text format (ryzen_llm_model_info: model, level, formats)
     GET  /openapi.json      the API's description (pydantic models of every body); /docs shows it
 
     protocol.py     request and response bodies (pydantic); request -> SamplingParams

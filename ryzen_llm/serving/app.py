@@ -20,8 +20,14 @@ from ryzen_llm.serving.protocol import (CompletionStreamResponse, ErrorResponse,
 from ryzen_llm.serving.runner import PromptRunner
 
 
-async def health():
-    return {"status": "ok"}
+def formats(engine: Engine) -> dict:
+    """What the model is served in, for /health and /v1/models."""
+    return {"weights": engine.weights, "kv_cache_dtype": engine.kv_cache_dtype}
+
+
+async def health(request: HTTPRequest):
+    engine: Engine = request.app.state.engine
+    return {"status": "ok", "model": engine.model_id, **formats(engine)}
 
 
 async def ready(request: HTTPRequest):
@@ -43,7 +49,7 @@ async def models(request: HTTPRequest):
     engine: Engine = request.app.state.engine
     return {"object": "list", "data": [{"id": engine.model_id, "object": "model",
                                         "created": int(request.app.state.started),
-                                        "owned_by": "ryzen_llm"}]}
+                                        "owned_by": "ryzen_llm", **formats(engine)}]}
 
 
 def add_probe_routes(app: FastAPI) -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from ryzen_llm.config import WEIGHT_FORMATS
 from ryzen_llm.engine import Engine
 from ryzen_llm.ops.dispatch import LEVELS
 from ryzen_llm.serving.app import create_app
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=("float32", "int8"),
                    help="KV cache storage (default: inference.kv_cache_dtype of the checkpoint's "
                    "config); int8 keeps 0.27x the bytes, one fp32 scale per cached vector")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS,
+                   help="linear weights to generate from (default: inference.weights of the "
+                   "checkpoint's config, else bfloat16 at level 3 and float32 below); int8 and "
+                   "int4 need level 2-3; combines with --kv-cache-dtype")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--access-log", action="store_true")
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -117,7 +122,8 @@ def load_engine(args: argparse.Namespace, path: Path) -> Engine:
     return Engine.from_checkpoint(
         path, level=args.level, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         warmup_steps=args.warmup_steps, step_delay_s=args.debug_step_delay,
-        exact=not args.no_exact_batching, threads=threads, kv_cache_dtype=args.kv_cache_dtype)
+        exact=not args.no_exact_batching, threads=threads, kv_cache_dtype=args.kv_cache_dtype,
+        weights=args.weights)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info
 
 from ryzen_llm.engine import Engine
 
@@ -34,6 +34,10 @@ class Metrics:
         self.cache_misses = Counter("ryzen_llm_cache_misses", "Response cache misses", registry=r)
         self.cancelled = Counter("ryzen_llm_cancelled", "Prompts cancelled (client gone or "
                                  "timed out)", ["reason"], registry=r)
+        Info("ryzen_llm_model", "The model served, its kernel level and formats",
+             registry=r).info({"model": engine.model_id, "level": str(engine.level),
+                               "weights": engine.weights,
+                               "kv_cache_dtype": engine.kv_cache_dtype})
         # python_gc_collections_total by generation: a full (2) collection pauses every thread
         GCCollector(registry=r)
         g = Gauge("ryzen_llm_gc_frozen_objects", "Objects moved out of the cyclic collector's "

@@ -61,6 +61,9 @@ ERROR_RESPONSES = {
 # -- probes -----------------------------------------------------------------------------------
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
+    model: str
+    weights: str = Field(description="the linear weights' format: float32, bfloat16, int8, int4")
+    kv_cache_dtype: str = Field(description="the KV cache's storage: float32 or int8")
 
 
 class ReadyResponse(BaseModel):
@@ -73,6 +76,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ryzen_llm"
+    weights: str = Field(description="the linear weights' format: float32, bfloat16, int8, int4")
+    kv_cache_dtype: str = Field(description="the KV cache's storage: float32 or int8")
 
 
 class ModelList(BaseModel):
