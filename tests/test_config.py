@@ -22,7 +22,7 @@ def test_seed_values():
     assert (c.model.vocab_size, c.model.max_seq_len) == (2048, 128)
     assert c.training.learning_rate == 1e-4 and c.training.batch_size == 16
     assert c.training.gradient_accumulation_steps == 8 and c.training.total_steps == 100
-    assert c.optimization.kernel_level == 3 and c.optimization.compression_ratio == 0.3
+    assert c.optimization.kernel_level == 4 and c.optimization.compression_ratio == 0.3
     assert c.inference.warmup_steps == 100 and c.training.seed == 42
 
 

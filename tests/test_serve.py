@@ -474,7 +474,7 @@ def test_int8_weights_and_int8_kv_cache_are_served_and_shown(ckpt):
         health = httpx.get(s.url + "/health").json()
         assert health == {"status": "ok", "model": e.model_id, "weights": "int8",
                           "kv_cache_dtype": "int8"}
-        info = dict(kv_cache_dtype="int8", level="3", model=e.model_id, weights="int8")  # sorted
+        info = dict(kv_cache_dtype="int8", level=str(e.level), model=e.model_id, weights="int8")  # sorted
         assert metric(s.metrics(), "ryzen_llm_model_info", **info) == 1.0
         r = httpx.post(s.url + "/infer", json={"inputs": [PROMPTS[0]], "max_new_tokens": 8,
                                                "use_cache": False}, timeout=30)
@@ -512,7 +512,7 @@ def test_startup_output_names_the_weight_format(ckpt):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         first = proc.stdout.readline()
-        assert "level 3: int8 linear weights" in first and "int8 KV cache" in first, first
+        assert "level 4: int8 linear weights" in first and "int8 KV cache" in first, first
         url = re.search(r"on (http://127\.0\.0\.1:\d+);", first).group(1)
         assert proc.stdout.readline().startswith("ready")
         assert httpx.get(url + "/health").json()["weights"] == "int8"

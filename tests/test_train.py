@@ -62,7 +62,7 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
         assert {"best", "last"} <= set(m["checkpoints"])
         load_checkpoint(run / which / "checkpoints" / "best")  # verifies the manifest
     assert report["runs"]["baseline"]["level"] == 0
-    assert report["runs"]["optimized"]["level"] == 3
+    assert report["runs"]["optimized"]["level"] == 4
     # counted, not assumed: the baseline ran every model op as its reference
     for op, info in report["runs"]["baseline"]["ops"].items():
         if op in INFERENCE_OPS:
