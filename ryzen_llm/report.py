@@ -79,10 +79,13 @@ def build_report(config: Config, runs: dict[str, dict], run_dir: Path) -> dict[s
         ckpt_ok and bool(runs), {w: m["checkpoints"] for w, m in runs.items()}, "best and last saved"
     )
     fallbacks = {w: _fallbacks(m) for w, m in runs.items()}
+    env = environment()
+    if config.training.num_threads > 0:  # the runs set it; the process writing the report not
+        env["torch_threads"] = config.training.num_threads
     return {
         "run_dir": str(run_dir),
         "config": config.to_dict(),
-        "environment": environment(),
+        "environment": env,
         "runs": runs,
         "comparison": comparison,
         "criteria": criteria,
