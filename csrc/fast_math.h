@@ -4,6 +4,7 @@
 // keeps the 2^k scaling free of overflow handling.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -127,6 +128,28 @@ RYZEN_LLM_INLINE void epilogue16(float* v, const float* b, bool gelu) {
   } else {
 #pragma omp simd simdlen(16)
     for (int f = 0; f < 16; ++f) v[f] += b[f];
+  }
+}
+
+// ---- int8 quantization (absmax / 127) -----------------------------------------------------
+// Shared by the int8 kernels (quantized_decode_linear's activations, the level-4 linear's
+// activations, gradients and weights): one rule, so that every kernel and
+// reference.int8_quantize / quantize_activations_int8 agree bit for bit.
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to nearest even
+
+// The scale and 1 / scale of values with absolute maximum amax: scale = amax / 127; an all-zero
+// run, or one whose 1 / scale overflows, gets scale 0 and inv 0 (zero codes); one holding NaN or
+// inf (nonfinite) scale NaN and inv 0 (zero codes that read back as NaN).
+RYZEN_LLM_INLINE void int8_scale(float amax, bool nonfinite, float* scale, float* inv) {
+  *scale = amax / 127.0f;
+  *inv = *scale > 0.0f ? 1.0f / *scale : 0.0f;
+  if (!(*inv <= FLT_MAX)) {
+    *scale = 0.0f;
+    *inv = 0.0f;
+  }
+  if (nonfinite) {
+    *scale = __builtin_nanf("");
+    *inv = 0.0f;
   }
 }
 

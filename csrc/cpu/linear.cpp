@@ -27,24 +27,6 @@
 namespace ryzen_llm {
 namespace {
 
-constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to nearest even
-
-// scale and 1/scale of an absolute maximum (see the file comment for the special cases)
-RYZEN_LLM_INLINE void scale_of(float amax, bool nonfinite, float* scale, float* inv) {
-  float s = amax / 127.0f;
-  float i = s > 0.0f ? 1.0f / s : 0.0f;
-  if (!(i <= FLT_MAX)) {
-    s = 0.0f;
-    i = 0.0f;
-  }
-  if (nonfinite) {
-    s = __builtin_nanf("");
-    i = 0.0f;
-  }
-  *scale = s;
-  *inv = i;
-}
-
 RYZEN_LLM_INLINE int8_t code_of(float v) {
   // v goes through a variable before rounding: fused into one expression GCC would contract the
   // multiply that made it into the add (FMA) and round a different value than the reference.
@@ -158,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
           amax = std::max(amax, col_amax[t * K + k]);
           bad = bad || col_bad[t * K + k];
         }
-        scale_of(amax, bad, cs + k, &col_inv[k]);
+        int8_scale(amax, bad, cs + k, &col_inv[k]);
       }
     } else {
       at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
@@ -167,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
     }
     if (rows) {
       float* rs = row_scales.data_ptr<float>();
-      for (int64_t r = 0; r < M; ++r) scale_of(row_amax[r], row_bad[r], rs + r, &row_inv[r]);
+      for (int64_t r = 0; r < M; ++r) int8_scale(row_amax[r], row_bad[r], rs + r, &row_inv[r]);
     }
     at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
       std::vector<float> v(K);

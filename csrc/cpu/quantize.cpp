@@ -20,8 +20,6 @@
 namespace ryzen_llm {
 namespace {
 
-constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to nearest even
-
 template <typename scalar_t>
 RYZEN_LLM_TARGET_CLONES void quantize_blocks(
     const typename Elem<scalar_t>::raw_t* x, int64_t n, int64_t block_size, int bits,

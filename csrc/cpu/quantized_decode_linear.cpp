@@ -61,19 +61,7 @@ bool vnni_available() {
 // holding NaN or inf gets scale NaN and zero codes (its outputs are NaN); an all-zero run, or
 // one whose 1 / scale overflows, gets scale 0 and zero codes. Returns the scale; *sum receives
 // the sum of the q (the int4 correction). reference.quantize_activations_int8 is the same math.
-// The scale and 1 / scale of a run with absolute maximum amax (nonfinite: it held NaN or inf).
-RYZEN_LLM_INLINE void run_scale(float amax, bool nonfinite, float* scale, float* inv) {
-  *scale = amax / 127.0f;
-  *inv = *scale > 0.0f ? 1.0f / *scale : 0.0f;
-  if (!(*inv <= FLT_MAX)) {
-    *scale = 0.0f;
-    *inv = 0.0f;
-  }
-  if (nonfinite) {
-    *scale = __builtin_nanf("");
-    *inv = 0.0f;
-  }
-}
+// The scale of a run: int8_scale (fast_math.h).
 
 #if defined(RYZEN_LLM_AVX512)
 // quantize_run below with AVX-512, 16 values at a time (the same operations per value: a
@@ -92,7 +80,7 @@ RYZEN_LLM_AVX512_TARGET float quantize_run_avx512(const float* x, int64_t len, u
     vmax = _mm512_max_ps(vmax, a);
   }
   float scale, inv;
-  run_scale(_mm512_reduce_max_ps(vmax), bad != 0, &scale, &inv);
+  int8_scale(_mm512_reduce_max_ps(vmax), bad != 0, &scale, &inv);
   if (bad != 0) {  // a non-finite run: every code 0
     std::memset(q, Offset, len);
     if (sum != nullptr) *sum = 0;
@@ -127,7 +115,7 @@ RYZEN_LLM_TARGET_CLONES float quantize_run_portable(const float* x, int64_t len,
     amax = a > amax ? a : amax;
   }
   float scale, inv;
-  run_scale(amax, nonfinite != 0, &scale, &inv);
+  int8_scale(amax, nonfinite != 0, &scale, &inv);
   int32_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < len; ++i) {
