@@ -15,7 +15,6 @@ Run: pytest benchmarks/bench_train_step.py --benchmark-only
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 import pytest
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 
 from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
 from ryzen_llm.hardware import has_native_bf16
-from ryzen_llm.ops import reference
 from ryzen_llm.ops.dispatch import KernelSet
 
 B, T = 16, 128

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ryzen_llm.config import ModelConfig
 from ryzen_llm.ops._extension import extension_loaded

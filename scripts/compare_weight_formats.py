@@ -149,28 +149,6 @@ def compare_engine(path: str, rounds: int = 7) -> None:
               flush=True)
     for e in engines.values():
         e.stop()
-    teacher_forced_agreement(path, formats)
-
-
-def teacher_forced_agreement(path: str, formats: tuple[str, ...], n_windows: int = 256) -> None:
-    from ryzen_llm.evaluate import evaluation_tokens, load_model, windows
-    from ryzen_llm.model import KVCache
-
-    picks = {}
-    for f in formats:
-        engine = load_model(path, f, None)
-        model = engine.model
-        tokens, _ = evaluation_tokens(engine, None, progress=False)
-        batches = windows(tokens, model.config.max_seq_len, 8, n_windows // 8, "val")
-        cache = KVCache(model.config, 8)
-        with torch.inference_mode():
-            picks[f] = torch.cat([model.forward_with_cache(idx, cache.rows(0, len(idx)),
-                                                           every_position=True).argmax(-1)
-                                  for idx, _ in batches]).flatten()
-    for f in formats[1:]:
-        same = int((picks[f] == picks["bfloat16"]).sum())
-        print(f"teacher-forced next-token argmax {f} vs bfloat16: {same}/{picks[f].numel()} "
-              f"= {same / picks[f].numel():.2%}", flush=True)
 
 
 if __name__ == "__main__":
