@@ -36,16 +36,29 @@ RYZEN_LLM_INLINE int8_t code_of(float v) {
 }
 
 // Absolute maxima of rows [begin, end): per row into row_amax/row_bad (when non-null) and folded
-// into this task's column maxima col_amax/col_bad (when non-null).
+// into this task's column maxima col_amax/col_bad (when non-null), and with col_sum (non-null
+// only with col_amax) the columns' sums too: the bias gradient, from the same read of x.
 template <typename E>
 RYZEN_LLM_TARGET_CLONES void absmax_rows(const typename E::raw_t* x, int64_t begin, int64_t end,
                                          int64_t K, float* row_amax, uint8_t* row_bad,
-                                         float* col_amax, uint8_t* col_bad) {
+                                         float* col_amax, uint8_t* col_bad, float* col_sum) {
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = x + r * K;
     float amax = 0.0f;
     int bad = 0;
-    if (col_amax != nullptr) {
+    if (col_sum != nullptr) {
+#pragma omp simd reduction(max : amax) reduction(| : bad)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = E::load(xr[k]);
+        const float a = std::fabs(v);
+        const int nf = !(a <= FLT_MAX);
+        bad |= nf;
+        amax = a > amax ? a : amax;
+        col_amax[k] = a > col_amax[k] ? a : col_amax[k];
+        col_bad[k] |= static_cast<uint8_t>(nf);
+        col_sum[k] += v;
+      }
+    } else if (col_amax != nullptr) {
 #pragma omp simd reduction(max : amax) reduction(| : bad)
       for (int64_t k = 0; k < K; ++k) {
         const float a = std::fabs(E::load(xr[k]));
@@ -95,8 +108,10 @@ RYZEN_LLM_TARGET_CLONES void codes_rows(const typename E::raw_t* x, int64_t begi
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
-    const at::Tensor& x, bool rows, bool cols) {
+// int8_quantize; with col_sums (cols only) also the float32 column sums of x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x,
+                                                                    bool rows, bool cols,
+                                                                    at::Tensor* col_sums) {
   check_cpu(x, "x");
   check_dim(x, 2, "x");
   check_contiguous(x, "x");
@@ -109,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
   at::Tensor row_scales = at::empty({rows ? M : 0}, f32);
   at::Tensor col_codes = at::empty({cols ? M : 0, cols ? K : 0}, i8);
   at::Tensor col_scales = at::empty({cols ? K : 0}, f32);
+  if (col_sums != nullptr) *col_sums = at::zeros({K}, f32);
   if (M == 0 || K == 0 || (!rows && !cols)) {
     if (cols) col_scales.zero_();
     if (rows) row_scales.zero_();
@@ -121,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
   const int64_t chunk = (M + tasks - 1) / tasks;
   std::vector<float> col_amax(cols ? tasks * K : 0, 0.0f), col_inv(cols ? K : 0);
   std::vector<uint8_t> col_bad(cols ? tasks * K : 0, 0);
+  std::vector<float> col_sum(col_sums != nullptr ? tasks * K : 0, 0.0f);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_quantize", [&] {
     using E = Elem<scalar_t>;
     const auto* xp = E::ptr(x);
@@ -129,22 +146,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
         for (int64_t t = t0; t < t1; ++t) {
           absmax_rows<E>(xp, t * chunk, std::min(M, (t + 1) * chunk), K,
                          rows ? row_amax.data() : nullptr, rows ? row_bad.data() : nullptr,
-                         col_amax.data() + t * K, col_bad.data() + t * K);
+                         col_amax.data() + t * K, col_bad.data() + t * K,
+                         col_sum.empty() ? nullptr : col_sum.data() + t * K);
         }
       });
       float* cs = col_scales.data_ptr<float>();
+      float* sums = col_sums != nullptr ? col_sums->data_ptr<float>() : nullptr;
       for (int64_t k = 0; k < K; ++k) {
         float amax = 0.0f;
         bool bad = false;
         for (int64_t t = 0; t < tasks; ++t) {
           amax = std::max(amax, col_amax[t * K + k]);
           bad = bad || col_bad[t * K + k];
+          if (sums != nullptr) sums[k] += col_sum[t * K + k];
         }
         int8_scale(amax, bad, cs + k, &col_inv[k]);
       }
     } else {
       at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
-        absmax_rows<E>(xp, b, e, K, row_amax.data(), row_bad.data(), nullptr, nullptr);
+        absmax_rows<E>(xp, b, e, K, row_amax.data(), row_bad.data(), nullptr, nullptr, nullptr);
       });
     }
     if (rows) {
@@ -160,6 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
     });
   });
   return {row_codes, row_scales, col_codes, col_scales};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
+    const at::Tensor& x, bool rows, bool cols) {
+  return quantize(x, rows, cols, nullptr);
 }
 
 // y = acc * row_scale * col_scale (+ bias), and with gelu: pre = that, y = GELU(pre); per row.
@@ -373,9 +398,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cpu(
     check_same_dtype(x_saved, grad_y, "x_saved", "grad_y");
     check_shape(x_saved, {M, K}, "x_saved");
   }
-  auto [g, grad_bias] = output_grad(grad_y, pre, gelu);
+  // The gradient at the GEMM's output and its column sums (grad_bias): through GELU in a pass of
+  // its own; without GELU the sums come from the quantization's read of grad_y.
+  at::Tensor g = grad_y, grad_bias;
+  if (gelu || !int8_weight_grad) std::tie(g, grad_bias) = output_grad(grad_y, pre, gelu);
   auto [g_rows, g_row_scales, g_cols, g_col_scales] =
-      int8_quantize_cpu(g, need_grad_x, int8_weight_grad);
+      quantize(g, need_grad_x, int8_weight_grad, grad_bias.defined() ? nullptr : &grad_bias);
   at::Tensor none;
   at::Tensor grad_x = at::empty({need_grad_x ? M : 0, need_grad_x ? K : 0}, grad_y.options());
   if (need_grad_x) {  // (M, N) @ (N, K)
