@@ -59,6 +59,16 @@ inline const float* checked_float_bias(const c10::optional<at::Tensor>& bias, in
   return bias->data_ptr<float>();
 }
 
+// The activations of the decode linears (decode_linear, quantized_decode_linear): x (M, K)
+// float32, contiguous, on the CPU, beside a CPU weight.
+inline void check_decode_linear_input(const at::Tensor& x, const at::Tensor& weight) {
+  check_cpu(x, "x");
+  check_dim(x, 2, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: expected float32, got ", x.scalar_type());
+  check_contiguous(x, "x");
+  check_cpu(weight, "weight");
+}
+
 // Rows of a row-wise kernel handed to one task of at::parallel_for: enough work per task that
 // scheduling costs nothing next to it.
 inline int64_t row_grain(int64_t row_len) {

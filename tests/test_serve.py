@@ -317,10 +317,7 @@ def test_no_checkpoint_says_how_to_make_one(tmp_path, capsys):
     assert latest_checkpoint(tmp_path / "runs").parent.parent.parent.name == "new"
 
 
-def test_kv_cache_dtype_option_reaches_the_engine(tmp_path, monkeypatch):
-    seen = {}
-
-    def from_checkpoint(path, **kwargs):
+def from_checkpoint(path, **kwargs):
         seen.update(kwargs)
         raise ValueError("stop before serving")
 
@@ -474,7 +471,8 @@ def test_int8_weights_and_int8_kv_cache_are_served_and_shown(ckpt):
         health = httpx.get(s.url + "/health").json()
         assert health == {"status": "ok", "model": e.model_id, "weights": "int8",
                           "kv_cache_dtype": "int8"}
-        info = dict(kv_cache_dtype="int8", level=str(e.level), model=e.model_id, weights="int8")  # sorted
+        info = dict(kv_cache_dtype="int8", level=str(e.level), model=e.model_id,
+                    weights="int8")  # sorted
         assert metric(s.metrics(), "ryzen_llm_model_info", **info) == 1.0
         r = httpx.post(s.url + "/infer", json={"inputs": [PROMPTS[0]], "max_new_tokens": 8,
                                                "use_cache": False}, timeout=30)
@@ -487,7 +485,7 @@ def test_int8_weights_and_int8_kv_cache_are_served_and_shown(ckpt):
         s.close()
 
 
-def test_weights_option_reaches_the_engine(tmp_path, monkeypatch):
+def test_weights_and_kv_cache_options_reach_the_engine(tmp_path, monkeypatch):
     seen = {}
 
     def from_checkpoint(path, **kwargs):
@@ -495,6 +493,12 @@ def test_weights_option_reaches_the_engine(tmp_path, monkeypatch):
         raise ValueError("stop before serving")
 
     monkeypatch.setattr(Engine, "from_checkpoint", staticmethod(from_checkpoint))
+    assert main(["--checkpoint", str(tmp_path), "--kv-cache-dtype", "int8"]) == 2
+    assert seen["kv_cache_dtype"] == "int8"
+    assert main(["--checkpoint", str(tmp_path)]) == 2
+    assert seen["kv_cache_dtype"] is None  # the checkpoint config's inference.kv_cache_dtype
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--kv-cache-dtype", "fp8"])
     assert main(["--checkpoint", str(tmp_path), "--weights", "int4",
                  "--kv-cache-dtype", "int8"]) == 2
     assert seen["weights"] == "int4" and seen["kv_cache_dtype"] == "int8"

@@ -395,11 +395,7 @@ at::Tensor decode_linear_packed(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& bias, bool gelu,
                              int64_t out_features) {
-  check_cpu(x, "x");
-  check_dim(x, 2, "x");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: expected float32, got ", x.scalar_type());
-  check_contiguous(x, "x");
-  check_cpu(weight, "weight");
+  check_decode_linear_input(x, weight);
   if (weight.dim() == 4) return decode_linear_packed(x, weight, bias, gelu, out_features);
   // int8 / int4 weights packed by ryzen_llm.ops.quantized_decode_linear: their own kernels
   if (weight.dim() == 3) return quantized_decode_linear_cpu(x, weight, bias, gelu, out_features);

@@ -375,11 +375,7 @@ __attribute__((optimize("fp-contract=off"))) void int4_blocks_portable(
 at::Tensor quantized_decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias, bool gelu,
                                        int64_t out_features) {
-  check_cpu(x, "x");
-  check_dim(x, 2, "x");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: expected float32, got ", x.scalar_type());
-  check_contiguous(x, "x");
-  check_cpu(weight, "weight");
+  check_decode_linear_input(x, weight);
   const bool int8 = weight.scalar_type() == at::kChar;
   TORCH_CHECK(weight.dim() == 3 && weight.size(2) == 64 &&
                   (int8 || weight.scalar_type() == at::kByte),

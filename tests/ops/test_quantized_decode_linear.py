@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ryzen_llm.ops import reference
 from tests.ops.conftest import requires_extension
+from tests.ops.test_decode_linear import make_inputs
 
 pytestmark = requires_extension
 
@@ -21,14 +22,6 @@ SHAPES = [(1, 7, 3), (3, 33, 50), (1, 512, 1536), (4, 512, 1536), (5, 1024, 512)
 # Max |y - float linear| / max |float linear| on Gaussian weights and inputs: the quantization
 # error of each format (int8: 8-bit weights and activations; int4: 4-bit weights, groups of 32).
 FLOAT_TOLERANCE = {"int8": 0.03, "int4": 0.25}
-
-
-def make_inputs(M, K, N, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g)
-    w = torch.randn(N, K, generator=g) / K**0.5
-    b = torch.randn(N, generator=g)
-    return x, w, b
 
 
 def fused(x, packed, b, gelu, n):
