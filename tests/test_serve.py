@@ -317,19 +317,6 @@ def test_no_checkpoint_says_how_to_make_one(tmp_path, capsys):
     assert latest_checkpoint(tmp_path / "runs").parent.parent.parent.name == "new"
 
 
-def from_checkpoint(path, **kwargs):
-        seen.update(kwargs)
-        raise ValueError("stop before serving")
-
-    monkeypatch.setattr(Engine, "from_checkpoint", staticmethod(from_checkpoint))
-    assert main(["--checkpoint", str(tmp_path), "--kv-cache-dtype", "int8"]) == 2
-    assert seen["kv_cache_dtype"] == "int8"
-    assert main(["--checkpoint", str(tmp_path)]) == 2
-    assert seen["kv_cache_dtype"] is None  # the checkpoint config's inference.kv_cache_dtype
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", str(tmp_path), "--kv-cache-dtype", "fp8"])
-
-
 def test_sigterm_drains_in_flight_requests_then_exits(ckpt):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
