@@ -467,16 +467,17 @@ AdamWScalars<acc_t> adamw_scalars(double lr, double beta1, double beta2, double 
 }
 
 
-// The arguments of adamw_step_ (masters empty; params float32 or float64) and of
-// adamw_master_step_ (bfloat16 params and grads, float32 masters and moments): hyperparameters,
-// list lengths, and per parameter its device type, dtype and contiguity and its companions'
-// device, dtype and shape. Returns the parameters' dtype (undefined when there are none).
+// The arguments of adamw_step_ (masters empty; params float32 or float64, moments of the
+// params' dtype, or bfloat16 for float32 params where bf16_state_ok) and of adamw_master_step_
+// (bfloat16 params and grads, float32 masters and moments): hyperparameters, list lengths, and
+// per parameter its device type, dtype and contiguity and its companions' device, dtype and
+// shape. Returns the parameters' dtype (undefined when there are none).
 inline c10::ScalarType check_adamw_args(c10::DeviceType device_type, at::TensorList params,
                                         at::TensorList masters, bool with_masters,
                                         at::TensorList grads, at::TensorList exp_avgs,
                                         at::TensorList exp_avg_sqs, double lr, double beta1,
                                         double beta2, double eps, double weight_decay,
-                                        int64_t step) {
+                                        int64_t step, bool bf16_state_ok = false) {
   TORCH_CHECK(lr >= 0, "lr: expected a non-negative value, got ", lr);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1, "beta1: expected a value in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0 && beta2 < 1, "beta2: expected a value in [0, 1), got ", beta2);
@@ -494,10 +495,15 @@ inline c10::ScalarType check_adamw_args(c10::DeviceType device_type, at::TensorL
   check_length(exp_avg_sqs, "exp_avg_sqs");
   if (n == 0) return c10::ScalarType::Undefined;
   const auto param_dtype = with_masters ? at::kBFloat16 : params[0].scalar_type();
-  const auto state_dtype = with_masters ? at::kFloat : param_dtype;
   TORCH_CHECK(with_masters || param_dtype == at::kFloat || param_dtype == at::kDouble,
               "params[0]: expected float32 or float64 (bfloat16 parameters go through "
               "adamw_master_step_), got ", param_dtype);
+  auto state_dtype = with_masters ? at::kFloat : param_dtype;
+  if (!with_masters && param_dtype == at::kFloat && exp_avgs[0].scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(bf16_state_ok, "exp_avgs[0]: bfloat16 moments have no ", device_type,
+                " kernel in this build (CPU only); keep them float32 on this device");
+    state_dtype = at::kBFloat16;
+  }
   auto check_tensor = [&](const at::Tensor& t, const std::string& name, c10::ScalarType dtype) {
     TORCH_CHECK(t.device().type() == device_type, name, ": expected a ", device_type,
                 " tensor, got one on ", t.device());

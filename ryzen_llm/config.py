@@ -89,15 +89,28 @@ class TrainingConfig:
         return self.epochs * self.steps_per_epoch
 
 
+ADAMW_STATE_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass
 class OptimizationConfig:
     # 0 = plain PyTorch (the baseline) ... 3 = every fused kernel, 4 = + the blocks' linear layers
     # on int8 GEMMs (CPU; elsewhere level 4 runs level 3's linear layers and says so)
     kernel_level: int = 4
     compression_ratio: float = 0.3  # target bytes of compressed tensors / fp32 bytes; 0 = off
+    # AdamW's moments: float32 or bfloat16 (half the bytes; stochastic rounding; fused AdamW on
+    # the CPU only); None = bfloat16 where the optimized run uses the fused AdamW on the CPU
+    # (level >= 3), float32 elsewhere
+    adamw_state_dtype: str | None = None
 
     def __post_init__(self):
         from ryzen_llm.ops.dispatch import LEVELS
+
+        if self.adamw_state_dtype not in (None, *ADAMW_STATE_DTYPES):
+            raise ConfigError(
+                f"optimization.adamw_state_dtype: must be {' or '.join(ADAMW_STATE_DTYPES)} or "
+                f"null, got {self.adamw_state_dtype!r}"
+            )
 
         if self.kernel_level not in LEVELS:
             raise ConfigError(

@@ -84,10 +84,12 @@ def disable_cpu_block_cache() -> int:
 
 
 def cpu_block_cache_stats() -> dict[str, int]:
-    """{"cached", "in_use", "peak_held"} in bytes (zeros where the extension is not built)."""
+    """{"cached", "in_use", "peak_held", "peak_in_use"} in bytes (zeros where the extension is not
+    built). peak_held - peak_in_use is what exact-size reuse costs: cached blocks of sizes no
+    request wanted at the peak."""
     from ryzen_llm.ops._extension import extension_loaded
 
     if not extension_loaded():
-        return {"cached": 0, "in_use": 0, "peak_held": 0}
-    cached, in_use, peak = torch.ops.ryzen_llm.cpu_block_cache_stats()
-    return {"cached": cached, "in_use": in_use, "peak_held": peak}
+        return {"cached": 0, "in_use": 0, "peak_held": 0, "peak_in_use": 0}
+    cached, in_use, peak, peak_in_use = torch.ops.ryzen_llm.cpu_block_cache_stats()
+    return {"cached": cached, "in_use": in_use, "peak_held": peak, "peak_in_use": peak_in_use}

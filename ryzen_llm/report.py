@@ -150,6 +150,7 @@ def print_report(report: dict[str, Any]) -> None:
             for op, info in m["ops"].items()
         )
         print(f"ops ({which}): {used}")
+        print(f"adamw moments ({which}): {m.get('adamw_state_dtype', 'float32')}")
         if m.get("cuda_graph", "off") != "off":
             print(f"cuda graph ({which}): {m['cuda_graph']}")
     for which, items in report["fallbacks"].items():

@@ -37,6 +37,7 @@ from ryzen_llm.heap import (
 from ryzen_llm.memory_trace import mark
 from ryzen_llm.model import ScaledTransformerModel
 from ryzen_llm.ops.dispatch import LEVELS
+from ryzen_llm.ops._extension import extension_loaded
 from ryzen_llm.train_step import NonFiniteError, TrainStep, resolve_device, warmup_cosine
 
 mark("imports")
@@ -159,12 +160,25 @@ class _Run:
         # level 3; compression_ratio 0 turns it off.
         optimized = self.which == "optimized" and self.level >= 3
         self.ratio = self.config.optimization.compression_ratio if optimized else 0.0
+        self.adamw_state_dtype = self._adamw_state_dtype()
         self.step = TrainStep(
             self.model, level=self.level, lr=tc.learning_rate, weight_decay=tc.weight_decay,
             max_grad_norm=tc.max_grad_norm, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
             grad_accum_steps=tc.gradient_accumulation_steps, lr_schedule=schedule,
             compression_ratio=self.ratio, distributed=self.world > 1,
+            adamw_state_dtype=getattr(torch, self.adamw_state_dtype),
         )
+
+    def _adamw_state_dtype(self) -> str:
+        """optimization.adamw_state_dtype for this run. The baseline keeps torch.optim.AdamW's
+        float32; null is bfloat16 where the optimized run's fused AdamW runs on the CPU."""
+        if self.which != "optimized":
+            return "float32"
+        wanted = self.config.optimization.adamw_state_dtype
+        if wanted is None:
+            fused_on_cpu = self.level >= 3 and self.device.type == "cpu" and extension_loaded()
+            return "bfloat16" if fused_on_cpu else "float32"
+        return wanted  # bfloat16 where it cannot run: TrainStep or FusedAdamW says why
 
     def _resume(self) -> None:
         last = self.ckpt_dir / "last"
@@ -292,6 +306,7 @@ class _Run:
             "level": self.level,
             "device": str(self.device),
             "bf16_autocast": step.bf16,
+            "adamw_state_dtype": self.adamw_state_dtype,
             "cuda_graph": step.graph_status,
             "completed": state["step"] >= total and state["nonfinite"] is None,
             "interrupted": interrupted,

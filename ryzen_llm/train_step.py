@@ -192,6 +192,7 @@ class TrainStep:
         compression_ratio: float = 0.0,
         distributed: bool = False,
         cuda_graph: bool | None = None,
+        adamw_state_dtype: torch.dtype = torch.float32,
     ):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps: must be >= 1, got {grad_accum_steps}")
@@ -222,8 +223,18 @@ class TrainStep:
         self.grad_accum_steps = grad_accum_steps
         self.lr_schedule = lr_schedule or (lambda step: lr)
         groups = parameter_groups(model, weight_decay)
-        # FusedAdamW or torch.optim.AdamW, as the level chose; both take these arguments
-        self.optimizer = self.kernels.adamw(groups, lr=lr, betas=betas, eps=eps)
+        # FusedAdamW or torch.optim.AdamW, as the level chose; both take these arguments.
+        # bfloat16 moments (half the optimizer state's memory) only exist in FusedAdamW.
+        state = {}
+        if adamw_state_dtype != torch.float32:
+            if self.kernels.choices["adamw"].impl != "fused":
+                raise ValueError(
+                    f"adamw_state_dtype={adamw_state_dtype}: needs the fused AdamW (level >= 3 "
+                    f"with the extension built); this step runs torch.optim.AdamW "
+                    f"({self.kernels.choices['adamw'].reason})"
+                )
+            state = {"state_dtype": adamw_state_dtype}
+        self.optimizer = self.kernels.adamw(groups, lr=lr, betas=betas, eps=eps, **state)
         # compression_ratio > 0: saved activations are kept as int8 (ratio >= 0.27) or 4-bit
         # codes, and a multi-process run all-reduces int8 gradients with error feedback.
         self.compression_ratio = compression_ratio

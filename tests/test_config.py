@@ -45,6 +45,8 @@ def test_overrides_apply_with_types():
         (["optimization.kernel_level=5"], "optimization.kernel_level"),
         (["inference.kv_cache_dtype=fp8"], "inference.kv_cache_dtype: must be float32 or int8"),
         (["inference.weights=int3"], "inference.weights: must be float32, bfloat16, int8, int4"),
+        (["optimization.adamw_state_dtype=float16"],
+         "optimization.adamw_state_dtype: must be float32 or bfloat16 or null"),
         (["training.epochs"], "expected key=value"),
     ],
 )

@@ -1,6 +1,5 @@
 """The trainer end to end: TrainStep, the CLI, checkpoints, resume, and bad input."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +35,15 @@ def test_overfits_one_batch(level):
     assert last < 0.2 * first, (first, last)
 
 
+def test_bf16_adamw_moments_need_the_fused_adamw():
+    with pytest.raises(ValueError, match="adamw_state_dtype=torch.bfloat16: needs the fused AdamW"):
+        TrainStep(ScaledTransformerModel(TINY), level=2, adamw_state_dtype=torch.bfloat16)
+    step = TrainStep(ScaledTransformerModel(TINY), level=3, adamw_state_dtype=torch.bfloat16)
+    idx = torch.randint(0, 128, (2, 16))
+    step(idx, idx)
+    assert {s["exp_avg"].dtype for s in step.optimizer.state.values()} == {torch.bfloat16}
+
+
 def test_nonfinite_loss_stops_without_update():
     model = ScaledTransformerModel(TINY)
     step = TrainStep(model, level=0)
@@ -63,6 +71,9 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
         load_checkpoint(run / which / "checkpoints" / "best")  # verifies the manifest
     assert report["runs"]["baseline"]["level"] == 0
     assert report["runs"]["optimized"]["level"] == 4
+    # the optimized run's fused AdamW keeps bfloat16 moments; the baseline is torch's AdamW
+    assert report["runs"]["baseline"]["adamw_state_dtype"] == "float32"
+    assert report["runs"]["optimized"]["adamw_state_dtype"] == "bfloat16"
     # counted, not assumed: the baseline ran every model op as its reference
     for op, info in report["runs"]["baseline"]["ops"].items():
         if op in INFERENCE_OPS:
@@ -88,15 +99,17 @@ def test_config_runs_optimized_trains_only_that_run(tmp_path, capsys):
     assert "optimized" in report["criteria"]["convergence"]["measured"]
 
 
-def test_resume_gives_identical_losses(tmp_path):
-    args = ["--only", "baseline", "training.epochs=2", "training.steps_per_epoch=2"]
+@pytest.mark.parametrize("which", ["baseline", "optimized"])
+def test_resume_gives_identical_losses(tmp_path, which):
+    """The optimized run's checkpoint carries bfloat16 AdamW moments and int8-level state."""
+    args = ["--only", which, "training.epochs=2", "training.steps_per_epoch=2"]
     assert train_mod.main(smoke(tmp_path, "--name", "straight", *args)) == 0
     assert train_mod.main(smoke(tmp_path, "--name", "split", "--max-steps", "3", *args)) == 0
-    partial = json.loads((tmp_path / "runs/split/baseline/metrics.json").read_text())
+    partial = json.loads((tmp_path / f"runs/split/{which}/metrics.json").read_text())
     assert partial["steps"] == 3 and not partial["completed"]
     assert train_mod.main(["--resume", str(tmp_path / "runs/split"), "--no-progress"]) == 0
-    a = json.loads((tmp_path / "runs/straight/baseline/metrics.json").read_text())
-    b = json.loads((tmp_path / "runs/split/baseline/metrics.json").read_text())
+    a = json.loads((tmp_path / f"runs/straight/{which}/metrics.json").read_text())
+    b = json.loads((tmp_path / f"runs/split/{which}/metrics.json").read_text())
     assert b["completed"] and a["step_losses"] == b["step_losses"]
     assert a["final_val_loss"] == b["final_val_loss"]
 

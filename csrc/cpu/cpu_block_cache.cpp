@@ -35,7 +35,8 @@ class CpuBlockCache final : public c10::Allocator {
     min_bytes_ = static_cast<size_t>(min_bytes);
     c10::SetCPUAllocator(this, /*priority=*/0);
     enabled_ = c10::GetCPUAllocator() == this;  // another allocator of higher priority wins
-    peak_held_bytes_ = in_use_bytes_ + cached_bytes_;  // stats()[2] counts from here
+    peak_held_bytes_ = in_use_bytes_ + cached_bytes_;  // stats()[2] and [3] count from here
+    peak_in_use_bytes_ = in_use_bytes_;
     return enabled_;
   }
 
@@ -66,11 +67,12 @@ class CpuBlockCache final : public c10::Allocator {
   }
 
   // [bytes cached (free, held), bytes in use (handed out and alive), most held at once (both)
-  // since the last enable]
+  // since the last enable, most in use at once since the last enable]; the last two differ by
+  // the cached blocks no request of their size could take at the peak
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
     return {static_cast<int64_t>(cached_bytes_), static_cast<int64_t>(in_use_bytes_),
-            static_cast<int64_t>(peak_held_bytes_)};
+            static_cast<int64_t>(peak_held_bytes_), static_cast<int64_t>(peak_in_use_bytes_)};
   }
 
   // Every block, small or large, comes from c10::alloc_cpu with context == data pointer and one
@@ -93,6 +95,7 @@ class CpuBlockCache final : public c10::Allocator {
       sizes_.emplace(p, n);
       in_use_bytes_ += n;
       peak_held_bytes_ = std::max(peak_held_bytes_, in_use_bytes_ + cached_bytes_);
+      peak_in_use_bytes_ = std::max(peak_in_use_bytes_, in_use_bytes_);
     }
     return {p, p, &CpuBlockCache::free_block, c10::Device(c10::DeviceType::CPU)};
   }
@@ -135,6 +138,7 @@ class CpuBlockCache final : public c10::Allocator {
   size_t cached_bytes_ = 0;
   size_t in_use_bytes_ = 0;
   size_t peak_held_bytes_ = 0;
+  size_t peak_in_use_bytes_ = 0;
 };
 
 bool cpu_block_cache_enable(int64_t min_bytes) {

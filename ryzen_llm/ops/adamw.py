@@ -58,9 +58,18 @@ class FusedAdamW(torch.optim.Optimizer):
     writes the rounded master into the parameter; rounding each step's tiny update onto the
     bfloat16 weights directly would lose most of it. State per parameter: 'step' (float32
     scalar tensor, as torch's), 'exp_avg', 'exp_avg_sq' (+ 'master_param' for bfloat16), so
-    state dicts load both ways with torch.optim.AdamW for float32 models."""
+    state dicts load both ways with torch.optim.AdamW for float32 models.
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    state_dtype=torch.bfloat16 keeps the moments of float32 parameters in bfloat16 (CPU only):
+    half the optimizer state's bytes. The update still runs in float32; the new moments are
+    rounded stochastically (csrc/cpu/adamw.cpp says why). Moments loaded in another dtype (a
+    state dict, which torch's load_state_dict casts to the parameter's dtype) are converted on
+    the next step. Other parameters keep moments of their own dtype (float32 for bfloat16)."""
+
+    STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 state_dtype: torch.dtype = torch.float32):
         if not 0.0 <= lr:
             raise ValueError(f"lr: expected a non-negative value, got {lr}")
         if not 0.0 <= eps:
@@ -69,21 +78,37 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"betas: expected values in [0, 1), got {betas}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"weight_decay: expected a non-negative value, got {weight_decay}")
+        if state_dtype not in self.STATE_DTYPES:
+            raise ValueError(f"state_dtype: expected torch.float32 or torch.bfloat16, got {state_dtype}")
+        self.state_dtype = state_dtype
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        if state_dtype == torch.bfloat16:
+            devices = {p.device.type for g in self.param_groups for p in g["params"]} - {"cpu"}
+            if devices:
+                raise ValueError(f"state_dtype=torch.bfloat16: CPU parameters only (the fused "
+                                 f"update has no {', '.join(sorted(devices))} kernel for it)")
 
     add_param_group = _plain_until_dynamo_loads(torch.optim.Optimizer.add_param_group)
     zero_grad = _plain_until_dynamo_loads(torch.optim.Optimizer.zero_grad)
     state_dict = _plain_until_dynamo_loads(torch.optim.Optimizer.state_dict)
     load_state_dict = _plain_until_dynamo_loads(torch.optim.Optimizer.load_state_dict)
 
+    def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
+        if p.dtype == torch.float32:
+            return self.state_dtype
+        return torch.float32 if p.dtype == torch.bfloat16 else p.dtype
+
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
+        opt_dtype = self._moment_dtype(p)
         if len(state) == 0:
-            opt_dtype = torch.float32 if p.dtype == torch.bfloat16 else p.dtype
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, dtype=opt_dtype, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=opt_dtype, memory_format=torch.contiguous_format)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].dtype != opt_dtype:  # loaded from a state dict in another dtype
+                state[key] = state[key].to(opt_dtype).contiguous()
         if p.dtype == torch.bfloat16 and "master_param" not in state:
             state["master_param"] = p.detach().float().contiguous()
         return state

@@ -270,17 +270,44 @@ def adamw_step(
     step: int,
 ) -> None:
     """One torch.optim.AdamW step (decoupled weight decay, bias correction), in place, written
-    with plain tensor ops in torch's own order. step is the 1-based count after this update."""
+    with plain tensor ops in torch's own order. step is the 1-based count after this update.
+
+    bfloat16 moments of float32 params: the update runs on their float32 values and the new
+    moments are rounded stochastically with the bits of adamw_state_random_bits, as the fused
+    AdamW does."""
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     step_size = lr / bias_correction1
     with torch.no_grad():
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        for index, (p, g, m_out, v_out) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            rounded = m_out.dtype == torch.bfloat16 and p.dtype == torch.float32
+            m, v = (m_out.float(), v_out.float()) if rounded else (m_out, v_out)
             p.mul_(1 - lr * weight_decay)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-step_size)
+            if rounded:
+                bits = adamw_state_random_bits(p.numel(), step, index).view(p.shape)
+                m_out.copy_(stochastic_round_bf16(m, bits & 0xFFFF))
+                v_out.copy_(stochastic_round_bf16(v, bits >> 16))
+
+
+def adamw_state_random_bits(n: int, step: int, tensor_index: int) -> torch.Tensor:
+    """The 32 random bits per element (int64) that round bfloat16 AdamW moments: a hash of
+    (step, (tensor_index << 40) + element); the low 16 bits round exp_avg, the high exp_avg_sq."""
+    lo_key, hi_key = _seed_key(step)
+    i = torch.arange(n, dtype=torch.int64) + (tensor_index << 40)
+    return _mix32(_mix32((i & _MASK32) ^ lo_key) ^ (i >> 32) ^ hi_key)
+
+
+def stochastic_round_bf16(x: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16, rounding up (in magnitude) with probability equal to the dropped
+    fraction: the 16 random bits are added below the kept bits, then truncated. NaN stays NaN."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    kept = ((bits + random16) >> 16) & 0xFFFF
+    out = kept.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+    return torch.where(x.isnan(), torch.tensor(float("nan"), dtype=torch.bfloat16), out)
 
 
 # -- block-wise quantization --------------------------------------------------------------------

@@ -273,6 +273,36 @@ TEST_CASE(adamw_matches_naive_loop) {
   }
   std::vector<at::Tensor> short_grads(g.begin(), g.end() - 1);
   EXPECT_THROWS(step.call(p, short_grads, m, v, lr, b1, b2, eps, wd, 4), "grads");
+
+  // float32 params with bfloat16 moments: each new moment is the float32 update of the stored
+  // one, rounded to one of its two bfloat16 neighbours (stochastically: either may come out).
+  std::vector<at::Tensor> p32, g32, m16, v16;
+  for (int64_t n : {1, 97, 40000 + 3}) {  // the last spans two of the kernel's blocks
+    p32.push_back(at::randn({n}));
+    g32.push_back(at::randn({n}));
+    m16.push_back(at::randn({n}).to(at::kBFloat16));
+    v16.push_back(at::rand({n}).to(at::kBFloat16));
+  }
+  for (int64_t s = 1; s <= 2; ++s) {
+    std::vector<at::Tensor> m_before, v_before;
+    for (size_t i = 0; i < p32.size(); ++i) {
+      m_before.push_back(m16[i].to(at::kFloat));
+      v_before.push_back(v16[i].to(at::kFloat));
+    }
+    step.call(p32, g32, m16, v16, lr, b1, b2, eps, wd, s);
+    for (size_t i = 0; i < p32.size(); ++i) {
+      const auto m_exact = m_before[i] * b1 + g32[i] * (1 - b1);
+      const auto v_exact = v_before[i] * b2 + g32[i] * g32[i] * (1 - b2);
+      // one bfloat16 spacing is 2^-7 of the value's binade: within 2^-7 relative of the exact value
+      EXPECT(((m16[i].to(at::kFloat) - m_exact).abs() <= m_exact.abs() * 0.0079 + 1e-30).all().item<bool>(),
+             "bf16 exp_avg %zu step %ld", i, (long)s);
+      EXPECT(((v16[i].to(at::kFloat) - v_exact).abs() <= v_exact.abs() * 0.0079 + 1e-30).all().item<bool>(),
+             "bf16 exp_avg_sq %zu step %ld", i, (long)s);
+    }
+  }
+  std::vector<at::Tensor> p64{at::randn({4}, at::kDouble)}, g64{at::randn({4}, at::kDouble)};
+  std::vector<at::Tensor> mb{at::zeros({4}, at::kBFloat16)}, vb{at::zeros({4}, at::kBFloat16)};
+  EXPECT_THROWS(step.call(p64, g64, mb, vb, lr, b1, b2, eps, wd, 1), "exp_avgs");
 }
 
 // ---- decode linear ----------------------------------------------------------------------------

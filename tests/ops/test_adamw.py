@@ -211,3 +211,118 @@ def test_bad_step_raises_named_error():
     lists = [[torch.randn(5)] for _ in range(4)]
     with pytest.raises(RuntimeError, match="step: expected the 1-based step count"):
         torch.ops.ryzen_llm.adamw_step_(*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0)
+
+
+# -- bfloat16 moments ------------------------------------------------------------------------
+
+
+def test_bf16_moments_match_reference():
+    """The fused step with bfloat16 moments against reference.adamw_step on the same moments:
+    the same random bits round the same float32 values. The float32 arithmetic may differ by
+    an ulp (contraction, vector order), which would flip a stochastic rounding only where the
+    random threshold falls between the two values (on the development machine: none of them)."""
+    ours = make_params()
+    ref = [p.detach().clone() for p in ours]
+    m = [torch.zeros_like(p, dtype=torch.bfloat16) for p in ref]
+    v = [torch.zeros_like(p, dtype=torch.bfloat16) for p in ref]
+    opt = FusedAdamW(ours, **HYPER, state_dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 6):
+        grads = [torch.randn(p.shape, generator=g) for p in ours]
+        for p, gr in zip(ours, grads):
+            p.grad = gr
+        opt.step()
+        reference.adamw_step(ref, grads, m, v, HYPER["lr"], *HYPER["betas"], HYPER["eps"],
+                             HYPER["weight_decay"], step)
+    total = differ = 0
+    for p, r, mr, vr in zip(ours, ref, m, v):
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        for ours_moment, ref_moment in ((state["exp_avg"], mr), (state["exp_avg_sq"], vr)):
+            torch.testing.assert_close(ours_moment.float(), ref_moment.float(), rtol=2**-7, atol=0)
+            differ += int((ours_moment != ref_moment).sum())
+            total += ref_moment.numel()
+        assert max_ulps(p.detach(), r) <= 64
+    print(f"moments differing from the reference: {differ} of {total}")
+    assert differ <= total // 1000
+
+
+def test_bf16_moments_are_unbiased_where_rounding_to_nearest_stalls():
+    """beta2 = 0.999: once v is large, each step moves it by less than half a bfloat16 spacing.
+    Rounded to nearest it would stay where it is; rounded stochastically its mean follows the
+    float32 moments."""
+    n, beta2 = 100_000, 0.999
+    p32, p16 = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(n))
+    hyper = dict(lr=0.0, betas=(0.9, beta2), weight_decay=0.0)
+    o32, o16 = FusedAdamW([p32], **hyper), FusedAdamW([p16], **hyper, state_dtype=torch.bfloat16)
+    nearest = torch.zeros(n, dtype=torch.bfloat16)
+    for i in range(1500):
+        g = torch.full((n,), 1.0 if i < 500 else 2.0)
+        p32.grad, p16.grad = g, g.clone()
+        o32.step()
+        o16.step()
+        nearest = (nearest.float() * beta2 + (1 - beta2) * g * g).to(torch.bfloat16)
+    v32 = o32.state[p32]["exp_avg_sq"]
+    v16 = o16.state[p16]["exp_avg_sq"].float()
+    nearest_error = abs(nearest.float().mean().item() / v32.mean().item() - 1)
+    stochastic_error = abs(v16.mean().item() / v32.mean().item() - 1)
+    print(f"mean v relative error: stochastic {stochastic_error:.2e}, nearest {nearest_error:.2e}")
+    assert nearest_error > 0.05  # the failure the stochastic rounding is there for
+    assert stochastic_error < 2e-3
+
+
+def test_bf16_moments_do_not_depend_on_the_thread_count():
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            params = make_params()
+            run_steps(params, FusedAdamW(params, **HYPER, state_dtype=torch.bfloat16))
+            results.append(params)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bf16_moments_survive_a_state_dict_round_trip():
+    """torch's load_state_dict casts the moments to the parameter's dtype; the next step makes
+    them bfloat16 again, exactly (a bfloat16 value is exact in float32)."""
+    ours = make_params()
+    opt = FusedAdamW(ours, **HYPER, state_dtype=torch.bfloat16)
+    run_steps(ours, opt, steps=2)
+    restored_params = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    restored = FusedAdamW(restored_params, **HYPER, state_dtype=torch.bfloat16)
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run_steps(ours, opt, steps=3, seed=7)
+    run_steps(restored_params, restored, steps=3, seed=7)
+    for a, b in zip(ours, restored_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert restored.state[b]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_bf16_moments_follow_float32_moments():
+    """Training-like use: 50 steps of a float32 model's AdamW with bfloat16 moments stay close
+    to the same steps with float32 moments (the moments' relative rounding is 2^-9 on average)."""
+    ours, theirs = make_params(), make_params()
+    run_steps(ours, FusedAdamW(ours, **HYPER, state_dtype=torch.bfloat16), steps=50)
+    run_steps(theirs, FusedAdamW(theirs, **HYPER), steps=50)
+    for a, b in zip(ours, theirs):
+        rel = ((a - b).detach().abs().mean() / b.detach().abs().mean()).item()
+        print(f"{tuple(a.shape)}: mean |difference| / mean |param| = {rel:.1e}")
+        assert rel < 5e-3
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float64])
+def test_bad_state_dtype_raises_named_error(state_dtype):
+    with pytest.raises(ValueError, match="state_dtype: expected torch.float32 or torch.bfloat16"):
+        FusedAdamW(make_params(), **HYPER, state_dtype=state_dtype)
+
+
+def test_bf16_moments_of_float64_params_raise_named_error():
+    lists = [[torch.randn(5, dtype=torch.float64)] for _ in range(4)]
+    lists[2] = [torch.zeros(5, dtype=torch.bfloat16)]
+    lists[3] = [torch.zeros(5, dtype=torch.bfloat16)]
+    with pytest.raises(RuntimeError, match="exp_avgs\\[0\\]: expected dtype Double"):
+        torch.ops.ryzen_llm.adamw_step_(*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
