@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ryzen_llm.compression import ActivationCompressor
 from ryzen_llm.hardware import has_native_bf16
 from ryzen_llm.model import measure_saved_activation_bytes
+from ryzen_llm.ops._extension import extension_loaded, has_kernel
 from ryzen_llm.ops.dispatch import KernelOptimizer
 
 
@@ -207,10 +208,12 @@ class TrainStep:
         self.level = level
         # Where the model lives is where the step runs: batches are moved there.
         self.device = next(model.parameters()).device
-        # The int8 linear has CPU kernels only: elsewhere level 4 runs level 3's linear layers,
-        # and says so (a warning, and "FELL BACK" in the report).
-        unavailable = ({"linear": f"no {self.device.type} kernel in this build (CPU only)"}
-                       if self.device.type != "cpu" else None)
+        # Where this build has no int8 linear for the device (a CUDA device with an extension
+        # built without the CUDA toolkit, any other device), level 4 runs level 3's linear
+        # layers, and says so (a warning, and "FELL BACK" in the report).
+        unavailable = None
+        if extension_loaded() and not has_kernel("int8_linear_forward", self.device.type):
+            unavailable = {"linear": f"no {self.device.type} kernel in this build"}
         self.kernels = KernelOptimizer(level, kernel_overrides, unavailable).apply(model).kernels
         # bf16 mixed precision is part of level 3 where the device computes bf16 natively
         # (CPUs with AVX512-BF16/AMX, GPUs from Ampere on); elsewhere it would be slower than fp32.

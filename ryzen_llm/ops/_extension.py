@@ -10,12 +10,24 @@ def extension_loaded() -> bool:
     global _loaded, _error
     if _loaded is None:
         try:
+            import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
             from ryzen_llm import _C  # noqa: F401  (registers torch.ops.ryzen_llm.*)
 
             _loaded = True
         except ImportError as exc:  # not built, or built against another torch
             _loaded, _error = False, f"{type(exc).__name__}: {exc}"
     return _loaded
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when the loaded extension registered torch.ops.ryzen_llm.<op> for device_type
+    ("cpu", "cuda"): CUDA kernels exist only in a build made with the CUDA toolkit."""
+    if not extension_loaded():
+        return False
+    import torch
+
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ryzen_llm::{op}", key)
 
 
 def extension_error() -> str | None:

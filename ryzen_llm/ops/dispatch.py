@@ -303,7 +303,7 @@ class KernelOptimizer:
     0 = plain PyTorch fp32 (the baseline); 1 = fused LayerNorm, GELU, cross-entropy;
     2 = + fused attention; 3 = + fused feed-forward and AdamW, and bf16 mixed precision where
     the CPU has native bf16 (see TrainStep); 4 = + the blocks' linear layers on int8 GEMMs
-    (ryzen_llm.ops.linear; CPU only).
+    (ryzen_llm.ops.linear; CPU kernels, and on CUDA an ATen composition of the same ops).
     """
 
     def __init__(self, level: int = 3, overrides: dict[str, str] | None = None,

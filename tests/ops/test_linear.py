@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ryzen_llm.ops import linear as L
 from ryzen_llm.ops import reference
-from tests.ops.conftest import requires_extension
+from tests.ops.conftest import DEVICES, requires_extension
 
 pytestmark = requires_extension
 
@@ -19,33 +19,37 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,K", [(1, 1), (3, 40), (97, 77), (2048, 13)])
-def test_quantize_matches_reference_bit_for_bit(M, K, dtype):
+def test_quantize_matches_reference_bit_for_bit(M, K, dtype, device):
     g = torch.Generator().manual_seed(M * K)
     x = (torch.randn(M, K, generator=g) * torch.logspace(-3, 3, K)).to(dtype)
     x[0, 0] = 0.0
     if M > 2:
         x[1] = 0.0  # an all-zero row: scale 0, codes 0
-    rows, row_scales, cols, col_scales = torch.ops.ryzen_llm.int8_quantize(x, True, True)
+    out = torch.ops.ryzen_llm.int8_quantize(x.to(device), True, True)
+    rows, row_scales, cols, col_scales = (t.cpu() for t in out)
     ref_rows, ref_row_scales = reference.int8_quantize(x, 1)
     ref_cols, ref_col_scales = reference.int8_quantize(x, 0)
     assert torch.equal(rows, ref_rows) and torch.equal(cols, ref_cols)
     assert torch.equal(row_scales, ref_row_scales) and torch.equal(col_scales, ref_col_scales)
-    only_rows = torch.ops.ryzen_llm.int8_quantize(x, True, False)
-    assert torch.equal(only_rows[0], rows) and only_rows[2].numel() == 0
+    only_rows = torch.ops.ryzen_llm.int8_quantize(x.to(device), True, False)
+    assert torch.equal(only_rows[0].cpu(), rows) and only_rows[2].numel() == 0
 
 
-def test_quantize_marks_nonfinite_rows_and_columns_nan():
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_marks_nonfinite_rows_and_columns_nan(device):
     x = torch.randn(6, 9)
     x[2, 4] = float("nan")
     x[4, 1] = float("inf")
+    x = x.to(device)
     rows, row_scales, cols, col_scales = torch.ops.ryzen_llm.int8_quantize(x, True, True)
     assert row_scales[[2, 4]].isnan().all() and not row_scales[[0, 1, 3, 5]].isnan().any()
     assert col_scales[[4, 1]].isnan().all() and not col_scales[[0, 2, 3, 5, 6, 7, 8]].isnan().any()
     assert (rows[2] == 0).all() and (cols[:, 4] == 0).all()
     # a NaN activation row gives a NaN output row, the others are untouched (as a float GEMM)
-    w = torch.randn(5, 9)
+    w = torch.randn(5, 9, device=device)
     y = L.int8_linear(x, w, None)
     assert y[[2, 4]].isnan().all() and y[[0, 1, 3, 5]].isfinite().all()
 
@@ -58,37 +62,44 @@ def test_int_sums_are_exact(M, K, N):
     assert torch.equal(torch._int_mm(a, b.t()), reference.int8_matmul(a, b.t()))
 
 
+# On CUDA also the shapes cuBLASLt's int8 GEMM takes (M > 16, K and N multiples of 8).
+DEVICE_SHAPES = [("cpu", s) for s in SHAPES] + [
+    ("cuda", s) for s in SHAPES + [(64, 512, 1536)] if "cuda" in DEVICES]
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("device,shape", DEVICE_SHAPES)
 @pytest.mark.parametrize("int8_weight_grad", [True, False])
-def test_forward_backward_match_the_quantized_math(M, K, N, dtype, gelu, int8_weight_grad,
+def test_forward_backward_match_the_quantized_math(device, shape, dtype, gelu, int8_weight_grad,
                                                    monkeypatch):
+    """The kernels (CPU; on CUDA the ATen composition of csrc/cuda/linear.cu) against the
+    reference math run on the CPU."""
+    M, K, N = shape
     monkeypatch.setattr(L, "INT8_WEIGHT_GRAD", int8_weight_grad)
     g = torch.Generator().manual_seed(M + K + N)
-    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(N, K, generator=g) / K**0.5).requires_grad_()
-    b = torch.randn(N, generator=g).requires_grad_()
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    b = torch.randn(N, generator=g)
     grad_y = torch.randn(M, N, generator=g).to(dtype)
-    y = L.int8_linear(x, w, b, gelu)
-    y.backward(grad_y)
-    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    xd, wd, bd = (t.to(device).requires_grad_() for t in (x, w, b))
+    y = L.int8_linear(xd, wd, bd, gelu)
+    y.backward(grad_y.to(device))
+    assert y.dtype == dtype and xd.grad.dtype == dtype and wd.grad.dtype == torch.float32
+    y, gx, gw, gb = y.detach().cpu(), xd.grad.cpu(), wd.grad.cpu(), bd.grad.cpu()
 
-    ref_y = reference.int8_linear_forward(x.detach(), w.detach(), b.detach(), gelu)
-    pre = None
-    if gelu:
-        pre = reference.int8_linear_forward(x.detach(), w.detach(), b.detach(), False)
-    ref_gx, ref_gw, ref_gb = reference.int8_linear_backward(grad_y, x.detach(), w.detach(), pre,
-                                                            int8_weight_grad)
+    ref_y = reference.int8_linear_forward(x, w, b, gelu)
+    pre = reference.int8_linear_forward(x, w, b, False) if gelu else None
+    ref_gx, ref_gw, ref_gb = reference.int8_linear_backward(grad_y, x, w, pre, int8_weight_grad)
     # The same codes and exact int32 sums: what may differ is the float32 epilogue's rounding
     # (one ulp of the stored dtype; GELU's float polynomial adds ~3e-7 relative in float32), and
     # the bias gradient, which the kernel sums before rounding.
     ulp = torch.finfo(dtype).eps
     assert (y.double() - ref_y.double()).abs().max() <= 4 * ulp * ref_y.double().abs().max()
-    assert (x.grad.double() - ref_gx.double()).abs().max() <= 4 * ulp * ref_gx.double().abs().max()
+    assert (gx.double() - ref_gx.double()).abs().max() <= 4 * ulp * ref_gx.double().abs().max()
     tol_w = 1e-6 if int8_weight_grad else 2 * ulp  # bf16 weight-gradient GEMM rounds its result
-    assert rel(w.grad, ref_gw) <= tol_w
-    assert rel(b.grad, ref_gb) <= 4 * ulp
+    assert rel(gw, ref_gw) <= tol_w
+    assert rel(gb, ref_gb) <= 4 * ulp
 
 
 @pytest.mark.parametrize("gelu", [False, True])
@@ -186,20 +197,38 @@ def test_bad_input_names_the_argument():
                                             None, False, torch.float32)
 
 
-def test_level4_runs_the_int8_linear_and_trains_on_cpu_only():
+@pytest.mark.parametrize("device", DEVICES)
+def test_level4_runs_the_int8_linear_and_trains(device):
     from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=16)
-    step = TrainStep(ScaledTransformerModel(cfg), level=4, lr=1e-3)
+    step = TrainStep(ScaledTransformerModel(cfg).to(device), level=4, lr=1e-3)
+    idx = torch.randint(0, 64, (2, 17))
+    first = step(idx[:, :-1], idx[:, 1:])
+    for _ in range(20):
+        last = step(idx[:, :-1], idx[:, 1:])
+    calls = step.kernels.summary()
+    assert calls["linear"]["calls"] == {"fused": 4 * 21}  # qkv, proj, fc1, fc2 per step
+    assert calls["gelu_feed_forward"]["calls"] == {}
+    assert last < first
+
+
+def test_level4_falls_back_by_name_where_the_build_has_no_kernel(monkeypatch):
+    """A device without an int8 linear in this build (a CUDA device with an extension built
+    without the CUDA toolkit): level 3's linear layers, a warning, FELL BACK in the report."""
+    from ryzen_llm import ModelConfig, ScaledTransformerModel, TrainStep
+    from ryzen_llm import train_step as ts
+
+    monkeypatch.setattr(ts, "has_kernel", lambda op, device_type: False)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=16)
+    with pytest.warns(UserWarning, match="fused linear unavailable"):
+        step = TrainStep(ScaledTransformerModel(cfg), level=4)
+    assert step.kernels.choices["linear"].reason == "FELL BACK: no cpu kernel in this build"
     idx = torch.randint(0, 64, (2, 17))
     step(idx[:, :-1], idx[:, 1:])
     calls = step.kernels.summary()
-    assert calls["linear"]["calls"] == {"fused": 4}  # qkv, proj, fc1, fc2
-    assert calls["gelu_feed_forward"]["calls"] == {}
-    if torch.cuda.is_available():
-        with pytest.warns(UserWarning, match="fused linear unavailable"):
-            cuda_step = TrainStep(ScaledTransformerModel(cfg).cuda(), level=4)
-        assert cuda_step.kernels.choices["linear"].reason.startswith("FELL BACK: no cuda kernel")
+    assert calls["linear"]["calls"] == {"reference": 2}  # qkv and proj through F.linear
+    assert calls["gelu_feed_forward"]["calls"] == {"fused": 1}  # level 3's feed-forward
 
 
 def test_an_op_unavailable_where_it_runs_falls_back_and_says_so():
