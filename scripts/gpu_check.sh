@@ -8,7 +8,8 @@
 #                graph of level 3 against its eager step)
 #   bench.log    benchmarks/bench_cuda.py (fused vs eager vs torch.compile vs SDPA; micro-steps)
 #   bench.json   the same numbers, machine-readable
-#   train.log    the quick preset on the GPU: baseline (level 0) and optimized (level 3)
+#   train.log    the quick preset on the GPU: baseline (level 0) and optimized (level 4, the
+#                default: the int8 linear of csrc/cuda/linear.cu)
 #   summary.txt  each step's exit code (0 = passed) and wall time
 # Every step runs under a time limit and may fail without stopping the others.
 set -uo pipefail
