@@ -46,13 +46,13 @@ TORCH_LIBRARY(ryzen_llm, m) {
   m.def("int8_quantize(Tensor x, bool rows, bool cols) -> (Tensor row_codes, Tensor row_scales, Tensor col_codes, Tensor col_scales)");
   // acc (M, N) int32 * row_scales[m] * col_scales[n] (+ bias) in dtype; with gelu, pre is that and y = GELU(pre).
   m.def("int8_dequantize(Tensor acc, Tensor row_scales, Tensor col_scales, Tensor? bias, bool gelu, ScalarType dtype) -> (Tensor y, Tensor pre)");
-  // The int8 linear of level 4 on x (M, K) and weight (N, K) given as its codes per output (w_codes, w_scales (N,))
-  // and per input (w_col_codes, w_col_scales (K,), for backward); weight itself only receives its gradient.
-  // y = x @ W.T + bias (GELU'd); pre for backward (gelu only); x's column codes for an int8 weight gradient (save_columns).
-  m.def("int8_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor w_codes, Tensor w_scales, Tensor w_col_codes, Tensor w_col_scales, bool gelu, bool save_columns) -> (Tensor y, Tensor pre, Tensor x_col_codes, Tensor x_col_scales)");
-  // Its backward with the weight quantized per input (w_col_codes (N, K), w_col_scales (K,)); x_saved is x's column codes
+  // The int8 linear of level 4 on x (M, K) and weight (N, K) given as its codes per output (w_codes, w_scales (N,));
+  // weight itself only receives its gradient. y = x @ W.T + bias (GELU'd); pre for backward (gelu only); x's row
+  // codes and scales (M,), the forward GEMM's own, for an int8 weight gradient (save_codes).
+  m.def("int8_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor w_codes, Tensor w_scales, bool gelu, bool save_codes) -> (Tensor y, Tensor pre, Tensor x_codes, Tensor x_scales)");
+  // Its backward with the forward's weight codes (the scales folded into grad_y); x_saved is x's row codes with x_scales
   // (int8_weight_grad) or x itself; grad_weight float32 (N, K), grad_bias float32 (N,).
-  m.def("int8_linear_backward(Tensor grad_y, Tensor pre, Tensor x_saved, Tensor x_col_scales, Tensor w_col_codes, Tensor w_col_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def("int8_linear_backward(Tensor grad_y, Tensor pre, Tensor x_saved, Tensor x_scales, Tensor w_codes, Tensor w_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // Per row of logits (B, V) float32: the first argmax (int64), its log-softmax value and the row's log-sum-exp.
   m.def("greedy_pick(Tensor logits) -> (Tensor tokens, Tensor logprobs, Tensor logsumexp)");
   // One transformer block of a decode step (csrc/decode_block.cpp): x (B, C) residual stream, h (B, C)

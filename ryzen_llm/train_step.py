@@ -194,6 +194,7 @@ class TrainStep:
         distributed: bool = False,
         cuda_graph: bool | None = None,
         adamw_state_dtype: torch.dtype = torch.float32,
+        micro_batch_end: Callable[[], object] | None = None,
     ):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps: must be >= 1, got {grad_accum_steps}")
@@ -259,6 +260,9 @@ class TrainStep:
                 f"(device {self.device}, distributed {self.ddp is not None})"
             )
         self.graph = StepGraph(self) if cuda_graph else None
+        # Called after each eager micro-batch's backward (the trainer hands freed heap pages
+        # back there: ryzen_llm.heap.release_free_heap).
+        self.micro_batch_end = micro_batch_end
         self.step_count = 0
         self.last_grad_norm = float("nan")
         # Bytes autograd saved for backward in one micro-batch, measured on the first call.
@@ -330,6 +334,8 @@ class TrainStep:
                     )
                 (loss / self.grad_accum_steps).backward()
             total += loss_value.item()
+            if self.micro_batch_end is not None:
+                self.micro_batch_end()
         return total / self.grad_accum_steps
 
     def _params(self) -> list:

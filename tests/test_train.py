@@ -44,6 +44,15 @@ def test_bf16_adamw_moments_need_the_fused_adamw():
     assert {s["exp_avg"].dtype for s in step.optimizer.state.values()} == {torch.bfloat16}
 
 
+def test_micro_batch_end_runs_after_each_micro_batch():
+    calls = []
+    step = TrainStep(ScaledTransformerModel(TINY), level=0, grad_accum_steps=3,
+                     micro_batch_end=lambda: calls.append(len(calls)))
+    idx = torch.randint(0, 128, (6, 16))
+    step(idx, idx)
+    assert calls == [0, 1, 2]
+
+
 def test_nonfinite_loss_stops_without_update():
     model = ScaledTransformerModel(TINY)
     step = TrainStep(model, level=0)

@@ -1,21 +1,26 @@
 // int8 linear layers for training (level 4): y = x @ W.T + b with the GEMMs in int8 x int8 ->
-// int32, as SwitchBack and similar recipes do.
+// int32, as SwitchBack and similar recipes do. One set of codes per operand, made once:
 //
 //   forward:      x quantized per row (absmax / 127), W per output channel  -> y
-//   grad input:   grad_y per row, W per input channel                       -> grad_x
-//   weight grad:  grad_y per column (output channel, over the tokens) and x per column (input
-//                 channel)                                                 -> grad_W (int8 mode),
+//   grad input:   grad_y @ W = (grad_y * w_scales) @ W_codes: the weight's output-channel
+//                 scales folded into grad_y, which is then quantized per row -> grad_x
+//   weight grad:  grad_y.T @ x = (grad_y * x_scales).T @ x_codes: x's row scales folded into
+//                 grad_y, which is then quantized per column (output channel)
+//                                                                          -> grad_W (int8 mode),
 //                 or grad_y.T @ x in the activations' dtype (bfloat16 under autocast)
 //
+// So the forward's codes of W and of x are the only ones: W is quantized once per optimizer
+// step, x once per forward, and the codes x's forward GEMM used are what backward keeps.
 // Each int32 sum is exact; the dequantization multiplies it by its row's and its column's scale
 // (in float32), adds the bias and applies GELU when asked, in one pass (the epilogue). The GEMMs
 // themselves run through at::_int_mm (oneDNN: AVX512-VNNI / AMX-int8 where the CPU has them).
 //
 // Quantization (int8_quantize) is one op for activations, gradients and weights: per row, per
-// column, or both from one read of x for the absolute maxima and one for the codes. Codes are
-// round(v * (1 / scale)) half to even, clamped to [-127, 127]; a row or column holding NaN or inf
-// gets scale NaN and zero codes (its results read back as NaN, as a float GEMM's would); an
-// all-zero one (or one whose 1 / scale overflows) gets scale 0.
+// column, or both from one read of x for the absolute maxima and one for the codes; the
+// backward's calls scale the values first (per column for the row codes, per row for the column
+// codes). Codes are round(v * (1 / scale)) half to even, clamped to [-127, 127]; a row or column
+// holding NaN or inf gets scale NaN and zero codes (its results read back as NaN, as a float
+// GEMM's would); an all-zero one (or one whose 1 / scale overflows) gets scale 0.
 #include "common.h"
 #include "fast_math.h"
 
@@ -35,43 +40,48 @@ RYZEN_LLM_INLINE int8_t code_of(float v) {
   return static_cast<int8_t>(static_cast<int32_t>(r));
 }
 
-// Absolute maxima of rows [begin, end): per row into row_amax/row_bad (when non-null) and folded
-// into this task's column maxima col_amax/col_bad (when non-null), and with col_sum (non-null
-// only with col_amax) the columns' sums too: the bias gradient, from the same read of x.
+// Absolute maxima of rows [begin, end) of x scaled for each kind of code: per row of
+// x[r, k] * col_mult[k] into row_amax/row_bad (when non-null), and folded into this task's column
+// maxima col_amax/col_bad (when non-null) of x[r, k] * row_mult[r]; with col_sum (non-null only
+// with col_amax) the columns' sums of x too (unscaled: the bias gradient), from the same read.
+// col_mult and row_mult are never null (ones where nothing is scaled).
 template <typename E>
 RYZEN_LLM_TARGET_CLONES void absmax_rows(const typename E::raw_t* x, int64_t begin, int64_t end,
-                                         int64_t K, float* row_amax, uint8_t* row_bad,
-                                         float* col_amax, uint8_t* col_bad, float* col_sum) {
+                                         int64_t K, const float* col_mult, const float* row_mult,
+                                         float* row_amax, uint8_t* row_bad, float* col_amax,
+                                         uint8_t* col_bad, float* col_sum) {
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = x + r * K;
+    const float rm = row_mult[r];
     float amax = 0.0f;
     int bad = 0;
     if (col_sum != nullptr) {
 #pragma omp simd reduction(max : amax) reduction(| : bad)
       for (int64_t k = 0; k < K; ++k) {
         const float v = E::load(xr[k]);
-        const float a = std::fabs(v);
-        const int nf = !(a <= FLT_MAX);
-        bad |= nf;
+        const float a = std::fabs(v * col_mult[k]);
+        const float c = std::fabs(v * rm);
+        bad |= !(a <= FLT_MAX);
         amax = a > amax ? a : amax;
-        col_amax[k] = a > col_amax[k] ? a : col_amax[k];
-        col_bad[k] |= static_cast<uint8_t>(nf);
+        col_amax[k] = c > col_amax[k] ? c : col_amax[k];
+        col_bad[k] |= static_cast<uint8_t>(!(c <= FLT_MAX));
         col_sum[k] += v;
       }
     } else if (col_amax != nullptr) {
 #pragma omp simd reduction(max : amax) reduction(| : bad)
       for (int64_t k = 0; k < K; ++k) {
-        const float a = std::fabs(E::load(xr[k]));
-        const int nf = !(a <= FLT_MAX);
-        bad |= nf;
+        const float v = E::load(xr[k]);
+        const float a = std::fabs(v * col_mult[k]);
+        const float c = std::fabs(v * rm);
+        bad |= !(a <= FLT_MAX);
         amax = a > amax ? a : amax;
-        col_amax[k] = a > col_amax[k] ? a : col_amax[k];
-        col_bad[k] |= static_cast<uint8_t>(nf);
+        col_amax[k] = c > col_amax[k] ? c : col_amax[k];
+        col_bad[k] |= static_cast<uint8_t>(!(c <= FLT_MAX));
       }
     } else {
 #pragma omp simd reduction(max : amax) reduction(| : bad)
       for (int64_t k = 0; k < K; ++k) {
-        const float a = std::fabs(E::load(xr[k]));
+        const float a = std::fabs(E::load(xr[k]) * col_mult[k]);
         bad |= !(a <= FLT_MAX);
         amax = a > amax ? a : amax;
       }
@@ -83,24 +93,34 @@ RYZEN_LLM_TARGET_CLONES void absmax_rows(const typename E::raw_t* x, int64_t beg
   }
 }
 
-// Codes of rows [begin, end): per row (row_inv) and/or per column (col_inv).
+// Codes of rows [begin, end): per row (row_inv) of x * col_mult and/or per column (col_inv) of
+// x * row_mult. Each value is one float32 product, then the multiply by 1 / scale, as in
+// reference.int8_quantize of the scaled tensor.
 template <typename E>
 RYZEN_LLM_TARGET_CLONES void codes_rows(const typename E::raw_t* x, int64_t begin, int64_t end,
-                                        int64_t K, const float* row_inv, int8_t* row_codes,
+                                        int64_t K, const float* col_mult, const float* row_mult,
+                                        const float* row_inv, int8_t* row_codes,
                                         const float* col_inv, int8_t* col_codes, float* v) {
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = x + r * K;
     if (row_codes != nullptr) {
       const float inv = row_inv[r];
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) v[k] = E::load(xr[k]) * inv;
+      for (int64_t k = 0; k < K; ++k) {
+        const float u = E::load(xr[k]) * col_mult[k];
+        v[k] = u * inv;
+      }
       int8_t* out = row_codes + r * K;
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) out[k] = code_of(v[k]);
     }
     if (col_codes != nullptr) {
+      const float rm = row_mult[r];
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) v[k] = E::load(xr[k]) * col_inv[k];
+      for (int64_t k = 0; k < K; ++k) {
+        const float u = E::load(xr[k]) * rm;
+        v[k] = u * col_inv[k];
+      }
       int8_t* out = col_codes + r * K;
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) out[k] = code_of(v[k]);
@@ -108,10 +128,12 @@ RYZEN_LLM_TARGET_CLONES void codes_rows(const typename E::raw_t* x, int64_t begi
   }
 }
 
-// int8_quantize; with col_sums (cols only) also the float32 column sums of x.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x,
-                                                                    bool rows, bool cols,
-                                                                    at::Tensor* col_sums) {
+// int8_quantize; with col_sums (cols only) also the float32 column sums of x. col_mult (K,)
+// scales x's columns for the row codes and row_mult (M,) its rows for the column codes (float32,
+// contiguous; undefined: not scaled).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
+    const at::Tensor& x, bool rows, bool cols, at::Tensor* col_sums,
+    const at::Tensor& col_mult = at::Tensor(), const at::Tensor& row_mult = at::Tensor()) {
   check_cpu(x, "x");
   check_dim(x, 2, "x");
   check_contiguous(x, "x");
@@ -138,13 +160,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(const at::Te
   std::vector<float> col_amax(cols ? tasks * K : 0, 0.0f), col_inv(cols ? K : 0);
   std::vector<uint8_t> col_bad(cols ? tasks * K : 0, 0);
   std::vector<float> col_sum(col_sums != nullptr ? tasks * K : 0, 0.0f);
+  // Multipliers: the given ones, or ones.
+  std::vector<float> ones(static_cast<size_t>(std::max(M, K)), 1.0f);
+  const float* cm = col_mult.defined() ? col_mult.data_ptr<float>() : ones.data();
+  const float* rm = row_mult.defined() ? row_mult.data_ptr<float>() : ones.data();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_quantize", [&] {
     using E = Elem<scalar_t>;
     const auto* xp = E::ptr(x);
     if (cols) {
       at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          absmax_rows<E>(xp, t * chunk, std::min(M, (t + 1) * chunk), K,
+          absmax_rows<E>(xp, t * chunk, std::min(M, (t + 1) * chunk), K, cm, rm,
                          rows ? row_amax.data() : nullptr, rows ? row_bad.data() : nullptr,
                          col_amax.data() + t * K, col_bad.data() + t * K,
                          col_sum.empty() ? nullptr : col_sum.data() + t * K);
@@ -164,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(const at::Te
       }
     } else {
       at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
-        absmax_rows<E>(xp, b, e, K, row_amax.data(), row_bad.data(), nullptr, nullptr, nullptr);
+        absmax_rows<E>(xp, b, e, K, cm, rm, row_amax.data(), row_bad.data(), nullptr, nullptr,
+                       nullptr);
       });
     }
     if (rows) {
@@ -173,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(const at::Te
     }
     at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
       std::vector<float> v(K);
-      codes_rows<E>(xp, b, e, K, rows ? row_inv.data() : nullptr,
+      codes_rows<E>(xp, b, e, K, cm, rm, rows ? row_inv.data() : nullptr,
                     rows ? row_codes.data_ptr<int8_t>() : nullptr,
                     cols ? col_inv.data() : nullptr,
                     cols ? col_codes.data_ptr<int8_t>() : nullptr, v.data());
@@ -361,39 +388,43 @@ void check_activations(const at::Tensor& x, const char* name) {
 // backward's grad_weight), the kernel checks that its shape matches the codes'.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& w_codes, const at::Tensor& w_scales, const at::Tensor& w_col_codes,
-    const at::Tensor& w_col_scales, bool gelu, bool save_columns) {
+    const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes) {
   check_activations(x, "x");
   const int64_t K = x.size(1);
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(), "-D");
   const int64_t N = weight.size(0);
   check_shape(weight, {N, K}, "weight");
   check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
-  check_codes(w_col_codes, w_col_scales, N, K, K, "w_col_codes", "w_col_scales");
-  auto [x_rows, x_row_scales, x_cols, x_col_scales] = int8_quantize_cpu(x, true, save_columns);
+  auto [x_codes, x_scales, unused_codes, unused_scales] = int8_quantize_cpu(x, true, false);
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor pre = at::empty({gelu ? M : 0, gelu ? N : 0}, x.options());
-  gemm_dequantize(x_rows, w_codes.t(), x_row_scales.data_ptr<float>(), w_scales.data_ptr<float>(),
+  gemm_dequantize(x_codes, w_codes.t(), x_scales.data_ptr<float>(), w_scales.data_ptr<float>(),
                   checked_float_bias(bias, N), gelu, y, pre);
-  return {y, pre, x_cols, x_col_scales};
+  if (!save_codes) {
+    x_codes = at::empty({0, 0}, x_codes.options());
+    x_scales = at::empty({0}, x_scales.options());
+  }
+  return {y, pre, x_codes, x_scales};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& pre, const at::Tensor& x_saved,
-    const at::Tensor& x_col_scales, const at::Tensor& w_col_codes,
-    const at::Tensor& w_col_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) {
+    const at::Tensor& x_scales, const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu,
+    bool need_grad_x, bool int8_weight_grad) {
   check_activations(grad_y, "grad_y");
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  const int64_t K = w_col_codes.dim() == 2 ? w_col_codes.size(1) : -1;
-  check_codes(w_col_codes, w_col_scales, N, K, K, "w_col_codes", "w_col_scales");
+  const int64_t K = w_codes.dim() == 2 ? w_codes.size(1) : -1;
+  check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
+  check_contiguous(w_scales, "w_scales");
   if (gelu) {
     check_same_dtype(pre, grad_y, "pre", "grad_y");
     check_shape(pre, {M, N}, "pre");
     check_contiguous(pre, "pre");
   }
   if (int8_weight_grad) {
-    check_codes(x_saved, x_col_scales, M, K, K, "x_saved", "x_col_scales");
+    check_codes(x_saved, x_scales, M, K, M, "x_saved", "x_scales");
+    check_contiguous(x_scales, "x_scales");
   } else {
     check_same_dtype(x_saved, grad_y, "x_saved", "grad_y");
     check_shape(x_saved, {M, K}, "x_saved");
@@ -402,19 +433,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cpu(
   // its own; without GELU the sums come from the quantization's read of grad_y.
   at::Tensor g = grad_y, grad_bias;
   if (gelu || !int8_weight_grad) std::tie(g, grad_bias) = output_grad(grad_y, pre, gelu);
+  // Row codes of g * w_scales (per output channel) for grad_x, column codes of g * x_scales (per
+  // token) for grad_weight, from one pair of reads of g.
   auto [g_rows, g_row_scales, g_cols, g_col_scales] =
-      quantize(g, need_grad_x, int8_weight_grad, grad_bias.defined() ? nullptr : &grad_bias);
+      quantize(g, need_grad_x, int8_weight_grad, grad_bias.defined() ? nullptr : &grad_bias,
+               w_scales, int8_weight_grad ? x_scales : at::Tensor());
+  const std::vector<float> ones(static_cast<size_t>(K > 0 ? K : 0), 1.0f);
   at::Tensor none;
   at::Tensor grad_x = at::empty({need_grad_x ? M : 0, need_grad_x ? K : 0}, grad_y.options());
-  if (need_grad_x) {  // (M, N) @ (N, K)
-    gemm_dequantize(g_rows, w_col_codes, g_row_scales.data_ptr<float>(),
-                    w_col_scales.data_ptr<float>(), nullptr, false, grad_x, none);
+  if (need_grad_x) {  // (M, N) @ (N, K): the codes the forward used
+    gemm_dequantize(g_rows, w_codes, g_row_scales.data_ptr<float>(), ones.data(), nullptr, false,
+                    grad_x, none);
   }
   at::Tensor grad_w;
   if (int8_weight_grad) {  // (N, M) @ (M, K): summed over the M tokens
     grad_w = at::empty({N, K}, grad_y.options().dtype(at::kFloat));
-    gemm_dequantize(g_cols.t(), x_saved, g_col_scales.data_ptr<float>(),
-                    x_col_scales.data_ptr<float>(), nullptr, false, grad_w, none);
+    gemm_dequantize(g_cols.t(), x_saved, g_col_scales.data_ptr<float>(), ones.data(), nullptr,
+                    false, grad_w, none);
   } else {
     grad_w = at::mm(g.t(), x_saved).to(at::kFloat);
   }

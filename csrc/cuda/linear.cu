@@ -1,7 +1,8 @@
 // The int8 linear layers of level 4 on CUDA: the ops of csrc/cpu/linear.cpp (int8_quantize,
-// int8_dequantize, int8_linear_forward, int8_linear_backward) with the same arguments, results
-// and quantization (absmax / 127 per row or column, round half to even, NaN/inf rows and
-// columns -> scale NaN and zero codes, all-zero ones -> scale 0; see reference.int8_quantize).
+// int8_dequantize, int8_linear_forward, int8_linear_backward) with the same arguments, results,
+// scale folding (grad_y * w_scales for grad_x, grad_y * x_scales for grad_weight) and
+// quantization (absmax / 127 per row or column, round half to even, NaN/inf rows and columns ->
+// scale NaN and zero codes, all-zero ones -> scale 0; see reference.int8_quantize).
 // Composed from ATen ops rather than kernels of its own: the GEMMs are torch._int_mm (cuBLASLt
 // int8 tensor cores) where its shape rules allow, else exact float64 products of the codes; the
 // quantization and the dequantizing epilogue (scales, bias, GELU) are elementwise and reduction
@@ -131,44 +132,46 @@ std::tuple<at::Tensor, at::Tensor> int8_dequantize_cuda(const at::Tensor& acc,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& w_codes, const at::Tensor& w_scales, const at::Tensor& w_col_codes,
-    const at::Tensor& w_col_scales, bool gelu, bool save_columns) {
+    const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes) {
   check_activations(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(), "-D");
   const int64_t N = weight.size(0);
   check_shape(weight, {N, K}, "weight");
   check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
-  check_codes(w_col_codes, w_col_scales, N, K, K, "w_col_codes", "w_col_scales");
   check_bias(bias, N);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [x_rows, x_row_scales, x_cols, x_col_scales] = int8_quantize_cuda(x, true, save_columns);
+  auto [x_codes, x_scales] = quantize_along(x, 1);
   at::Tensor y, pre;
   if (M * N == 0) {
     y = at::empty({M, N}, x.options());
     pre = at::empty({gelu ? M : 0, gelu ? N : 0}, x.options());
   } else {
-    std::tie(y, pre) = dequantize(int8_mm(x_rows, w_codes.t()), x_row_scales, w_scales, bias, gelu,
+    std::tie(y, pre) = dequantize(int8_mm(x_codes, w_codes.t()), x_scales, w_scales, bias, gelu,
                                   x.scalar_type());
   }
-  return {y, pre, x_cols, x_col_scales};
+  if (!save_codes) {
+    x_codes = at::empty({0, 0}, x_codes.options());
+    x_scales = at::empty({0}, x_scales.options());
+  }
+  return {y, pre, x_codes, x_scales};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& pre, const at::Tensor& x_saved,
-    const at::Tensor& x_col_scales, const at::Tensor& w_col_codes,
-    const at::Tensor& w_col_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) {
+    const at::Tensor& x_scales, const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu,
+    bool need_grad_x, bool int8_weight_grad) {
   check_activations(grad_y, "grad_y");
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  const int64_t K = w_col_codes.dim() == 2 ? w_col_codes.size(1) : -1;
-  check_codes(w_col_codes, w_col_scales, N, K, K, "w_col_codes", "w_col_scales");
+  const int64_t K = w_codes.dim() == 2 ? w_codes.size(1) : -1;
+  check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
   if (gelu) {
     check_same_dtype(pre, grad_y, "pre", "grad_y");
     check_shape(pre, {M, N}, "pre");
     check_cuda(pre, "pre");
   }
   if (int8_weight_grad) {
-    check_codes(x_saved, x_col_scales, M, K, K, "x_saved", "x_col_scales");
+    check_codes(x_saved, x_scales, M, K, M, "x_saved", "x_scales");
   } else {
     check_cuda(x_saved, "x_saved");
     check_same_dtype(x_saved, grad_y, "x_saved", "grad_y");
@@ -180,21 +183,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cuda(
       gelu ? at::gelu_backward(grad_y.to(at::kFloat), pre.to(at::kFloat)).to(grad_y.scalar_type())
            : grad_y;
   const at::Tensor grad_bias = g.to(at::kFloat).sum(0);
+  const at::Tensor ones = at::ones({K > 0 ? K : 0}, grad_y.options().dtype(at::kFloat));
   at::Tensor grad_x = at::empty({need_grad_x ? M : 0, need_grad_x ? K : 0}, grad_y.options());
-  if (need_grad_x && M * K > 0) {  // (M, N) @ (N, K)
-    auto [g_rows, g_row_scales] = quantize_along(g, 1);
-    grad_x = std::get<0>(dequantize(int8_mm(g_rows, w_col_codes), g_row_scales, w_col_scales,
-                                    c10::nullopt, false, grad_y.scalar_type()));
+  if (need_grad_x && M * K > 0) {  // (g * w_scales) (M, N) @ W_codes (N, K)
+    auto [g_rows, g_row_scales] = quantize_along(g.to(at::kFloat).mul(w_scales.unsqueeze(0)), 1);
+    grad_x = std::get<0>(dequantize(int8_mm(g_rows, w_codes), g_row_scales, ones, c10::nullopt,
+                                    false, grad_y.scalar_type()));
   }
   at::Tensor grad_w;
   if (!int8_weight_grad) {
     grad_w = at::mm(g.t(), x_saved).to(at::kFloat);
   } else if (N * K == 0) {
     grad_w = at::zeros({N, K}, grad_y.options().dtype(at::kFloat));
-  } else {  // (N, M) @ (M, K): summed over the M tokens
-    auto [g_cols, g_col_scales] = quantize_along(g, 0);
-    grad_w = std::get<0>(dequantize(int8_mm(g_cols.t().contiguous(), x_saved), g_col_scales,
-                                    x_col_scales, c10::nullopt, false, at::kFloat));
+  } else {  // (g * x_scales).T (N, M) @ x_codes (M, K): summed over the M tokens
+    auto [g_cols, g_col_scales] = quantize_along(g.to(at::kFloat).mul(x_scales.unsqueeze(1)), 0);
+    grad_w = std::get<0>(dequantize(int8_mm(g_cols.t().contiguous(), x_saved), g_col_scales, ones,
+                                    c10::nullopt, false, at::kFloat));
   }
   return {grad_x, grad_w, grad_bias};
 }

@@ -1,15 +1,17 @@
 """The model's linear layers, x @ W.T + b (GELU'd when gelu): nn.Linear's math below level 4,
-int8 GEMMs from level 4 (the C++ side is csrc/cpu/linear.cpp).
+int8 GEMMs from level 4 (the C++ side is csrc/cpu/linear.cpp, and csrc/cuda/linear.cu).
 
-The level-4 linear quantizes x per row and the weight per output channel for the forward GEMM,
-grad_y per row and the weight per input channel for the input gradient, and (INT8_WEIGHT_GRAD)
-grad_y and x per column for the weight gradient; each int8 x int8 -> int32 sum is exact and is
-dequantized with its row's and column's float32 scales, + bias (float32), GELU, in one pass.
-The weight's codes are made once per optimizer step: they are cached on the parameter and
-remade when its version counter moves (the optimizer updates it in place), so gradient
-accumulation over micro-batches quantizes each weight once. Saved for backward: x's column
-codes (int8, half the bytes of bfloat16) or, without the int8 weight gradient, x itself, and
-the pre-activation of a GELU'd layer.
+The level-4 linear quantizes x per row and the weight per output channel for the forward GEMM;
+backward reuses those codes: grad_x = (grad_y * w_scales) @ W_codes with grad_y (so scaled)
+quantized per row, and (INT8_WEIGHT_GRAD) grad_W = (grad_y * x_scales).T @ x_codes with grad_y
+(so scaled) quantized per column. Each int8 x int8 -> int32 sum is exact and is dequantized with
+its row's and column's float32 scales, + bias (float32), GELU, in one pass. The weight's codes
+are made once per optimizer step: they are cached on the parameter and remade when its version
+counter moves (the optimizer updates it in place), so gradient accumulation over micro-batches
+quantizes each weight once. Saved for backward: x's row codes (int8, half the bytes of
+bfloat16) with its row scales or, without the int8 weight gradient, x itself, and the
+pre-activation of a GELU'd layer. A NaN or inf in a row of x makes that output row NaN and,
+through its scale, the whole weight gradient NaN (the trainer stops at a non-finite loss).
 """
 from __future__ import annotations
 
@@ -27,19 +29,18 @@ INT8_WEIGHT_GRAD = True
 _CACHE_ATTR = "_ryzen_llm_int8_codes"
 
 
-def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(row codes, row scales, column codes, column scales) of a (N, K) weight: per output
-    channel for the forward, per input channel for the input gradient. Cached on the weight
-    until it changes (its version counter or storage); remade on every call under
-    torch.compile, which cannot guard on the cache."""
+def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of a (N, K) weight per output channel: the forward's and the input
+    gradient's. Cached on the weight until it changes (its version counter or storage); remade
+    on every call under torch.compile, which cannot guard on the cache."""
     w = weight.detach()
     if torch.compiler.is_compiling():
-        return torch.ops.ryzen_llm.int8_quantize(w.float().contiguous(), True, True)
+        return torch.ops.ryzen_llm.int8_quantize(w.float().contiguous(), True, False)[:2]
     key = (w._version, w.data_ptr(), w.shape, w.dtype)
     cached = getattr(weight, _CACHE_ATTR, None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    codes = torch.ops.ryzen_llm.int8_quantize(w.float().contiguous(), True, True)
+    codes = torch.ops.ryzen_llm.int8_quantize(w.float().contiguous(), True, False)[:2]
     setattr(weight, _CACHE_ATTR, (key, codes))
     return codes
 
@@ -47,19 +48,18 @@ def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
 if extension_loaded():
 
     @torch.library.register_fake(f"{_LIB}::int8_linear_forward")
-    def _(x, weight, bias, w_codes, w_scales, w_col_codes, w_col_scales, gelu, save_columns):
+    def _(x, weight, bias, w_codes, w_scales, gelu, save_codes):
         M, K = x.shape
         N = weight.shape[0]
         pre = x.new_empty((M, N) if gelu else (0, 0))
-        cols = x.new_empty((M, K) if save_columns else (0, 0), dtype=torch.int8)
-        scales = x.new_empty((K if save_columns else 0,), dtype=torch.float32)
-        return x.new_empty((M, N)), pre, cols, scales
+        codes = x.new_empty((M, K) if save_codes else (0, 0), dtype=torch.int8)
+        scales = x.new_empty((M if save_codes else 0,), dtype=torch.float32)
+        return x.new_empty((M, N)), pre, codes, scales
 
     @torch.library.register_fake(f"{_LIB}::int8_linear_backward")
-    def _(grad_y, pre, x_saved, x_col_scales, w_col_codes, w_col_scales, gelu, need_grad_x,
-          int8_weight_grad):
+    def _(grad_y, pre, x_saved, x_scales, w_codes, w_scales, gelu, need_grad_x, int8_weight_grad):
         M = grad_y.shape[0]
-        N, K = w_col_codes.shape
+        N, K = w_codes.shape
         return (grad_y.new_empty((M, K) if need_grad_x else (0,)),
                 grad_y.new_empty((N, K), dtype=torch.float32),
                 grad_y.new_empty((N,), dtype=torch.float32))
@@ -78,24 +78,24 @@ if extension_loaded():
                 acc.new_empty(acc.shape if gelu else (0, 0), dtype=dtype))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, _, _, w_col_codes, w_col_scales, gelu, int8_weight_grad = inputs
-        _, pre, x_cols, x_col_scales = output
+        x, weight, bias, w_codes, w_scales, gelu, int8_weight_grad = inputs
+        _, pre, x_codes, x_scales = output
         ctx.set_materialize_grads(False)
         ctx.gelu, ctx.int8_weight_grad = gelu, int8_weight_grad
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
-        x_saved = x_cols if int8_weight_grad else x
-        ctx.save_for_backward(pre, x_saved, x_col_scales, w_col_codes, w_col_scales)
+        x_saved = x_codes if int8_weight_grad else x
+        ctx.save_for_backward(pre, x_saved, x_scales, w_codes, w_scales)
 
     def _backward(ctx, grad_y, *_unused):
         if grad_y is None:  # only pre / the codes were used: not differentiable here
-            return (None,) * 9
-        pre, x_saved, x_col_scales, w_col_codes, w_col_scales = ctx.saved_tensors
+            return (None,) * 7
+        pre, x_saved, x_scales, w_codes, w_scales = ctx.saved_tensors
         grad_x, grad_w, grad_b = torch.ops.ryzen_llm.int8_linear_backward(
-            grad_y.contiguous(), pre, x_saved, x_col_scales, w_col_codes, w_col_scales,
+            grad_y.contiguous(), pre, x_saved, x_scales, w_codes, w_scales,
             ctx.gelu, ctx.needs_input_grad[0], ctx.int8_weight_grad)
         return (grad_x if ctx.needs_input_grad[0] else None, grad_w.to(ctx.weight_dtype),
-                grad_b if ctx.has_bias else None, None, None, None, None, None, None)
+                grad_b if ctx.has_bias else None, None, None, None, None)
 
     torch.library.register_autograd(f"{_LIB}::int8_linear_forward", _backward,
                                     setup_context=_setup_context)

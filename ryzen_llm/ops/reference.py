@@ -443,9 +443,11 @@ def int8_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def int8_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          pre: torch.Tensor | None, int8_weight_grad: bool):
-    """(grad_x, grad_weight, grad_bias) of the level-4 linear: grad_y through GELU'(pre) when pre
-    is given (in grad_y's dtype), grad_x from grad_y per row and the weight per input channel,
-    grad_weight from grad_y and x per column (int8_weight_grad) or grad_y.T @ x in float32."""
+    """(grad_x, grad_weight, grad_bias) of the level-4 linear: g = grad_y through GELU'(pre) when
+    pre is given (in grad_y's dtype); grad_x = (g * w_scales) @ W_codes with g * w_scales (in
+    float32) quantized per row and the forward's weight codes; grad_weight = (g * x_scales).T @
+    x_codes with g * x_scales quantized per column and the forward's codes of x
+    (int8_weight_grad), or g.T @ x in float32."""
     g = grad_y
     if pre is not None:
         p = pre.float()
@@ -453,13 +455,13 @@ def int8_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Te
         d = phi + p * torch.exp(-0.5 * p * p) / math.sqrt(2.0 * math.pi)
         g = (grad_y.float() * d).to(grad_y.dtype)
     grad_bias = g.float().sum(0)
-    gq, gs = int8_quantize(g, 1)
-    wq, ws = int8_quantize(weight, 0)
-    grad_x = (int8_matmul(gq, wq).float() * (gs[:, None] * ws[None, :])).to(grad_y.dtype)
+    wq, ws = int8_quantize(weight, 1)
+    gq, gs = int8_quantize(g.float() * ws[None, :], 1)
+    grad_x = (int8_matmul(gq, wq).float() * gs[:, None]).to(grad_y.dtype)
     if int8_weight_grad:
-        gcq, gcs = int8_quantize(g, 0)
-        xcq, xcs = int8_quantize(x, 0)
-        grad_w = int8_matmul(gcq.t(), xcq).float() * (gcs[:, None] * xcs[None, :])
+        xq, xs = int8_quantize(x, 1)
+        gcq, gcs = int8_quantize(g.float() * xs[:, None], 0)
+        grad_w = int8_matmul(gcq.t(), xq).float() * gcs[:, None]
     else:
         grad_w = (g.t().float() @ x.float())
     return grad_x, grad_w, grad_bias

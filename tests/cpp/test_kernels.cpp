@@ -454,7 +454,7 @@ TEST_CASE(int8_linear_matches_naive_loop) {
   auto quantize = harness::op<QuantizeFn>("ryzen_llm::int8_quantize");
   using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool);
+      const at::Tensor&, bool, bool);
   using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, bool, bool, bool);
@@ -477,8 +477,8 @@ TEST_CASE(int8_linear_matches_naive_loop) {
                      xcs.data_ptr<float>()[k];
     EXPECT(same_scales && at::equal(xr, er) && at::equal(xc, ec), "codes M %ld K %ld", (long)M, (long)K);
     // forward: y = sum_k xr * wr * row scale * column scale + b
-    auto [wr, wrs, wc, wcs] = quantize.call(w, true, true);
-    auto [y, pre, x_cols, x_col_scales] = fwd.call(x, w, b, wr, wrs, wc, wcs, false, true);
+    auto [wr, wrs, wc, wcs] = quantize.call(w, true, false);
+    auto [y, pre, x_codes, x_scales] = fwd.call(x, w, b, wr, wrs, false, true);
     auto ey = at::empty({M, N}, at::kDouble);
     const int8_t *xq = xr.data_ptr<int8_t>(), *wq = wr.data_ptr<int8_t>();
     for (int64_t m = 0; m < M; ++m)
@@ -489,24 +489,25 @@ TEST_CASE(int8_linear_matches_naive_loop) {
                                            wrs.data_ptr<float>()[n] + b.data_ptr<float>()[n];
       }
     EXPECT(harness::max_abs_diff(y, ey) < 1e-5 * (1 + ey.abs().max().item<double>()), "forward M %ld", (long)M);
-    EXPECT(at::equal(x_cols, xc), "saved column codes");
-    // backward (int8 weight gradient): grad_x from grad_y per row and W per column; grad_W from
-    // grad_y and x per column
-    auto [gx, gw, gb] = bwd.call(gy, at::empty({0}), x_cols, x_col_scales, wc, wcs, false, true, true);
-    auto [gr, grs, gc, gcs] = quantize.call(gy, true, true);
+    EXPECT(at::equal(x_codes, xr) && at::equal(x_scales, xrs), "saved row codes");
+    // backward (int8 weight gradient): grad_x from grad_y * w_scales per row with W's codes;
+    // grad_W from grad_y * x_scales per column with x's row codes
+    auto [gx, gw, gb] = bwd.call(gy, at::empty({0}), x_codes, x_scales, wr, wrs, false, true, true);
+    auto [gr, grs, unused_c, unused_cs] = quantize.call(gy * wrs.unsqueeze(0), true, false);
+    auto [unused_r, unused_rs, gc, gcs] = quantize.call(gy * xrs.unsqueeze(1), false, true);
     auto egx = at::empty({M, K}, at::kDouble), egw = at::empty({N, K}, at::kDouble);
-    const int8_t *gq = gr.data_ptr<int8_t>(), *gcq = gc.data_ptr<int8_t>(), *wcq = wc.data_ptr<int8_t>();
+    const int8_t *gq = gr.data_ptr<int8_t>(), *gcq = gc.data_ptr<int8_t>();
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) {
         int64_t acc = 0;
-        for (int64_t n = 0; n < N; ++n) acc += int64_t(gq[m * N + n]) * wcq[n * K + k];
-        egx.data_ptr<double>()[m * K + k] = double(acc) * grs.data_ptr<float>()[m] * wcs.data_ptr<float>()[k];
+        for (int64_t n = 0; n < N; ++n) acc += int64_t(gq[m * N + n]) * wq[n * K + k];
+        egx.data_ptr<double>()[m * K + k] = double(acc) * grs.data_ptr<float>()[m];
       }
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) {
         int64_t acc = 0;
-        for (int64_t m = 0; m < M; ++m) acc += int64_t(gcq[m * N + n]) * xc.data_ptr<int8_t>()[m * K + k];
-        egw.data_ptr<double>()[n * K + k] = double(acc) * gcs.data_ptr<float>()[n] * xcs.data_ptr<float>()[k];
+        for (int64_t m = 0; m < M; ++m) acc += int64_t(gcq[m * N + n]) * xq[m * K + k];
+        egw.data_ptr<double>()[n * K + k] = double(acc) * gcs.data_ptr<float>()[n];
       }
     EXPECT(harness::max_abs_diff(gx, egx) < 1e-5 * (1 + egx.abs().max().item<double>()), "grad_x M %ld", (long)M);
     EXPECT(harness::max_abs_diff(gw, egw) < 1e-5 * (1 + egw.abs().max().item<double>()), "grad_w M %ld", (long)M);
@@ -514,8 +515,8 @@ TEST_CASE(int8_linear_matches_naive_loop) {
   }
   EXPECT_THROWS(quantize.call(at::randn({3, 4}).to(at::kDouble), true, true), "x: expected float32 or bfloat16");
   auto w = at::randn({3, 8});
-  auto [wr, wrs, wc, wcs] = quantize.call(w, true, true);
-  EXPECT_THROWS(fwd.call(at::randn({2, 7}), w, std::nullopt, wr, wrs, wc, wcs, false, false),
+  auto [wr, wrs, wc, wcs] = quantize.call(w, true, false);
+  EXPECT_THROWS(fwd.call(at::randn({2, 7}), w, std::nullopt, wr, wrs, false, false),
                 "weight: expected sizes");
 }
 

@@ -186,8 +186,13 @@ def test_bad_input_names_the_argument():
         forward(torch.randn(8, 4).t())
     with pytest.raises(RuntimeError, match="w_codes: expected int8 codes"):
         forward(x, codes=(w, *codes[1:]))
-    with pytest.raises(RuntimeError, match="w_col_codes: expected sizes"):
-        forward(x, codes=(*codes[:2], codes[2][:, :4], codes[3]))
+    with pytest.raises(RuntimeError, match="w_scales: expected sizes"):
+        forward(x, codes=(codes[0], codes[1][:2]))
+    grad_y = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="x_scales: expected sizes"):
+        torch.ops.ryzen_llm.int8_linear_backward(grad_y, torch.empty(0, 0),
+                                                 torch.zeros(4, 8, dtype=torch.int8),
+                                                 torch.ones(2), *codes, False, True, True)
     with pytest.raises(RuntimeError, match="bias: expected sizes"):
         forward(x, bias=torch.randn(4))
     with pytest.raises(TypeError, match="int8_linear: x must be float32 or bfloat16"):
