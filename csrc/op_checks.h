@@ -448,6 +448,83 @@ inline bool check_decode_cache_scales(const at::Tensor& k_cache, const at::Tenso
   return quantized;
 }
 
+// -- int8 linear -----------------------------------------------------------------------------
+// The leading activation of int8_linear_forward/backward (x or grad_y, (M, K)): 2-D, contiguous,
+// float32 or bfloat16. Its device type is the device file's to check.
+inline void check_int8_activations(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, name, ": expected a 2-D tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_contiguous(), name, ": expected a contiguous tensor, got strides ", x.strides(),
+              " for sizes ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name,
+              ": expected float32 or bfloat16, got ", x.scalar_type());
+}
+
+// t on ref's device (ref_name: the leading activation).
+inline void check_on_device_of(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                               const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(),
+              " (the device of ", ref_name, "), got ", t.device());
+}
+
+// int8 codes (rows, cols) and their float32 scales (scale_len,), contiguous, on ref's device.
+inline void check_int8_codes(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& ref,
+                             const char* ref_name, int64_t rows, int64_t cols, int64_t scale_len,
+                             const char* name, const char* scales_name) {
+  check_on_device_of(codes, ref, name, ref_name);
+  TORCH_CHECK(codes.scalar_type() == at::kChar, name, ": expected int8 codes, got ",
+              codes.scalar_type());
+  check_sizes(codes, {rows, cols}, name);
+  TORCH_CHECK(codes.is_contiguous(), name, ": expected a contiguous tensor");
+  check_on_device_of(scales, ref, scales_name, ref_name);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, scales_name, ": expected float32, got ",
+              scales.scalar_type());
+  check_sizes(scales, {scale_len}, scales_name);
+  TORCH_CHECK(scales.is_contiguous(), scales_name, ": expected a contiguous tensor");
+}
+
+// int8_linear_forward's arguments beside x (checked by check_int8_activations); returns N.
+inline int64_t check_int8_linear_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                              const c10::optional<at::Tensor>& bias,
+                                              const at::Tensor& w_codes,
+                                              const at::Tensor& w_scales) {
+  const int64_t K = x.size(1);
+  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(), "-D");
+  const int64_t N = weight.size(0);
+  check_sizes(weight, {N, K}, "weight");
+  check_int8_codes(w_codes, w_scales, x, "x", N, K, N, "w_codes", "w_scales");
+  if (bias.has_value() && bias->defined()) {
+    check_on_device_of(*bias, x, "bias", "x");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
+                bias->scalar_type());
+    check_sizes(*bias, {N}, "bias");
+    TORCH_CHECK(bias->is_contiguous(), "bias: expected a contiguous tensor");
+  }
+  return N;
+}
+
+// int8_linear_backward's arguments beside grad_y (checked by check_int8_activations); returns K.
+inline int64_t check_int8_linear_backward_args(const at::Tensor& grad_y, const at::Tensor& pre,
+                                               const at::Tensor& x_saved,
+                                               const at::Tensor& x_scales,
+                                               const at::Tensor& w_codes,
+                                               const at::Tensor& w_scales, bool gelu,
+                                               bool int8_weight_grad) {
+  const int64_t M = grad_y.size(0), N = grad_y.size(1);
+  const int64_t K = w_codes.dim() == 2 ? w_codes.size(1) : -1;
+  check_int8_codes(w_codes, w_scales, grad_y, "grad_y", N, K, N, "w_codes", "w_scales");
+  if (gelu) {
+    check_like(pre, grad_y, "pre", "grad_y");
+    check_sizes(pre, {M, N}, "pre");
+  }
+  if (int8_weight_grad) {
+    check_int8_codes(x_saved, x_scales, grad_y, "grad_y", M, K, M, "x_saved", "x_scales");
+  } else {
+    check_like(x_saved, grad_y, "x_saved", "grad_y");
+    check_sizes(x_saved, {M, K}, "x_saved");
+  }
+  return K;
+}
+
 // -- adamw -----------------------------------------------------------------------------------
 template <typename acc_t>
 struct AdamWScalars {

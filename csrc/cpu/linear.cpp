@@ -23,6 +23,7 @@
 // GEMM's would); an all-zero one (or one whose 1 / scale overflows) gets scale 0.
 #include "common.h"
 #include "fast_math.h"
+#include "op_checks.h"
 
 #include <torch/library.h>
 
@@ -135,10 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     const at::Tensor& x, bool rows, bool cols, at::Tensor* col_sums,
     const at::Tensor& col_mult = at::Tensor(), const at::Tensor& row_mult = at::Tensor()) {
   check_cpu(x, "x");
-  check_dim(x, 2, "x");
-  check_contiguous(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "x: expected float32 or bfloat16, got ", x.scalar_type());
+  check_int8_activations(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
   const auto i8 = x.options().dtype(at::kChar);
@@ -363,44 +361,21 @@ std::tuple<at::Tensor, at::Tensor> output_grad(const at::Tensor& grad_y, const a
   return {g, grad_bias};
 }
 
-void check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t rows, int64_t cols,
-                 int64_t scale_len, const char* name, const char* scales_name) {
-  check_cpu(codes, name);
-  TORCH_CHECK(codes.scalar_type() == at::kChar, name, ": expected int8 codes, got ",
-              codes.scalar_type());
-  check_shape(codes, {rows, cols}, name);
-  check_contiguous(codes, name);
-  check_cpu(scales, scales_name);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, scales_name, ": expected float32, got ",
-              scales.scalar_type());
-  check_shape(scales, {scale_len}, scales_name);
-}
-
-void check_activations(const at::Tensor& x, const char* name) {
-  check_cpu(x, name);
-  check_dim(x, 2, name);
-  check_contiguous(x, name);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name,
-              ": expected float32 or bfloat16, got ", x.scalar_type());
-}
-
 // weight: the float weight the codes were made from; only autograd uses it (its gradient is the
 // backward's grad_weight), the kernel checks that its shape matches the codes'.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes) {
-  check_activations(x, "x");
-  const int64_t K = x.size(1);
-  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(), "-D");
-  const int64_t N = weight.size(0);
-  check_shape(weight, {N, K}, "weight");
-  check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
+  check_cpu(x, "x");
+  check_int8_activations(x, "x");
+  const int64_t N = check_int8_linear_forward_args(x, weight, bias, w_codes, w_scales);
   auto [x_codes, x_scales, unused_codes, unused_scales] = int8_quantize_cpu(x, true, false);
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor pre = at::empty({gelu ? M : 0, gelu ? N : 0}, x.options());
   gemm_dequantize(x_codes, w_codes.t(), x_scales.data_ptr<float>(), w_scales.data_ptr<float>(),
-                  checked_float_bias(bias, N), gelu, y, pre);
+                  bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr, gelu,
+                  y, pre);
   if (!save_codes) {
     x_codes = at::empty({0, 0}, x_codes.options());
     x_scales = at::empty({0}, x_scales.options());
@@ -412,23 +387,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& pre, const at::Tensor& x_saved,
     const at::Tensor& x_scales, const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu,
     bool need_grad_x, bool int8_weight_grad) {
-  check_activations(grad_y, "grad_y");
+  check_cpu(grad_y, "grad_y");
+  check_int8_activations(grad_y, "grad_y");
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  const int64_t K = w_codes.dim() == 2 ? w_codes.size(1) : -1;
-  check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
-  check_contiguous(w_scales, "w_scales");
-  if (gelu) {
-    check_same_dtype(pre, grad_y, "pre", "grad_y");
-    check_shape(pre, {M, N}, "pre");
-    check_contiguous(pre, "pre");
-  }
-  if (int8_weight_grad) {
-    check_codes(x_saved, x_scales, M, K, M, "x_saved", "x_scales");
-    check_contiguous(x_scales, "x_scales");
-  } else {
-    check_same_dtype(x_saved, grad_y, "x_saved", "grad_y");
-    check_shape(x_saved, {M, K}, "x_saved");
-  }
+  const int64_t K = check_int8_linear_backward_args(grad_y, pre, x_saved, x_scales, w_codes,
+                                                    w_scales, gelu, int8_weight_grad);
   // The gradient at the GEMM's output and its column sums (grad_bias): through GELU in a pass of
   // its own; without GELU the sums come from the quantization's read of grad_y.
   at::Tensor g = grad_y, grad_bias;

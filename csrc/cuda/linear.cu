@@ -9,6 +9,7 @@
 // ops, each a pass over its tensor: correct and memory-bound, not fused as on the CPU.
 #include "cuda_common.cuh"
 #include "common.h"
+#include "op_checks.h"
 
 #include <torch/library.h>
 
@@ -66,38 +67,10 @@ std::tuple<at::Tensor, at::Tensor> dequantize(const at::Tensor& acc, const at::T
   return {at::gelu(y.to(at::kFloat)).to(dtype), y};
 }
 
-void check_activations(const at::Tensor& x, const char* name) {
-  check_cuda(x, name);
-  check_dim(x, 2, name);
-  check_contiguous(x, name);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name,
-              ": expected float32 or bfloat16, got ", x.scalar_type());
-}
-
-void check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t rows, int64_t cols,
-                 int64_t scale_len, const char* name, const char* scales_name) {
-  check_cuda(codes, name);
-  TORCH_CHECK(codes.scalar_type() == at::kChar, name, ": expected int8 codes, got ",
-              codes.scalar_type());
-  check_shape(codes, {rows, cols}, name);
-  check_contiguous(codes, name);
-  check_cuda(scales, scales_name);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, scales_name, ": expected float32, got ",
-              scales.scalar_type());
-  check_shape(scales, {scale_len}, scales_name);
-}
-
-void check_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return;
-  check_cuda(*bias, "bias");
-  TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
-              bias->scalar_type());
-  check_shape(*bias, {N}, "bias");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cuda(
     const at::Tensor& x, bool rows, bool cols) {
-  check_activations(x, "x");
+  check_cuda(x, "x");
+  check_int8_activations(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto i8 = x.options().dtype(at::kChar);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -125,7 +98,12 @@ std::tuple<at::Tensor, at::Tensor> int8_dequantize_cuda(const at::Tensor& acc,
     TORCH_CHECK(t->scalar_type() == at::kFloat, name, ": expected float32, got ", t->scalar_type());
     check_shape(*t, {len}, name);
   }
-  check_bias(bias, N);
+  if (bias.has_value() && bias->defined()) {
+    check_on_device_of(*bias, acc, "bias", "acc");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
+                bias->scalar_type());
+    check_shape(*bias, {N}, "bias");
+  }
   const c10::cuda::CUDAGuard guard(acc.device());
   return dequantize(acc, row_scales, col_scales, bias, gelu, dtype);
 }
@@ -133,13 +111,10 @@ std::tuple<at::Tensor, at::Tensor> int8_dequantize_cuda(const at::Tensor& acc,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes) {
-  check_activations(x, "x");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(), "-D");
-  const int64_t N = weight.size(0);
-  check_shape(weight, {N, K}, "weight");
-  check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
-  check_bias(bias, N);
+  check_cuda(x, "x");
+  check_int8_activations(x, "x");
+  const int64_t M = x.size(0);
+  const int64_t N = check_int8_linear_forward_args(x, weight, bias, w_codes, w_scales);
   const c10::cuda::CUDAGuard guard(x.device());
   auto [x_codes, x_scales] = quantize_along(x, 1);
   at::Tensor y, pre;
@@ -161,22 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& pre, const at::Tensor& x_saved,
     const at::Tensor& x_scales, const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu,
     bool need_grad_x, bool int8_weight_grad) {
-  check_activations(grad_y, "grad_y");
+  check_cuda(grad_y, "grad_y");
+  check_int8_activations(grad_y, "grad_y");
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  const int64_t K = w_codes.dim() == 2 ? w_codes.size(1) : -1;
-  check_codes(w_codes, w_scales, N, K, N, "w_codes", "w_scales");
-  if (gelu) {
-    check_same_dtype(pre, grad_y, "pre", "grad_y");
-    check_shape(pre, {M, N}, "pre");
-    check_cuda(pre, "pre");
-  }
-  if (int8_weight_grad) {
-    check_codes(x_saved, x_scales, M, K, M, "x_saved", "x_scales");
-  } else {
-    check_cuda(x_saved, "x_saved");
-    check_same_dtype(x_saved, grad_y, "x_saved", "grad_y");
-    check_shape(x_saved, {M, K}, "x_saved");
-  }
+  const int64_t K = check_int8_linear_backward_args(grad_y, pre, x_saved, x_scales, w_codes,
+                                                    w_scales, gelu, int8_weight_grad);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   // The gradient at the GEMM's output, through GELU'(pre) in float32, rounded to grad_y's dtype.
   const at::Tensor g =
