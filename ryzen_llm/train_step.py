@@ -209,13 +209,7 @@ class TrainStep:
         self.level = level
         # Where the model lives is where the step runs: batches are moved there.
         self.device = next(model.parameters()).device
-        # Where this build has no int8 linear for the device (a CUDA device with an extension
-        # built without the CUDA toolkit, any other device), level 4 runs level 3's linear
-        # layers, and says so (a warning, and "FELL BACK" in the report).
-        unavailable = None
-        if extension_loaded() and not has_kernel("int8_linear_forward", self.device.type):
-            unavailable = {"linear": f"no {self.device.type} kernel in this build"}
-        self.kernels = KernelOptimizer(level, kernel_overrides, unavailable).apply(model).kernels
+        self.kernels = self._kernels(level, kernel_overrides)
         # bf16 mixed precision is part of level 3 where the device computes bf16 natively
         # (CPUs with AVX512-BF16/AMX, GPUs from Ampere on); elsewhere it would be slower than fp32.
         if bf16 is None:
@@ -226,19 +220,8 @@ class TrainStep:
         self.max_grad_norm = max_grad_norm
         self.grad_accum_steps = grad_accum_steps
         self.lr_schedule = lr_schedule or (lambda step: lr)
-        groups = parameter_groups(model, weight_decay)
-        # FusedAdamW or torch.optim.AdamW, as the level chose; both take these arguments.
-        # bfloat16 moments (half the optimizer state's memory) only exist in FusedAdamW.
-        state = {}
-        if adamw_state_dtype != torch.float32:
-            if self.kernels.choices["adamw"].impl != "fused":
-                raise ValueError(
-                    f"adamw_state_dtype={adamw_state_dtype}: needs the fused AdamW (level >= 3 "
-                    f"with the extension built); this step runs torch.optim.AdamW "
-                    f"({self.kernels.choices['adamw'].reason})"
-                )
-            state = {"state_dtype": adamw_state_dtype}
-        self.optimizer = self.kernels.adamw(groups, lr=lr, betas=betas, eps=eps, **state)
+        self.optimizer = self._optimizer(parameter_groups(model, weight_decay), lr, betas, eps,
+                                         adamw_state_dtype)
         # compression_ratio > 0: saved activations are kept as int8 (ratio >= 0.27) or 4-bit
         # codes, and a multi-process run all-reduces int8 gradients with error feedback.
         self.compression_ratio = compression_ratio
@@ -248,18 +231,7 @@ class TrainStep:
             from ryzen_llm.distributed import register_int8_allreduce_hook
 
             self.grad_compression = register_int8_allreduce_hook(self.ddp)
-        # Small models on a big GPU are bound by kernel launches: at level 3 the forward and
-        # backward of a step are captured once per run and replayed (clipping and the AdamW
-        # update stay eager: their NaN check and learning rate change every step). Not with DDP,
-        # whose all-reduce hooks would be frozen into the graph.
-        if cuda_graph is None:
-            cuda_graph = level >= 3 and self.device.type == "cuda" and self.ddp is None
-        elif cuda_graph and (self.device.type != "cuda" or self.ddp is not None):
-            raise ValueError(
-                "cuda_graph: needs a model on a CUDA device and no DistributedDataParallel "
-                f"(device {self.device}, distributed {self.ddp is not None})"
-            )
-        self.graph = StepGraph(self) if cuda_graph else None
+        self.graph = StepGraph(self) if self._wants_cuda_graph(cuda_graph) else None
         # Called after each eager micro-batch's backward (the trainer hands freed heap pages
         # back there: ryzen_llm.heap.release_free_heap).
         self.micro_batch_end = micro_batch_end
@@ -267,6 +239,46 @@ class TrainStep:
         self.last_grad_norm = float("nan")
         # Bytes autograd saved for backward in one micro-batch, measured on the first call.
         self.saved_activation_bytes: int | None = None
+
+    def _kernels(self, level: int, overrides: dict[str, str] | None):
+        """The level's kernel set, applied to the model. Where this build has no int8 linear
+        for the device (a CUDA device with an extension built without the CUDA toolkit, any
+        other device), level 4 runs level 3's linear layers, and says so (a warning, and "FELL
+        BACK" in the report)."""
+        unavailable = None
+        if extension_loaded() and not has_kernel("int8_linear_forward", self.device.type):
+            unavailable = {"linear": f"no {self.device.type} kernel in this build"}
+        return KernelOptimizer(level, overrides, unavailable).apply(self.model).kernels
+
+    def _optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                   state_dtype: torch.dtype) -> torch.optim.Optimizer:
+        """FusedAdamW or torch.optim.AdamW, as the level chose; both take these arguments.
+        bfloat16 moments (half the optimizer state's memory) only exist in FusedAdamW."""
+        state = {}
+        if state_dtype != torch.float32:
+            choice = self.kernels.choices["adamw"]
+            if choice.impl != "fused":
+                raise ValueError(
+                    f"adamw_state_dtype={state_dtype}: needs the fused AdamW (level >= 3 "
+                    f"with the extension built); this step runs torch.optim.AdamW "
+                    f"({choice.reason})"
+                )
+            state = {"state_dtype": state_dtype}
+        return self.kernels.adamw(groups, lr=lr, betas=betas, eps=eps, **state)
+
+    def _wants_cuda_graph(self, cuda_graph: bool | None) -> bool:
+        """Small models on a big GPU are bound by kernel launches: from level 3 the forward and
+        backward of a step are captured once per run and replayed (clipping and the AdamW
+        update stay eager: their NaN check and learning rate change every step). Not with DDP,
+        whose all-reduce hooks would be frozen into the graph."""
+        if cuda_graph is None:
+            return self.level >= 3 and self.device.type == "cuda" and self.ddp is None
+        if cuda_graph and (self.device.type != "cuda" or self.ddp is not None):
+            raise ValueError(
+                "cuda_graph: needs a model on a CUDA device and no DistributedDataParallel "
+                f"(device {self.device}, distributed {self.ddp is not None})"
+            )
+        return cuda_graph
 
     def autocast(self):
         if self.bf16:

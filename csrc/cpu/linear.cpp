@@ -41,6 +41,30 @@ RYZEN_LLM_INLINE int8_t code_of(float v) {
   return static_cast<int8_t>(static_cast<int32_t>(r));
 }
 
+// One row's absolute maximum of x[k] * col_mult[k] (into amax/bad) and, folded into col_amax/
+// col_bad, the columns' maxima of x[k] * rm; kSum also adds the row into col_sum.
+template <typename E, bool kSum>
+RYZEN_LLM_INLINE void absmax_row_and_columns(const typename E::raw_t* xr, int64_t K,
+                                             const float* col_mult, float rm, float& amax,
+                                             int& bad, float* col_amax, uint8_t* col_bad,
+                                             float* col_sum) {
+  float m = amax;
+  int b = bad;
+#pragma omp simd reduction(max : m) reduction(| : b)
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = E::load(xr[k]);
+    const float a = std::fabs(v * col_mult[k]);
+    const float c = std::fabs(v * rm);
+    b |= !(a <= FLT_MAX);
+    m = a > m ? a : m;
+    col_amax[k] = c > col_amax[k] ? c : col_amax[k];
+    col_bad[k] |= static_cast<uint8_t>(!(c <= FLT_MAX));
+    if constexpr (kSum) col_sum[k] += v;
+  }
+  amax = m;
+  bad = b;
+}
+
 // Absolute maxima of rows [begin, end) of x scaled for each kind of code: per row of
 // x[r, k] * col_mult[k] into row_amax/row_bad (when non-null), and folded into this task's column
 // maxima col_amax/col_bad (when non-null) of x[r, k] * row_mult[r]; with col_sum (non-null only
@@ -53,32 +77,14 @@ RYZEN_LLM_TARGET_CLONES void absmax_rows(const typename E::raw_t* x, int64_t beg
                                          uint8_t* col_bad, float* col_sum) {
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = x + r * K;
-    const float rm = row_mult[r];
     float amax = 0.0f;
     int bad = 0;
     if (col_sum != nullptr) {
-#pragma omp simd reduction(max : amax) reduction(| : bad)
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = E::load(xr[k]);
-        const float a = std::fabs(v * col_mult[k]);
-        const float c = std::fabs(v * rm);
-        bad |= !(a <= FLT_MAX);
-        amax = a > amax ? a : amax;
-        col_amax[k] = c > col_amax[k] ? c : col_amax[k];
-        col_bad[k] |= static_cast<uint8_t>(!(c <= FLT_MAX));
-        col_sum[k] += v;
-      }
+      absmax_row_and_columns<E, true>(xr, K, col_mult, row_mult[r], amax, bad, col_amax, col_bad,
+                                      col_sum);
     } else if (col_amax != nullptr) {
-#pragma omp simd reduction(max : amax) reduction(| : bad)
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = E::load(xr[k]);
-        const float a = std::fabs(v * col_mult[k]);
-        const float c = std::fabs(v * rm);
-        bad |= !(a <= FLT_MAX);
-        amax = a > amax ? a : amax;
-        col_amax[k] = c > col_amax[k] ? c : col_amax[k];
-        col_bad[k] |= static_cast<uint8_t>(!(c <= FLT_MAX));
-      }
+      absmax_row_and_columns<E, false>(xr, K, col_mult, row_mult[r], amax, bad, col_amax,
+                                       col_bad, nullptr);
     } else {
 #pragma omp simd reduction(max : amax) reduction(| : bad)
       for (int64_t k = 0; k < K; ++k) {
