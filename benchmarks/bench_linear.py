@@ -6,6 +6,9 @@ optimizer step in training) and the bf16 peer's weight is bf16 already, so neith
 its weight's preparation in the timed calls. Rates are GFLOP/s of the layer's GEMMs (int8
 ops counted the same).
 
+test_int8_gemm times the GEMM alone, the own AVX512-VNNI kernel against at::_int_mm, for each
+of the layer's three GEMMs (the int8 linear itself runs the faster per shape).
+
 Run: pytest benchmarks/bench_linear.py --benchmark-only"""
 from __future__ import annotations
 
@@ -89,3 +92,41 @@ def test_linear(benchmark, name, layer, mode):
     benchmark.extra_info.update(
         impl=name, mode=mode, shape=[M, K, N], gflops=work / median / 1e9,
         dtype="int8 GEMMs, bf16 activations" if name == "fused" else "bf16")
+
+
+def gemm_operands(K: int, N: int, gemm: str, g: torch.Generator):
+    """The int8 GEMM of one of the linear's passes, as the kernels call it: forward x (M, K) @
+    W.T; input gradient g (M, N) @ W (N, K); weight gradient g.T (N, M) @ x (M, K)."""
+    def codes(*shape):
+        return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+    if gemm == "forward":
+        return codes(M, K), codes(N, K).t()
+    if gemm == "grad_input":
+        return codes(M, N), codes(N, K)
+    return codes(M, N).t(), codes(M, K)
+
+
+@pytest.mark.parametrize("gemm", ["forward", "grad_input", "grad_weight"])
+@pytest.mark.parametrize("layer", SHAPES)
+# own: csrc/cpu/int8_gemm.cpp's AVX512-VNNI kernel; onednn: at::_int_mm. Each result goes to
+# the same int32 output (a copy per block of rows): what the linear's epilogue would read.
+@pytest.mark.parametrize("name", ["own", "onednn"])
+def test_int8_gemm(benchmark, name, layer, gemm):
+    if not extension_loaded():
+        pytest.skip(f"int8 GEMM UNAVAILABLE (ryzen_llm._C: {extension_error()}): not timed")
+    from ryzen_llm.ops.linear import set_int8_gemm
+
+    K, N = SHAPES[layer]
+    a, b = gemm_operands(K, N, gemm, torch.Generator().manual_seed(0))
+    benchmark.group = f"int8 GEMM {layer} ({K}->{N}) {gemm}"
+    old = set_int8_gemm(name)
+    try:
+        benchmark.pedantic(torch.ops.ryzen_llm.int8_mm, args=(a, b), rounds=ROUNDS,
+                           iterations=1, warmup_rounds=2)
+    finally:
+        set_int8_gemm(old)
+    work = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    # the report's columns: the own kernel as "fused", torch._int_mm (PyTorch's) as "reference"
+    benchmark.extra_info.update(impl="fused" if name == "own" else "reference", kernel=name,
+                                gops=work / benchmark.stats.stats.median / 1e9,
+                                shape=[a.shape[0], a.shape[1], b.shape[1]])

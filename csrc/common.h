@@ -97,6 +97,7 @@ inline int64_t row_grain(int64_t row_len) {
 #define RYZEN_LLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #define RYZEN_LLM_AVX512_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,fma,avx512bf16")))
+#define RYZEN_LLM_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 namespace ryzen_llm {
 inline bool avx512_available() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -108,10 +109,16 @@ inline bool avx512_bf16_available() {
   static const bool ok = avx512_available() && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
+// vpdpbusd: u8 x s8 quadruples multiplied and summed into int32 lanes
+inline bool avx512_vnni_available() {
+  static const bool ok = avx512_available() && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
 }  // namespace ryzen_llm
 #else
 namespace ryzen_llm {
 inline bool avx512_available() { return false; }
 inline bool avx512_bf16_available() { return false; }
+inline bool avx512_vnni_available() { return false; }
 }  // namespace ryzen_llm
 #endif

@@ -53,6 +53,14 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // Its backward with the forward's weight codes (the scales folded into grad_y); x_saved is x's row codes with x_scales
   // (int8_weight_grad) or x itself; grad_weight float32 (N, K), grad_bias float32 (N,).
   m.def("int8_linear_backward(Tensor grad_y, Tensor pre, Tensor x_saved, Tensor x_scales, Tensor w_codes, Tensor w_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // Exact int32 a (M, K) int8 @ b (K, N) int8 through the level-4 linear's GEMM (csrc/cpu/int8_gemm.cpp):
+  // at::_int_mm or the own AVX512-VNNI kernel, as int8_gemm_mode says.
+  m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
+  // Process state: which int8 GEMM runs, 0 = the faster per shape (both timed on its first call), 1 = the own
+  // kernel, 2 = at::_int_mm; returns the previous mode. choices: per shape seen, 9 values: M, N, K, threads, the
+  // implementation running (1 own, 2 oneDNN), the microseconds each took when timed (0: not timed), calls of each.
+  m.def("int8_gemm_mode(int mode) -> int");
+  m.def("int8_gemm_choices() -> int[]");
   // Per row of logits (B, V) float32: the first argmax (int64), its log-softmax value and the row's log-sum-exp.
   m.def("greedy_pick(Tensor logits) -> (Tensor tokens, Tensor logprobs, Tensor logsumexp)");
   // One transformer block of a decode step (csrc/decode_block.cpp): x (B, C) residual stream, h (B, C)

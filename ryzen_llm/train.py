@@ -328,6 +328,7 @@ class _Run:
             "best_val_loss": state["best_val_loss"],
             "memory": self._memory(),
             "ops": step.kernels.summary(),
+            "int8_gemm": self._int8_gemm(),
             "world_size": self.world,
             "compression": {
                 "ratio": self.ratio,
@@ -340,6 +341,14 @@ class _Run:
             "checkpoints": sorted(p.name for p in self.ckpt_dir.iterdir()
                                   if not p.name.startswith(".")),
         }
+
+    def _int8_gemm(self) -> list[dict] | None:
+        """Which int8 GEMM ran per shape (level 4's CPU kernels), or None where none ran."""
+        calls = self.step.kernels.summary().get("linear", {}).get("calls", {})
+        if not calls.get("fused") or self.device.type != "cpu":
+            return None
+        from ryzen_llm.ops.linear import int8_gemm_choices
+        return int8_gemm_choices()
 
     def _memory(self) -> dict[str, Any]:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -13,7 +13,8 @@
 // step, x once per forward, and the codes x's forward GEMM used are what backward keeps.
 // Each int32 sum is exact; the dequantization multiplies it by its row's and its column's scale
 // (in float32), adds the bias and applies GELU when asked, in one pass (the epilogue). The GEMMs
-// themselves run through at::_int_mm (oneDNN: AVX512-VNNI / AMX-int8 where the CPU has them).
+// run through at::_int_mm (oneDNN: AVX512-VNNI / AMX-int8 where the CPU has them) or the own
+// AVX512-VNNI kernel, the faster per shape (int8_gemm.h).
 //
 // Quantization (int8_quantize) is one op for activations, gradients and weights: per row, per
 // column, or both from one read of x for the absolute maxima and one for the codes; the
@@ -24,6 +25,7 @@
 #include "common.h"
 #include "fast_math.h"
 #include "op_checks.h"
+#include "cpu/int8_gemm.h"
 
 #include <torch/library.h>
 
@@ -293,25 +295,15 @@ std::tuple<at::Tensor, at::Tensor> int8_dequantize_cpu(const at::Tensor& acc,
   return {y, pre};
 }
 
-// Rows of the int32 GEMM result per at::_int_mm call: its int32 buffer stays at most
-// kRowChunk x N (the whole result of the seed's qkv would be 12.6 MB), at no loss of speed
-// from 512 rows up at the seed's shapes.
-constexpr int64_t kRowChunk = 512;
-
-// y (M, N) (and pre with gelu) = a (M, K) @ b (K, N) in int32, dequantized chunk by chunk.
+// y (M, N) (and pre with gelu) = a (M, K) @ b (K, N) in int32 (int8_gemm: at::_int_mm or the
+// own kernel), each block of rows dequantized as it arrives.
 void gemm_dequantize(const at::Tensor& a, const at::Tensor& b, const float* row_scales,
                      const float* col_scales, const float* bias, bool gelu, at::Tensor& y,
                      at::Tensor& pre) {
-  const int64_t M = a.size(0), N = b.size(1);
-  if (M == 0 || N == 0) return;
-  at::Tensor acc = at::empty({std::min(M, kRowChunk), N}, a.options().dtype(at::kInt));
-  for (int64_t r0 = 0; r0 < M; r0 += kRowChunk) {
-    const int64_t rows = std::min(kRowChunk, M - r0);
-    at::Tensor part = acc.narrow(0, 0, rows);
-    at::_int_mm_out(part, a.narrow(0, r0, rows), b);
-    dequantize_rows(part.data_ptr<int32_t>() - r0 * N, r0, r0 + rows, row_scales, col_scales,
-                    bias, gelu, y, pre);
-  }
+  const int64_t N = b.size(1);
+  int8_gemm(a, b, [&](const int32_t* acc, int64_t r0, int64_t r1) {
+    dequantize_rows(acc - r0 * N, r0, r1, row_scales, col_scales, bias, gelu, y, pre);
+  });
 }
 
 // grad_pre = grad_y * GELU'(pre), row by row; grad_bias_part (this task's) accumulates it.

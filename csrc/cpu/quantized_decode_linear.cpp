@@ -31,10 +31,6 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(RYZEN_LLM_AVX512)
-#define RYZEN_LLM_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#endif
-
 namespace ryzen_llm {
 namespace {
 
@@ -45,15 +41,6 @@ struct Epilogue {
   const float* bias;  // (N,) or nullptr
   bool gelu;
 };
-
-bool vnni_available() {
-#if defined(RYZEN_LLM_AVX512)
-  static const bool ok = avx512_available() && __builtin_cpu_supports("avx512vnni");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // ---- activations ------------------------------------------------------------------------
 // Codes of len values of x: scale = absmax / 127, q = round_half_even(x * (1 / scale)) clamped
@@ -407,7 +394,7 @@ at::Tensor quantized_decode_linear_cpu(const at::Tensor& x, const at::Tensor& we
   const int64_t share = ((nblocks + threads - 1) / threads + 3) / 4 * 4;
   const int64_t grain = std::max<int64_t>(
       4, std::min(share, (16384 / std::max<int64_t>(1, K * M)) / 4 * 4));
-  const bool vnni = vnni_available();
+  const bool vnni = avx512_vnni_available();
   if (int8) {
     const int64_t ldq = 4 * K4;
     at::Tensor codes = at::empty({M, ldq}, x.options().dtype(at::kByte));

@@ -10,7 +10,10 @@ are made once per optimizer step: they are cached on the parameter and remade wh
 counter moves (the optimizer updates it in place), so gradient accumulation over micro-batches
 quantizes each weight once. Saved for backward: x's row codes (int8, half the bytes of
 bfloat16) with its row scales or, without the int8 weight gradient, x itself, and the
-pre-activation of a GELU'd layer. A NaN or inf in a row of x makes that output row NaN and,
+pre-activation of a GELU'd layer. On the CPU each GEMM runs through at::_int_mm (oneDNN) or the
+library's own AVX512-VNNI kernel (csrc/cpu/int8_gemm.cpp), the faster per shape: both are timed
+on a shape's first call, and int8_gemm_choices() says which runs where (the same int32 sums
+either way). A NaN or inf in a row of x makes that output row NaN and,
 through its scale, the whole weight gradient NaN (the trainer stops at a non-finite loss).
 """
 from __future__ import annotations
@@ -27,6 +30,35 @@ _LIB = "ryzen_llm"
 INT8_WEIGHT_GRAD = True
 
 _CACHE_ATTR = "_ryzen_llm_int8_codes"
+
+
+# set_int8_gemm's modes, as csrc/cpu/int8_gemm.h numbers them.
+INT8_GEMM_MODES = {"auto": 0, "own": 1, "onednn": 2}
+_IMPL_NAMES = {1: "own", 2: "onednn"}
+
+
+def set_int8_gemm(mode: str) -> str:
+    """Which int8 GEMM the CPU kernels run, process-wide: "auto" (the faster per shape, timed
+    on its first call; the default), "own" (the AVX512-VNNI kernel; plain loops without VNNI)
+    or "onednn" (at::_int_mm). Returns the previous mode."""
+    if mode not in INT8_GEMM_MODES:
+        raise ValueError(f"int8 GEMM mode: expected one of {sorted(INT8_GEMM_MODES)}, got {mode!r}")
+    old = torch.ops.ryzen_llm.int8_gemm_mode(INT8_GEMM_MODES[mode])
+    return {v: k for k, v in INT8_GEMM_MODES.items()}[old]
+
+
+def int8_gemm_choices() -> list[dict]:
+    """Per GEMM shape the CPU kernels met in this process (M, N, K, threads): the implementation
+    that runs ("own" or "onednn"), the microseconds each took when the shape was timed (None:
+    not timed), and the calls counted per implementation."""
+    flat = torch.ops.ryzen_llm.int8_gemm_choices()
+    out = []
+    for i in range(0, len(flat), 9):
+        M, N, K, threads, impl, own_us, onednn_us, own_calls, onednn_calls = flat[i:i + 9]
+        out.append({"M": M, "N": N, "K": K, "threads": threads, "runs": _IMPL_NAMES[impl],
+                    "own_us": own_us or None, "onednn_us": onednn_us or None,
+                    "calls": {"own": own_calls, "onednn": onednn_calls}})
+    return out
 
 
 def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

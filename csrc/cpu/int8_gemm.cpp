@@ -1,0 +1,333 @@
+// int8 x int8 -> int32 GEMMs, C = A @ B, for the level-4 linear: at::_int_mm (oneDNN) or the
+// own kernel below, chosen per shape (int8_gemm.h).
+//
+// The own kernel: B is packed once per call into blocks of 16 output columns, each row of a block
+// 16 lanes of 4 consecutive reduction codes (lane j: b[4kk..4kk+3][16 blk + j]) stored as u8
+// (b + 128, a flip of the sign bit), zero-padded. AVX512-VNNI's vpdpbusd multiplies those u8 by
+// A's s8 codes, 4 at a time broadcast to every lane, so each sum is sum_k (b + 128) a =
+// sum_k a b + 128 sum_k a, and 128 times the row's sum of A comes off: exact. Each task takes
+// blocks of kRowBlock rows of A (read in place when contiguous, else copied: the weight
+// gradient's A is a transposed view), runs tiles of 4 rows x 4 column blocks (16 int32 sums in
+// registers) over the whole reduction, panel by panel (4 x 16 columns of B, kept in L1/L2 across
+// the block's rows), and hands the block's int32 rows, still in cache, to the caller's epilogue:
+// the dequantization never reads a separate int32 result back from memory. Without AVX512-VNNI
+// the same packing runs through plain loops (the sanitizer build tests those).
+#include "cpu/int8_gemm.h"
+
+#include "common.h"
+#include "fast_math.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+namespace ryzen_llm {
+namespace {
+
+constexpr int64_t kRowBlock = 48;  // rows of A per task: 12 tiles share each B panel
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kPanelBlocks = 4;  // column blocks of 16 per panel
+// Every partial u8 x s8 sum stays below 2^31 while K * 255 * 128 does: longer reductions go to
+// oneDNN.
+constexpr int64_t kMaxOwnK = (int64_t{1} << 31) / (255 * 128);
+// oneDNN: rows per at::_int_mm call, so that its int32 buffer stays at most kOneDnnRows x N.
+constexpr int64_t kOneDnnRows = 512;
+
+struct PackedB {
+  at::Tensor codes;  // uint8 (nblocks, K4, 64): b + 128, the padding 128 (b = 0)
+  int64_t K4, nblocks;
+};
+
+PackedB pack_b(const at::Tensor& b) {
+  const int64_t K = b.size(0), N = b.size(1), K4 = (K + 3) / 4, nblocks = (N + 15) / 16;
+  PackedB p{at::full({nblocks, K4, 64}, 128, b.options().dtype(at::kByte)), K4, nblocks};
+  const int8_t* src = b.data_ptr<int8_t>();
+  const int64_t sk = b.stride(0), sn = b.stride(1);
+  uint8_t* dst = p.codes.data_ptr<uint8_t>();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t width = std::min<int64_t>(16, N - blk * 16);
+      uint8_t* out = dst + blk * K4 * 64;
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t* row = src + k * sk + blk * 16 * sn;
+        uint8_t* o = out + (k / 4) * 64 + (k % 4);
+        for (int64_t j = 0; j < width; ++j) o[4 * j] = static_cast<uint8_t>(row[j * sn]) ^ 0x80u;
+      }
+    }
+  });
+  return p;
+}
+
+// Rows [r0, r1) of a: a pointer to them (row r at *rows + (r - r0) * *ld, 4 * K4 codes each,
+// zero-padded) and 128 * each row's sum into corr. Contiguous rows of a whole number of
+// quadruples are read in place; others are copied into buf.
+void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, std::vector<int8_t>& buf,
+                const int8_t** rows, int64_t* ld, int32_t* corr) {
+  const int8_t* src = a.data_ptr<int8_t>();
+  const int64_t K = a.size(1), sm = a.stride(0), sk = a.stride(1);
+  if (sk == 1 && K == 4 * K4) {
+    *rows = src + r0 * sm;
+    *ld = sm;
+  } else {
+    buf.assign((r1 - r0) * 4 * K4, 0);
+    // 64 codes of each row at a time: a transposed view (the weight gradient's) then reads 64
+    // lines of memory that every row of the block shares while they are in L1
+    int8_t* out = buf.data();
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      const int64_t k1 = std::min(K, k0 + 64);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = k0; k < k1; ++k) out[(r - r0) * 4 * K4 + k] = src[r * sm + k * sk];
+    }
+    *rows = buf.data();
+    *ld = 4 * K4;
+  }
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += (*rows)[r * *ld + k];
+    corr[r] = 128 * s;
+  }
+}
+
+#if defined(RYZEN_LLM_AVX512)
+// acc += w (u8) . x (s8), accumulating in place: through the intrinsic GCC copies every
+// accumulator to another register (and spills some) on each step of the loop. (The form with
+// the broadcast as the instruction's memory operand ran at half the speed on Zen 4.)
+RYZEN_LLM_INLINE RYZEN_LLM_VNNI_TARGET __m512i dpbusd(__m512i acc, __m512i w, __m512i x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+  return acc;
+}
+
+// R rows of A against NV column blocks from block b0 (clamped to the last block; only blocks
+// below nblocks are stored): acc rows (ldc apart) receive the exact int32 sums, the rows'
+// corrections taken off.
+template <int R, int NV>
+RYZEN_LLM_VNNI_TARGET void vnni_tile(const int8_t* a, int64_t lda, const int32_t* corr,
+                                     const PackedB& p, const uint8_t* codes, int64_t b0,
+                                     int64_t N, int32_t* acc, int64_t ldc) {
+  const int64_t K4 = p.K4;
+  const uint8_t* wb[NV];
+  for (int j = 0; j < NV; ++j) wb[j] = codes + std::min(b0 + j, p.nblocks - 1) * K4 * 64;
+  __m512i s[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) s[i][j] = _mm512_setzero_si512();
+  for (int64_t kk = 0; kk < K4; ++kk) {
+    __m512i w[NV];
+    for (int j = 0; j < NV; ++j) w[j] = _mm512_loadu_si512(wb[j] + kk * 64);
+    for (int i = 0; i < R; ++i) {
+      int32_t word;
+      std::memcpy(&word, a + i * lda + 4 * kk, sizeof(word));
+      const __m512i x = _mm512_set1_epi32(word);
+      for (int j = 0; j < NV; ++j) s[i][j] = dpbusd(s[i][j], w[j], x);
+    }
+  }
+  for (int j = 0; j < NV && b0 + j < p.nblocks; ++j) {
+    const int64_t n = (b0 + j) * 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n)) - 1u);
+    for (int i = 0; i < R; ++i)
+      _mm512_mask_storeu_epi32(acc + i * ldc + n, m,
+                               _mm512_sub_epi32(s[i][j], _mm512_set1_epi32(corr[i])));
+  }
+}
+
+// Rows [0, rows) of a block against every column: panel by panel, tiles of 4 rows (then single
+// rows). (Chunking the reduction, so that a panel's 4 x 16 KB stay in L1, measured no faster at
+// the seed's shapes; neither did tiles of 8 x 2, 6 x 4, 8 x 3 or 2 x 8.)
+RYZEN_LLM_VNNI_TARGET void vnni_block(const int8_t* a, int64_t lda, const int32_t* corr,
+                                        int64_t rows, const PackedB& p, int64_t N, int32_t* acc) {
+  const uint8_t* codes = p.codes.data_ptr<uint8_t>();
+  constexpr int R = kTileRows, NV = kPanelBlocks;
+  for (int64_t b0 = 0; b0 < p.nblocks; b0 += NV) {
+    int64_t r = 0;
+    for (; r + R <= rows; r += R)
+      vnni_tile<R, NV>(a + r * lda, lda, corr + r, p, codes, b0, N, acc + r * N, N);
+    for (; r < rows; ++r)
+      vnni_tile<1, NV>(a + r * lda, lda, corr + r, p, codes, b0, N, acc + r * N, N);
+  }
+}
+#endif
+
+// The same sums in plain loops over the same packing.
+void portable_block(const int8_t* a, int64_t lda, const int32_t* corr, int64_t rows,
+                    const PackedB& p, int64_t N, int32_t* acc) {
+  const uint8_t* codes = p.codes.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* w = codes + (n / 16) * p.K4 * 64 + 4 * (n % 16);
+      int32_t s = 0;
+      for (int64_t kk = 0; kk < p.K4; ++kk)
+        for (int t = 0; t < 4; ++t) s += int32_t{w[kk * 64 + t]} * a[r * lda + 4 * kk + t];
+      acc[r * N + n] = s - corr[r];
+    }
+  }
+}
+
+void own_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows) {
+  const int64_t M = a.size(0), N = b.size(1);
+  const PackedB p = pack_b(b);
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const bool vnni = avx512_vnni_available();
+  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<int8_t> buf;
+    std::vector<int32_t> acc(kRowBlock * N), corr(kRowBlock);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
+      const int8_t* ap;
+      int64_t lda;
+      block_rows(a, r0, r1, p.K4, buf, &ap, &lda, corr.data());
+#if defined(RYZEN_LLM_AVX512)
+      if (vnni) {
+        vnni_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data());
+        rows(acc.data(), r0, r1);
+        continue;
+      }
+#endif
+      portable_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data());
+      rows(acc.data(), r0, r1);
+    }
+  });
+}
+
+void onednn_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows) {
+  const int64_t M = a.size(0), N = b.size(1);
+  at::Tensor acc = at::empty({std::min(M, kOneDnnRows), N}, a.options().dtype(at::kInt));
+  for (int64_t r0 = 0; r0 < M; r0 += kOneDnnRows) {
+    const int64_t n = std::min(kOneDnnRows, M - r0);
+    at::Tensor part = acc.narrow(0, 0, n);
+    at::_int_mm_out(part, a.narrow(0, r0, n), b);
+    rows(part.data_ptr<int32_t>(), r0, r0 + n);
+  }
+}
+
+// ---- the choice per shape ----
+struct Choice {
+  Int8GemmMode impl;
+  int64_t own_us = 0, onednn_us = 0, own_calls = 0, onednn_calls = 0;
+};
+using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t>;  // M, N, K, threads
+
+std::mutex choice_mutex;
+std::map<ShapeKey, Choice> choices;
+Int8GemmMode mode = Int8GemmMode::kAuto;
+
+template <typename F>
+int64_t time_us(F f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+      .count();
+}
+
+}  // namespace
+
+void int8_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+                  a.scalar_type() == at::kChar && b.scalar_type() == at::kChar,
+              "int8 GEMM: expected int8 (M, K) @ (K, N), got ", a.scalar_type(), a.sizes(), " @ ",
+              b.scalar_type(), b.sizes());
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0) return;
+  const ShapeKey key{M, N, K, at::get_num_threads()};
+  const bool own_ok = K <= kMaxOwnK;
+  Int8GemmMode impl;
+  bool timed = false;
+  {
+    std::lock_guard<std::mutex> lock(choice_mutex);
+    auto it = choices.find(key);
+    if (mode != Int8GemmMode::kAuto) {
+      impl = own_ok ? mode : Int8GemmMode::kOneDnn;
+    } else if (it != choices.end()) {
+      impl = it->second.impl;
+    } else if (!own_ok || !avx512_vnni_available()) {
+      impl = Int8GemmMode::kOneDnn;  // the plain loops never beat oneDNN: not timed
+    } else {
+      impl = Int8GemmMode::kAuto;  // to be timed below
+    }
+  }
+  Choice timing{Int8GemmMode::kOneDnn};
+  if (impl == Int8GemmMode::kAuto) {
+    // Each twice, the second run timed: the first pays oneDNN's primitive creation and the
+    // first touch of buffers. The results are the same bits, so the rows may be written again.
+    onednn_gemm(a, b, rows);
+    own_gemm(a, b, rows);
+    timing.onednn_us = time_us([&] { onednn_gemm(a, b, rows); });
+    timing.own_us = time_us([&] { own_gemm(a, b, rows); });
+    impl = timing.own_us < timing.onednn_us ? Int8GemmMode::kOwn : Int8GemmMode::kOneDnn;
+    timed = true;
+  } else if (impl == Int8GemmMode::kOwn) {
+    own_gemm(a, b, rows);
+  } else {
+    onednn_gemm(a, b, rows);
+  }
+  std::lock_guard<std::mutex> lock(choice_mutex);
+  Choice& c = choices.try_emplace(key, Choice{impl}).first->second;
+  if (timed) {
+    c.impl = impl;
+    c.own_us = timing.own_us;
+    c.onednn_us = timing.onednn_us;
+  } else if (mode == Int8GemmMode::kAuto) {
+    c.impl = impl;
+  }
+  (impl == Int8GemmMode::kOwn ? c.own_calls : c.onednn_calls) += 1;
+}
+
+Int8GemmMode set_int8_gemm_mode(Int8GemmMode m) {
+  std::lock_guard<std::mutex> lock(choice_mutex);
+  const Int8GemmMode old = mode;
+  mode = m;
+  return old;
+}
+
+std::vector<int64_t> int8_gemm_choices() {
+  std::lock_guard<std::mutex> lock(choice_mutex);
+  std::vector<int64_t> out;
+  for (const auto& [key, c] : choices) {
+    const auto [M, N, K, threads] = key;
+    for (int64_t v : {M, N, K, threads, static_cast<int64_t>(c.impl), c.own_us, c.onednn_us,
+                      c.own_calls, c.onednn_calls})
+      out.push_back(v);
+  }
+  return out;
+}
+
+namespace {
+
+// ---- ops: the GEMM alone (tests, benchmarks), the mode, the choices ----
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_cpu(a, "a");
+  check_cpu(b, "b");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "int8_mm: expected 2-D a and b, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar,
+              "int8_mm: expected int8 a and b, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(0), "int8_mm: a (M, K) @ b (K, N): K ", a.size(1), " != ",
+              b.size(0));
+  const int64_t N = b.size(1);
+  at::Tensor c = at::empty({a.size(0), N}, a.options().dtype(at::kInt));
+  int32_t* cp = c.data_ptr<int32_t>();
+  int8_gemm(a, b, [&](const int32_t* acc, int64_t r0, int64_t r1) {
+    std::memcpy(cp + r0 * N, acc, sizeof(int32_t) * (r1 - r0) * N);
+  });
+  return c;
+}
+
+int64_t int8_gemm_mode_cpu(int64_t m) {
+  TORCH_CHECK(m >= 0 && m <= 2, "int8_gemm_mode: expected 0 (auto), 1 (own) or 2 (oneDNN), got ",
+              m);
+  return static_cast<int64_t>(set_int8_gemm_mode(static_cast<Int8GemmMode>(m)));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) { m.impl("int8_mm", &int8_mm_cpu); }
+
+TORCH_LIBRARY_IMPL(ryzen_llm, CompositeExplicitAutograd, m) {
+  m.impl("int8_gemm_mode", TORCH_FN(int8_gemm_mode_cpu));
+  m.impl("int8_gemm_choices", TORCH_FN(int8_gemm_choices));
+}
+
+}  // namespace ryzen_llm
