@@ -21,6 +21,9 @@
 
 #include <algorithm>
 #include <chrono>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -63,10 +66,55 @@ PackedB pack_b(const at::Tensor& b) {
   return p;
 }
 
+#if defined(__SSE2__)
+// dst[j * ds + i] = src[i * ss + j] for a 16 x 16 tile of bytes: four rounds of interleaving
+// leave column bitreverse4(i) in register i.
+inline void transpose16(const int8_t* src, int64_t ss, int8_t* dst, int64_t ds) {
+  __m128i a[16], b[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ss));
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+    b[i + 8] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    a[i] = _mm_unpacklo_epi16(b[2 * i], b[2 * i + 1]);
+    a[i + 8] = _mm_unpackhi_epi16(b[2 * i], b[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+    b[i + 8] = _mm_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    a[i] = _mm_unpacklo_epi64(b[2 * i], b[2 * i + 1]);
+    a[i + 8] = _mm_unpackhi_epi64(b[2 * i], b[2 * i + 1]);
+  }
+  static constexpr int kColumn[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  for (int i = 0; i < 16; ++i)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + kColumn[i] * ds), a[i]);
+}
+#endif
+
+// out[r * ld + k] = src[r + k * sk] for r < rows, k < K: a transposed view's rows (the weight
+// gradient's A) copied out, 16 x 16 tiles at a time where SSE2 is there.
+void copy_transposed(const int8_t* src, int64_t sk, int64_t rows, int64_t K, int8_t* out,
+                     int64_t ld) {
+  int64_t r = 0;
+#if defined(__SSE2__)
+  for (; r + 16 <= rows; r += 16) {
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) transpose16(src + r + k * sk, sk, out + r * ld + k, ld);
+    for (; k < K; ++k)
+      for (int64_t i = r; i < r + 16; ++i) out[i * ld + k] = src[i + k * sk];
+  }
+#endif
+  for (; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) out[r * ld + k] = src[r + k * sk];
+}
+
 // Rows [r0, r1) of a: a pointer to them (row r at *rows + (r - r0) * *ld, 4 * K4 codes each,
 // zero-padded) and 128 * each row's sum into corr. Contiguous rows of a whole number of
-// quadruples are read in place; others are copied into buf.
-void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, std::vector<int8_t>& buf,
+// quadruples are read in place; others are copied into buf (kRowBlock x 4 * K4 bytes).
+void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, int8_t* buf,
                 const int8_t** rows, int64_t* ld, int32_t* corr) {
   const int8_t* src = a.data_ptr<int8_t>();
   const int64_t K = a.size(1), sm = a.stride(0), sk = a.stride(1);
@@ -74,16 +122,14 @@ void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, std::ve
     *rows = src + r0 * sm;
     *ld = sm;
   } else {
-    buf.assign((r1 - r0) * 4 * K4, 0);
-    // 64 codes of each row at a time: a transposed view (the weight gradient's) then reads 64
-    // lines of memory that every row of the block shares while they are in L1
-    int8_t* out = buf.data();
-    for (int64_t k0 = 0; k0 < K; k0 += 64) {
-      const int64_t k1 = std::min(K, k0 + 64);
+    std::memset(buf, 0, (r1 - r0) * 4 * K4);
+    if (sm == 1) {
+      copy_transposed(src + r0, sk, r1 - r0, K, buf, 4 * K4);
+    } else {
       for (int64_t r = r0; r < r1; ++r)
-        for (int64_t k = k0; k < k1; ++k) out[(r - r0) * 4 * K4 + k] = src[r * sm + k * sk];
+        for (int64_t k = 0; k < K; ++k) buf[(r - r0) * 4 * K4 + k] = src[r * sm + k * sk];
     }
-    *rows = buf.data();
+    *rows = buf;
     *ld = 4 * K4;
   }
   for (int64_t r = 0; r < r1 - r0; ++r) {
@@ -172,22 +218,25 @@ void own_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows) 
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   const bool vnni = avx512_vnni_available();
   at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<int8_t> buf;
-    std::vector<int32_t> acc(kRowBlock * N), corr(kRowBlock);
+    // through ATen's allocator (the trainer's block cache), not malloc: buffers of a few
+    // hundred KB from malloc's heap fragment it between steps
+    at::Tensor buf = at::empty({kRowBlock * 4 * p.K4}, a.options()),
+               acc = at::empty({kRowBlock * N}, a.options().dtype(at::kInt));
+    std::vector<int32_t> corr(kRowBlock);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r0 = i * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
       const int8_t* ap;
       int64_t lda;
-      block_rows(a, r0, r1, p.K4, buf, &ap, &lda, corr.data());
+      block_rows(a, r0, r1, p.K4, buf.data_ptr<int8_t>(), &ap, &lda, corr.data());
 #if defined(RYZEN_LLM_AVX512)
       if (vnni) {
-        vnni_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data());
-        rows(acc.data(), r0, r1);
+        vnni_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data_ptr<int32_t>());
+        rows(acc.data_ptr<int32_t>(), r0, r1);
         continue;
       }
 #endif
-      portable_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data());
-      rows(acc.data(), r0, r1);
+      portable_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data_ptr<int32_t>());
+      rows(acc.data_ptr<int32_t>(), r0, r1);
     }
   });
 }
