@@ -90,6 +90,9 @@ class TrainingConfig:
 
 
 ADAMW_STATE_DTYPES = ("float32", "bfloat16")
+# Level 4's int8 GEMM on the CPU (ryzen_llm.ops.linear.set_int8_gemm): the faster per shape,
+# the own AVX512-VNNI kernel, or at::_int_mm (oneDNN).
+INT8_GEMMS = ("auto", "own", "onednn")
 
 
 @dataclass
@@ -102,9 +105,16 @@ class OptimizationConfig:
     # the CPU only); None = bfloat16 where the optimized run uses the fused AdamW on the CPU
     # (level >= 3), float32 elsewhere
     adamw_state_dtype: str | None = None
+    int8_gemm: str = "auto"  # INT8_GEMMS: which int8 GEMM level 4 runs on the CPU
 
     def __post_init__(self):
         from ryzen_llm.ops.dispatch import LEVELS
+
+        if self.int8_gemm not in INT8_GEMMS:
+            raise ConfigError(
+                f"optimization.int8_gemm: must be one of {', '.join(INT8_GEMMS)}, "
+                f"got {self.int8_gemm!r}"
+            )
 
         if self.adamw_state_dtype not in (None, *ADAMW_STATE_DTYPES):
             raise ConfigError(

@@ -152,8 +152,9 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"ops ({which}): {used}")
         print(f"adamw moments ({which}): {m.get('adamw_state_dtype', 'float32')}")
         if m.get("int8_gemm"):
-            print(f"int8 GEMMs ({which}): " + ", ".join(
-                f"{c['M']}x{c['K']}x{c['N']} {c['runs']}" for c in m["int8_gemm"]))
+            gemm = m["int8_gemm"]
+            print(f"int8 GEMMs ({which}, {gemm['mode']}; M x K x N): " + ", ".join(
+                f"{c['M']}x{c['K']}x{c['N']} {c['runs']}" for c in gemm["shapes"]))
         if m.get("cuda_graph", "off") != "off":
             print(f"cuda graph ({which}): {m['cuda_graph']}")
     for which, items in report["fallbacks"].items():

@@ -161,6 +161,9 @@ class _Run:
         optimized = self.which == "optimized" and self.level >= 3
         self.ratio = self.config.optimization.compression_ratio if optimized else 0.0
         self.adamw_state_dtype = self._adamw_state_dtype()
+        if self.level >= 4 and self.device.type == "cpu" and extension_loaded():
+            from ryzen_llm.ops.linear import set_int8_gemm
+            set_int8_gemm(self.config.optimization.int8_gemm)
         self.step = TrainStep(
             self.model, level=self.level, lr=tc.learning_rate, weight_decay=tc.weight_decay,
             max_grad_norm=tc.max_grad_norm, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
@@ -342,13 +345,14 @@ class _Run:
                                   if not p.name.startswith(".")),
         }
 
-    def _int8_gemm(self) -> list[dict] | None:
-        """Which int8 GEMM ran per shape (level 4's CPU kernels), or None where none ran."""
+    def _int8_gemm(self) -> dict[str, Any] | None:
+        """optimization.int8_gemm and which int8 GEMM ran per shape (level 4's CPU kernels), or
+        None where none ran."""
         calls = self.step.kernels.summary().get("linear", {}).get("calls", {})
         if not calls.get("fused") or self.device.type != "cpu":
             return None
         from ryzen_llm.ops.linear import int8_gemm_choices
-        return int8_gemm_choices()
+        return {"mode": self.config.optimization.int8_gemm, "shapes": int8_gemm_choices()}
 
     def _memory(self) -> dict[str, Any]:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -47,6 +47,8 @@ def test_overrides_apply_with_types():
         (["inference.weights=int3"], "inference.weights: must be float32, bfloat16, int8, int4"),
         (["optimization.adamw_state_dtype=float16"],
          "optimization.adamw_state_dtype: must be float32 or bfloat16 or null"),
+        (["optimization.int8_gemm=fastest"],
+         "optimization.int8_gemm: must be one of auto, own, onednn"),
         (["training.epochs"], "expected key=value"),
     ],
 )

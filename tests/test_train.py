@@ -83,6 +83,11 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     # the optimized run's fused AdamW keeps bfloat16 moments; the baseline is torch's AdamW
     assert report["runs"]["baseline"]["adamw_state_dtype"] == "float32"
     assert report["runs"]["optimized"]["adamw_state_dtype"] == "bfloat16"
+    # level 4's int8 GEMMs: which implementation ran, per shape (the baseline ran none)
+    gemm = report["runs"]["optimized"]["int8_gemm"]
+    assert report["runs"]["baseline"]["int8_gemm"] is None and gemm["mode"] == "auto"
+    assert gemm["shapes"] and all(c["runs"] in ("own", "onednn") and sum(c["calls"].values()) > 0
+                                  for c in gemm["shapes"])
     # counted, not assumed: the baseline ran every model op as its reference
     for op, info in report["runs"]["baseline"]["ops"].items():
         if op in INFERENCE_OPS:
@@ -95,6 +100,7 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     assert report["criteria"]["final_loss_difference"]["status"] in ("PASS", "FAIL")
     out = capsys.readouterr().out
     assert "speedup" in out and "report:" in out
+    assert "int8 GEMMs (optimized, auto; M x K x N)" in out
 
 
 def test_config_runs_optimized_trains_only_that_run(tmp_path, capsys):

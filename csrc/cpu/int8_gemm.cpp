@@ -46,6 +46,55 @@ struct PackedB {
   int64_t K4, nblocks;
 };
 
+// One block of 16 columns: quadruples [kk0, K4) in plain loops (all of them, or the tail the
+// fast paths below leave), the missing columns left at 128 (b = 0).
+void pack_block_plain(const int8_t* src, int64_t sk, int64_t sn, int64_t K, int64_t kk0,
+                      int64_t width, uint8_t* out) {
+  for (int64_t k = 4 * kk0; k < K; ++k) {
+    const int8_t* row = src + k * sk;
+    uint8_t* o = out + (k / 4) * 64 + (k % 4);
+    for (int64_t j = 0; j < width; ++j) o[4 * j] = static_cast<uint8_t>(row[j * sn]) ^ 0x80u;
+  }
+}
+
+// The whole quadruples of a full block of 16 columns, returning how many were packed: from
+// 4 bytes of each column at a time where b's columns are contiguous along the reduction (the
+// forward's W.T), from 4 x 16 bytes interleaved (SSE2) where its rows are (the backward's).
+int64_t pack_block_fast(const int8_t* src, int64_t sk, int64_t sn, int64_t K, uint8_t* out) {
+  const int64_t quads = K / 4;
+  if (sk == 1) {
+    for (int64_t j = 0; j < 16; ++j) {
+      const int8_t* col = src + j * sn;
+      for (int64_t kk = 0; kk < quads; ++kk) {
+        uint32_t word;
+        std::memcpy(&word, col + 4 * kk, sizeof(word));
+        word ^= 0x80808080u;
+        std::memcpy(out + kk * 64 + 4 * j, &word, sizeof(word));
+      }
+    }
+    return quads;
+  }
+#if defined(__SSE2__)
+  if (sn == 1) {
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+    for (int64_t kk = 0; kk < quads; ++kk) {
+      __m128i r[4];
+      for (int t = 0; t < 4; ++t)
+        r[t] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (4 * kk + t) * sk));
+      const __m128i lo01 = _mm_unpacklo_epi8(r[0], r[1]), hi01 = _mm_unpackhi_epi8(r[0], r[1]);
+      const __m128i lo23 = _mm_unpacklo_epi8(r[2], r[3]), hi23 = _mm_unpackhi_epi8(r[2], r[3]);
+      const __m128i lanes[4] = {_mm_unpacklo_epi16(lo01, lo23), _mm_unpackhi_epi16(lo01, lo23),
+                                _mm_unpacklo_epi16(hi01, hi23), _mm_unpackhi_epi16(hi01, hi23)};
+      for (int q = 0; q < 4; ++q)  // lanes 4q..4q+3, each its column's 4 codes in order
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + kk * 64 + 16 * q),
+                         _mm_xor_si128(lanes[q], flip));
+    }
+    return quads;
+  }
+#endif
+  return 0;
+}
+
 PackedB pack_b(const at::Tensor& b) {
   const int64_t K = b.size(0), N = b.size(1), K4 = (K + 3) / 4, nblocks = (N + 15) / 16;
   PackedB p{at::full({nblocks, K4, 64}, 128, b.options().dtype(at::kByte)), K4, nblocks};
@@ -55,12 +104,10 @@ PackedB pack_b(const at::Tensor& b) {
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t width = std::min<int64_t>(16, N - blk * 16);
+      const int8_t* cols = src + blk * 16 * sn;
       uint8_t* out = dst + blk * K4 * 64;
-      for (int64_t k = 0; k < K; ++k) {
-        const int8_t* row = src + k * sk + blk * 16 * sn;
-        uint8_t* o = out + (k / 4) * 64 + (k % 4);
-        for (int64_t j = 0; j < width; ++j) o[4 * j] = static_cast<uint8_t>(row[j * sn]) ^ 0x80u;
-      }
+      const int64_t done = width == 16 ? pack_block_fast(cols, sk, sn, K, out) : 0;
+      pack_block_plain(cols, sk, sn, K, done, width, out);
     }
   });
   return p;
