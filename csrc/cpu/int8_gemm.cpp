@@ -38,6 +38,10 @@ constexpr int64_t kPanelBlocks = 4;  // column blocks of 16 per panel
 // Every partial u8 x s8 sum stays below 2^31 while K * 255 * 128 does: longer reductions go to
 // oneDNN.
 constexpr int64_t kMaxOwnK = (int64_t{1} << 31) / (255 * 128);
+// auto keeps the own kernel unless oneDNN is faster by more than this many percent: within
+// timing noise the own kernel wins, because oneDNN's buffers come from malloc's heap, where
+// they fragment it and the trainer's peak memory creeps up over a run (docs/memory.md).
+constexpr int64_t kOwnTieMargin = 5;
 // oneDNN: rows per at::_int_mm call, so that its int32 buffer stays at most kOneDnnRows x N.
 constexpr int64_t kOneDnnRows = 512;
 
@@ -352,7 +356,8 @@ void int8_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows)
     own_gemm(a, b, rows);
     timing.onednn_us = time_us([&] { onednn_gemm(a, b, rows); });
     timing.own_us = time_us([&] { own_gemm(a, b, rows); });
-    impl = timing.own_us < timing.onednn_us ? Int8GemmMode::kOwn : Int8GemmMode::kOneDnn;
+    impl = timing.own_us * 100 <= timing.onednn_us * (100 + kOwnTieMargin) ? Int8GemmMode::kOwn
+                                                                          : Int8GemmMode::kOneDnn;
     timed = true;
   } else if (impl == Int8GemmMode::kOwn) {
     own_gemm(a, b, rows);

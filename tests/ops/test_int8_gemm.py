@@ -86,8 +86,9 @@ def test_auto_times_both_and_reports_the_choice(mode):
                  and c["threads"] == torch.get_num_threads())
     assert entry["runs"] in ("own", "onednn")
     assert entry["calls"][entry["runs"]] >= 3
-    if entry["own_us"] is not None:  # timed (the CPU has AVX512-VNNI): the faster one runs
-        faster = "own" if entry["own_us"] < entry["onednn_us"] else "onednn"
+    if entry["own_us"] is not None:  # timed (the CPU has AVX512-VNNI): the faster one runs,
+        # the own kernel when within 5%
+        faster = "own" if entry["own_us"] * 100 <= entry["onednn_us"] * 105 else "onednn"
         assert entry["runs"] == faster
     mode("onednn")
     torch.ops.ryzen_llm.int8_mm(a, b)
