@@ -521,7 +521,7 @@ TEST_CASE(int8_linear_matches_naive_loop) {
 }
 
 // int8_mm through the own kernel (here its plain loops: the sanitizer build has no VNNI path)
-// and through at::_int_mm, against naive integer sums, on awkward shapes and a transposed a.
+// and through at::_int_mm, against naive integer sums, on awkward shapes, a or b transposed.
 TEST_CASE(int8_gemm_matches_naive_loop) {
   auto mm = harness::op<at::Tensor(const at::Tensor&, const at::Tensor&)>("ryzen_llm::int8_mm");
   auto mode = harness::op<int64_t(int64_t)>("ryzen_llm::int8_gemm_mode");
@@ -530,12 +530,13 @@ TEST_CASE(int8_gemm_matches_naive_loop) {
   for (int64_t impl : {1, 2}) {
     const int64_t old = mode.call(impl);
     for (auto [M, K, N] : std::vector<Shape>{{1, 1, 1}, {3, 5, 17}, {49, 77, 33}, {97, 130, 70}}) {
-      for (bool a_t : {false, true}) {
+      for (int layout = 0; layout < 3; ++layout) {  // contiguous, a transposed, b transposed
         auto a = at::randint(-128, 128, {M, K}, at::kChar), b = at::randint(-128, 128, {K, N}, at::kChar);
-        if (a_t) a = a.t().contiguous().t();
+        if (layout == 1) a = a.t().contiguous().t();
+        if (layout == 2) b = b.t().contiguous().t();
         auto c = mm.call(a, b);
-        auto ac = a.contiguous();
-        const int8_t *ap = ac.data_ptr<int8_t>(), *bp = b.data_ptr<int8_t>();
+        auto ac = a.contiguous(), bc = b.contiguous();
+        const int8_t *ap = ac.data_ptr<int8_t>(), *bp = bc.data_ptr<int8_t>();
         bool same = c.scalar_type() == at::kInt && c.size(0) == M && c.size(1) == N;
         for (int64_t m = 0; m < M && same; ++m)
           for (int64_t n = 0; n < N; ++n) {
@@ -543,8 +544,8 @@ TEST_CASE(int8_gemm_matches_naive_loop) {
             for (int64_t k = 0; k < K; ++k) acc += int64_t(ap[m * K + k]) * bp[k * N + n];
             same &= acc == c.data_ptr<int32_t>()[m * N + n];
           }
-        EXPECT(same, "int8_mm impl %ld M %ld K %ld N %ld a_t %d", (long)impl, (long)M, (long)K,
-               (long)N, (int)a_t);
+        EXPECT(same, "int8_mm impl %ld M %ld K %ld N %ld layout %d", (long)impl, (long)M, (long)K,
+               (long)N, layout);
       }
     }
     mode.call(old);
