@@ -305,7 +305,8 @@ void onednn_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& row
 
 // ---- the choice per shape ----
 struct Choice {
-  Int8GemmMode impl;
+  Int8GemmMode impl;            // what the shape's last call ran
+  Int8GemmMode timed_choice;    // auto's choice once timed (kAuto: not timed yet)
   int64_t own_us = 0, onednn_us = 0, own_calls = 0, onednn_calls = 0;
 };
 using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t>;  // M, N, K, threads
@@ -340,8 +341,8 @@ void int8_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows)
     auto it = choices.find(key);
     if (mode != Int8GemmMode::kAuto) {
       impl = own_ok ? mode : Int8GemmMode::kOneDnn;
-    } else if (it != choices.end()) {
-      impl = it->second.impl;
+    } else if (it != choices.end() && it->second.timed_choice != Int8GemmMode::kAuto) {
+      impl = it->second.timed_choice;
     } else if (!own_ok || !avx512_vnni_available()) {
       impl = Int8GemmMode::kOneDnn;  // the plain loops never beat oneDNN: not timed
     } else {
@@ -365,13 +366,12 @@ void int8_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows)
     onednn_gemm(a, b, rows);
   }
   std::lock_guard<std::mutex> lock(choice_mutex);
-  Choice& c = choices.try_emplace(key, Choice{impl}).first->second;
+  Choice& c = choices.try_emplace(key, Choice{impl, Int8GemmMode::kAuto}).first->second;
+  c.impl = impl;
   if (timed) {
-    c.impl = impl;
+    c.timed_choice = impl;
     c.own_us = timing.own_us;
     c.onednn_us = timing.onednn_us;
-  } else if (mode == Int8GemmMode::kAuto) {
-    c.impl = impl;
   }
   (impl == Int8GemmMode::kOwn ? c.own_calls : c.onednn_calls) += 1;
 }

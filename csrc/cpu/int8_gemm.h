@@ -27,8 +27,9 @@ void int8_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows)
 // The process-wide mode; returns the previous one.
 Int8GemmMode set_int8_gemm_mode(Int8GemmMode mode);
 
-// Per shape seen: M, N, K, the implementation that runs (1 own, 2 oneDNN), the microseconds each
-// took when timed (0: not timed), and the calls counted per implementation.
+// Per shape seen: M, N, K, threads, the implementation its last call ran (1 own, 2 oneDNN), the
+// microseconds each took when auto timed them (0: not timed), and the calls counted per
+// implementation.
 std::vector<int64_t> int8_gemm_choices();
 
 }  // namespace ryzen_llm

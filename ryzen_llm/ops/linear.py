@@ -49,8 +49,8 @@ def set_int8_gemm(mode: str) -> str:
 
 def int8_gemm_choices() -> list[dict]:
     """Per GEMM shape the CPU kernels met in this process (M, N, K, threads): the implementation
-    that runs ("own" or "onednn"), the microseconds each took when the shape was timed (None:
-    not timed), and the calls counted per implementation."""
+    its last call ran ("own" or "onednn"), the microseconds each took when "auto" timed the
+    shape (None: not timed), and the calls counted per implementation."""
     flat = torch.ops.ryzen_llm.int8_gemm_choices()
     out = []
     for i in range(0, len(flat), 9):
