@@ -3,15 +3,17 @@
 //
 // The own kernel: B is packed once per call into blocks of 16 output columns, each row of a block
 // 16 lanes of 4 consecutive reduction codes (lane j: b[4kk..4kk+3][16 blk + j]) stored as u8
-// (b + 128, a flip of the sign bit), zero-padded. AVX512-VNNI's vpdpbusd multiplies those u8 by
+// (b + 128, a flip of the sign bit), padded with b = 0. AVX512-VNNI's vpdpbusd multiplies those u8 by
 // A's s8 codes, 4 at a time broadcast to every lane, so each sum is sum_k (b + 128) a =
 // sum_k a b + 128 sum_k a, and 128 times the row's sum of A comes off: exact. Each task takes
 // blocks of kRowBlock rows of A (read in place when contiguous, else copied: the weight
 // gradient's A is a transposed view), runs tiles of 4 rows x 4 column blocks (16 int32 sums in
 // registers) over the whole reduction, panel by panel (4 x 16 columns of B, kept in L1/L2 across
 // the block's rows), and hands the block's int32 rows, still in cache, to the caller's epilogue:
-// the dequantization never reads a separate int32 result back from memory. Without AVX512-VNNI
-// the same packing runs through plain loops (the sanitizer build tests those).
+// the dequantization never reads a separate int32 result back from memory. Memory traffic: A and
+// B read once from memory (B's packing writes and reads its N x K bytes once more), each B panel
+// re-read from L1/L2 by the 12 tiles of a block, the result written once by the epilogue.
+// Without AVX512-VNNI the same packing runs through plain loops (the sanitizer build tests those).
 #include "cpu/int8_gemm.h"
 
 #include "common.h"

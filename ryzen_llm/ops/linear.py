@@ -104,6 +104,10 @@ if extension_loaded():
                 x.new_empty((M, K) if cols else (0, 0), dtype=torch.int8),
                 x.new_empty((K if cols else 0,), dtype=torch.float32))
 
+    @torch.library.register_fake(f"{_LIB}::int8_mm")
+    def _(a, b):
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
     @torch.library.register_fake(f"{_LIB}::int8_dequantize")
     def _(acc, row_scales, col_scales, bias, gelu, dtype):
         return (acc.new_empty(acc.shape, dtype=dtype),

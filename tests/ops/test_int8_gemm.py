@@ -102,6 +102,13 @@ def test_auto_times_both_and_reports_the_choice(mode):
     assert entry2["runs"] == "onednn"
 
 
+def test_opcheck():
+    g = torch.Generator().manual_seed(3)
+    for layout in ("contiguous", "a_t", "b_t"):
+        a, b = operands(19, 37, 21, layout, g)
+        torch.library.opcheck(torch.ops.ryzen_llm.int8_mm.default, (a, b))
+
+
 def test_bad_input_names_the_argument(mode):
     a = torch.zeros(3, 4, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="int8_mm: expected int8 a and b"):
