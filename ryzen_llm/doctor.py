@@ -2,7 +2,8 @@
 
 Prints the CPU's features, the torch build, CUDA devices, whether ryzen_llm._C loaded, and for
 every fused op on every available device a quick self-check against its plain-PyTorch reference
-(forward and backward). Exits 1 when something that was asked for is broken: the extension
+(forward and backward), and level 4's int8 GEMMs (the own kernel and torch._int_mm) against exact
+integer sums. Exits 1 when something that was asked for is broken: the extension
 (always), a fused op that is built but disagrees with its reference, or a device named with
 --device that is not there.
 """
@@ -14,7 +15,7 @@ import warnings
 
 import torch
 
-from ryzen_llm.hardware import environment
+from ryzen_llm.hardware import cpu_flags, environment
 from ryzen_llm.ops._extension import (
     embeds_libstdcxx, extension_error, extension_loaded, libstdcxx_owner,
 )
@@ -47,6 +48,31 @@ def self_check(op: str, device: str) -> tuple[bool, str]:
         for a, b in zip(*results)
     )
     return worst < 1e-4, f"max relative difference {worst:.1e}"
+
+
+def int8_gemm_check() -> tuple[bool, str]:
+    """Level 4's int8 GEMM on the CPU: the own kernel and torch._int_mm against exact integer
+    sums, on an awkward shape."""
+    from ryzen_llm.ops import reference
+    from ryzen_llm.ops.linear import set_int8_gemm
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (37, 45), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (29, 45), generator=g, dtype=torch.int8).t()
+    wrong = []
+    old = set_int8_gemm("own")
+    try:
+        for impl in ("own", "onednn"):
+            set_int8_gemm(impl)
+            if not torch.equal(torch.ops.ryzen_llm.int8_mm(a, b), reference.int8_matmul(a, b)):
+                wrong.append(impl)
+    finally:
+        set_int8_gemm(old)
+    own = ("AVX512-VNNI" if "avx512_vnni" in cpu_flags()
+           else "plain loops: no AVX512-VNNI here, so level 4 runs torch._int_mm")
+    if wrong:
+        return False, f"{' and '.join(wrong)} differ from the exact integer sums"
+    return True, f"own kernel ({own}) and torch._int_mm: exact"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                 passed, detail = False, f"{type(exc).__name__}: {exc}"
             ok &= passed
             print(f"[{'PASS' if passed else 'FAIL'}] {device:<4} {op:<22} {detail}")
+    if extension_loaded() and "cpu" in devices:
+        try:
+            passed, detail = int8_gemm_check()
+        except Exception as exc:
+            passed, detail = False, f"{type(exc).__name__}: {exc}"
+        ok &= passed
+        print(f"[{'PASS' if passed else 'FAIL'}] cpu  {'int8 GEMM (level 4)':<22} {detail}")
     print("all requested parts work" if ok else "some requested parts are broken (see above)")
     return 0 if ok else 1
 

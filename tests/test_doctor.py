@@ -14,6 +14,7 @@ def test_doctor_reports_and_passes_on_this_machine(capsys):
     if extension_loaded():
         assert code == 0
         assert "[PASS] cpu  add_layer_norm" in out
+        assert "[PASS] cpu  int8 GEMM (level 4)" in out and "torch._int_mm: exact" in out
     else:
         assert code == 1 and "NOT LOADED" in out
 
