@@ -53,7 +53,7 @@ struct PackedB {
 };
 
 // One block of 16 columns: quadruples [kk0, K4) in plain loops (all of them, or the tail the
-// fast paths below leave), the missing columns left at 128 (b = 0).
+// fast paths below leave); the missing columns are left as pack_b padded them.
 void pack_block_plain(const int8_t* src, int64_t sk, int64_t sn, int64_t K, int64_t kk0,
                       int64_t width, uint8_t* out) {
   for (int64_t k = 4 * kk0; k < K; ++k) {
@@ -103,7 +103,7 @@ int64_t pack_block_fast(const int8_t* src, int64_t sk, int64_t sn, int64_t K, ui
 
 PackedB pack_b(const at::Tensor& b) {
   const int64_t K = b.size(0), N = b.size(1), K4 = (K + 3) / 4, nblocks = (N + 15) / 16;
-  PackedB p{at::full({nblocks, K4, 64}, 128, b.options().dtype(at::kByte)), K4, nblocks};
+  PackedB p{at::empty({nblocks, K4, 64}, b.options().dtype(at::kByte)), K4, nblocks};
   const int8_t* src = b.data_ptr<int8_t>();
   const int64_t sk = b.stride(0), sn = b.stride(1);
   uint8_t* dst = p.codes.data_ptr<uint8_t>();
@@ -112,6 +112,10 @@ PackedB pack_b(const at::Tensor& b) {
       const int64_t width = std::min<int64_t>(16, N - blk * 16);
       const int8_t* cols = src + blk * 16 * sn;
       uint8_t* out = dst + blk * K4 * 64;
+      // the padding (missing columns, a last partial quadruple) holds b = 0; every other byte is
+      // written below
+      if (width < 16) std::memset(out, 128, K4 * 64);
+      else if (K % 4 != 0) std::memset(out + (K4 - 1) * 64, 128, 64);
       const int64_t done = width == 16 ? pack_block_fast(cols, sk, sn, K, out) : 0;
       pack_block_plain(cols, sk, sn, K, done, width, out);
     }
@@ -175,7 +179,7 @@ void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, int8_t*
     *rows = src + r0 * sm;
     *ld = sm;
   } else {
-    std::memset(buf, 0, (r1 - r0) * 4 * K4);
+    for (int64_t r = 0; r < r1 - r0; ++r) std::memset(buf + r * 4 * K4 + K, 0, 4 * K4 - K);
     if (sm == 1) {
       copy_transposed(src + r0, sk, r1 - r0, K, buf, 4 * K4);
     } else {
