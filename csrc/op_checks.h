@@ -482,24 +482,40 @@ inline void check_int8_codes(const at::Tensor& codes, const at::Tensor& scales, 
   TORCH_CHECK(scales.is_contiguous(), scales_name, ": expected a contiguous tensor");
 }
 
+// The names a linear's weight, bias and codes go by in an int8 op's errors.
+struct Int8WeightNames {
+  const char* weight = "weight";
+  const char* bias = "bias";
+  const char* codes = "w_codes";
+  const char* scales = "w_scales";
+};
+
+// A linear's float weight (N, K), its codes per output channel and optional float32 bias (N,) in
+// an int8 op whose leading activation is ref (ref_name); returns N.
+inline int64_t check_int8_weight(const at::Tensor& ref, const char* ref_name, int64_t K,
+                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& w_codes, const at::Tensor& w_scales,
+                                 const Int8WeightNames& names = {}) {
+  TORCH_CHECK(weight.dim() == 2, names.weight, ": expected a 2-D tensor, got ", weight.dim(), "-D");
+  const int64_t N = weight.size(0);
+  check_sizes(weight, {N, K}, names.weight);
+  check_int8_codes(w_codes, w_scales, ref, ref_name, N, K, N, names.codes, names.scales);
+  if (bias.has_value() && bias->defined()) {
+    check_on_device_of(*bias, ref, names.bias, ref_name);
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, names.bias, ": expected float32, got ",
+                bias->scalar_type());
+    check_sizes(*bias, {N}, names.bias);
+    TORCH_CHECK(bias->is_contiguous(), names.bias, ": expected a contiguous tensor");
+  }
+  return N;
+}
+
 // int8_linear_forward's arguments beside x (checked by check_int8_activations); returns N.
 inline int64_t check_int8_linear_forward_args(const at::Tensor& x, const at::Tensor& weight,
                                               const c10::optional<at::Tensor>& bias,
                                               const at::Tensor& w_codes,
                                               const at::Tensor& w_scales) {
-  const int64_t K = x.size(1);
-  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-D tensor, got ", weight.dim(), "-D");
-  const int64_t N = weight.size(0);
-  check_sizes(weight, {N, K}, "weight");
-  check_int8_codes(w_codes, w_scales, x, "x", N, K, N, "w_codes", "w_scales");
-  if (bias.has_value() && bias->defined()) {
-    check_on_device_of(*bias, x, "bias", "x");
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias: expected float32, got ",
-                bias->scalar_type());
-    check_sizes(*bias, {N}, "bias");
-    TORCH_CHECK(bias->is_contiguous(), "bias: expected a contiguous tensor");
-  }
-  return N;
+  return check_int8_weight(x, "x", x.size(1), weight, bias, w_codes, w_scales);
 }
 
 // int8_linear_backward's arguments beside grad_y (checked by check_int8_activations); returns K.

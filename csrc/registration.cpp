@@ -53,6 +53,12 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // Its backward with the forward's weight codes (the scales folded into grad_y); x_saved is x's row codes with x_scales
   // (int8_weight_grad) or x itself; grad_weight float32 (N, K), grad_bias float32 (N,).
   m.def("int8_linear_backward(Tensor grad_y, Tensor pre, Tensor x_saved, Tensor x_scales, Tensor w_codes, Tensor w_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // The level-4 feed-forward fc2(GELU(fc1(x))) on x (M, C), w1 (F, C), w2 (C, F) given as their codes per output:
+  // y (M, C), pre (M, F) (fc1's pre-activation), x's row codes and scales, and the activation's row codes (M, F)
+  // and scales (M,), which fc1's epilogue writes instead of the activation (csrc/cpu/int8_feed_forward.cpp).
+  m.def("int8_feed_forward_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w1_codes, Tensor w1_scales, Tensor w2, Tensor? b2, Tensor w2_codes, Tensor w2_scales) -> (Tensor y, Tensor pre, Tensor x_codes, Tensor x_scales, Tensor h_codes, Tensor h_scales)");
+  // Its backward from what the forward saved: grad_x (empty without need_grad_x), grad_w1, grad_b1, grad_w2, grad_b2 (float32).
+  m.def("int8_feed_forward_backward(Tensor grad_y, Tensor pre, Tensor x_codes, Tensor x_scales, Tensor h_codes, Tensor h_scales, Tensor w1_codes, Tensor w1_scales, Tensor w2_codes, Tensor w2_scales, bool need_grad_x) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
   // Exact int32 a (M, K) int8 @ b (K, N) int8 through the level-4 linear's GEMM (csrc/cpu/int8_gemm.cpp):
   // at::_int_mm or the own AVX512-VNNI kernel, as int8_gemm_mode says.
   m.def("int8_mm(Tensor a, Tensor b) -> Tensor");

@@ -26,6 +26,7 @@
 #include "fast_math.h"
 #include "op_checks.h"
 #include "cpu/int8_gemm.h"
+#include "cpu/int8_linear.h"
 
 #include <torch/library.h>
 
@@ -34,14 +35,6 @@
 
 namespace ryzen_llm {
 namespace {
-
-RYZEN_LLM_INLINE int8_t code_of(float v) {
-  // v goes through a variable before rounding: fused into one expression GCC would contract the
-  // multiply that made it into the add (FMA) and round a different value than the reference.
-  float r = (v + kRoundMagic) - kRoundMagic;
-  r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
-  return static_cast<int8_t>(static_cast<int32_t>(r));
-}
 
 // One row's absolute maximum of x[k] * col_mult[k] (into amax/bad) and, folded into col_amax/
 // col_bad, the columns' maxima of x[k] * rm; kSum also adds the row into col_sum.
@@ -121,7 +114,7 @@ RYZEN_LLM_TARGET_CLONES void codes_rows(const typename E::raw_t* x, int64_t begi
       }
       int8_t* out = row_codes + r * K;
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) out[k] = code_of(v[k]);
+      for (int64_t k = 0; k < K; ++k) out[k] = int8_code(v[k]);
     }
     if (col_codes != nullptr) {
       const float rm = row_mult[r];
@@ -132,17 +125,17 @@ RYZEN_LLM_TARGET_CLONES void codes_rows(const typename E::raw_t* x, int64_t begi
       }
       int8_t* out = col_codes + r * K;
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) out[k] = code_of(v[k]);
+      for (int64_t k = 0; k < K; ++k) out[k] = int8_code(v[k]);
     }
   }
 }
 
-// int8_quantize; with col_sums (cols only) also the float32 column sums of x. col_mult (K,)
-// scales x's columns for the row codes and row_mult (M,) its rows for the column codes (float32,
-// contiguous; undefined: not scaled).
+}  // namespace
+
+// int8_quantize, and the backward's scaled variants (int8_linear.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     const at::Tensor& x, bool rows, bool cols, at::Tensor* col_sums,
-    const at::Tensor& col_mult = at::Tensor(), const at::Tensor& row_mult = at::Tensor()) {
+    const at::Tensor& col_mult, const at::Tensor& row_mult) {
   check_cpu(x, "x");
   check_int8_activations(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
@@ -214,6 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
   });
   return {row_codes, row_scales, col_codes, col_scales};
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
     const at::Tensor& x, bool rows, bool cols) {
@@ -295,8 +290,9 @@ std::tuple<at::Tensor, at::Tensor> int8_dequantize_cpu(const at::Tensor& acc,
   return {y, pre};
 }
 
-// y (M, N) (and pre with gelu) = a (M, K) @ b (K, N) in int32 (int8_gemm: at::_int_mm or the
-// own kernel), each block of rows dequantized as it arrives.
+}  // namespace
+
+// The int32 sums from int8_gemm (at::_int_mm or the own kernel), dequantized per block of rows.
 void gemm_dequantize(const at::Tensor& a, const at::Tensor& b, const float* row_scales,
                      const float* col_scales, const float* bias, bool gelu, at::Tensor& y,
                      at::Tensor& pre) {
@@ -305,6 +301,8 @@ void gemm_dequantize(const at::Tensor& a, const at::Tensor& b, const float* row_
     dequantize_rows(acc - r0 * N, r0, r1, row_scales, col_scales, bias, gelu, y, pre);
   });
 }
+
+namespace {
 
 // grad_pre = grad_y * GELU'(pre), row by row; grad_bias_part (this task's) accumulates it.
 template <typename E>

@@ -15,13 +15,18 @@ library's own AVX512-VNNI kernel (csrc/cpu/int8_gemm.cpp), the faster per shape 
 when within 5%): both are timed on a shape's first call, and int8_gemm_choices() says which runs
 where (the same int32 sums either way). A NaN or inf in a row of x makes that output row NaN and,
 through its scale, the whole weight gradient NaN (the trainer stops at a non-finite loss).
+
+The feed-forward, fc2(GELU(fc1(x))), runs as one op of the same math (int8_feed_forward,
+csrc/cpu/int8_feed_forward.cpp) whose GEMM epilogues write the next GEMM's int8 operands: fc1's
+epilogue quantizes GELU's output for fc2 (the activation is never a bfloat16 tensor), and in
+backward the epilogue of grad_h's GEMM applies GELU' and quantizes fc1's gradient per row.
 """
 from __future__ import annotations
 
 import torch
 
 from ryzen_llm.ops import reference
-from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops._extension import extension_loaded, has_kernel
 from ryzen_llm.ops._spec import OpSpec
 
 _LIB = "ryzen_llm"
@@ -136,6 +141,48 @@ if extension_loaded():
     torch.library.register_autograd(f"{_LIB}::int8_linear_forward", _backward,
                                     setup_context=_setup_context)
 
+    @torch.library.register_fake(f"{_LIB}::int8_feed_forward_forward")
+    def _(x, w1, b1, w1_codes, w1_scales, w2, b2, w2_codes, w2_scales):
+        M, C = x.shape
+        F = w1.shape[0]
+        i8, f32 = torch.int8, torch.float32
+        return (x.new_empty((M, C)), x.new_empty((M, F)), x.new_empty((M, C), dtype=i8),
+                x.new_empty((M,), dtype=f32), x.new_empty((M, F), dtype=i8),
+                x.new_empty((M,), dtype=f32))
+
+    @torch.library.register_fake(f"{_LIB}::int8_feed_forward_backward")
+    def _(grad_y, pre, x_codes, x_scales, h_codes, h_scales, w1_codes, w1_scales, w2_codes,
+          w2_scales, need_grad_x):
+        M, C = grad_y.shape
+        F = w1_codes.shape[0]
+        f32 = torch.float32
+        return (grad_y.new_empty((M, C) if need_grad_x else (0, 0)),
+                grad_y.new_empty((F, C), dtype=f32), grad_y.new_empty((F,), dtype=f32),
+                grad_y.new_empty((C, F), dtype=f32), grad_y.new_empty((C,), dtype=f32))
+
+    def _ff_setup_context(ctx, inputs, output):
+        x, w1, b1, w1_codes, w1_scales, w2, b2, w2_codes, w2_scales = inputs
+        _, pre, x_codes, x_scales, h_codes, h_scales = output
+        ctx.set_materialize_grads(False)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.weight_dtypes = (w1.dtype, w2.dtype)
+        ctx.save_for_backward(pre, x_codes, x_scales, h_codes, h_scales, w1_codes, w1_scales,
+                              w2_codes, w2_scales)
+
+    def _ff_backward(ctx, grad_y, *_unused):
+        if grad_y is None:  # only the saved tensors were used: not differentiable here
+            return (None,) * 9
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = (
+            torch.ops.ryzen_llm.int8_feed_forward_backward(
+                grad_y.contiguous(), *ctx.saved_tensors, ctx.needs_input_grad[0]))
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_w1.to(ctx.weight_dtypes[0]),
+                grad_b1 if ctx.has_bias[0] else None, None, None,
+                grad_w2.to(ctx.weight_dtypes[1]), grad_b2 if ctx.has_bias[1] else None, None,
+                None)
+
+    torch.library.register_autograd(f"{_LIB}::int8_feed_forward_forward", _ff_backward,
+                                    setup_context=_ff_setup_context)
+
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 gelu: bool = False) -> torch.Tensor:
@@ -154,6 +201,34 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     b = bias.float().contiguous() if bias is not None else None
     y, _, _, _ = torch.ops.ryzen_llm.int8_linear_forward(x2, weight, b, *codes, gelu,
                                                           INT8_WEIGHT_GRAD)
+    return y.view(*lead, y.shape[-1])
+
+
+# Per device type: whether this build has the one-op feed-forward (looked up once: torch.compile
+# cannot trace the dispatcher query).
+FEED_FORWARD_KERNEL = {d: has_kernel("int8_feed_forward_forward", d) for d in ("cpu", "cuda")}
+
+
+def int8_feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                      w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+    """fc2(GELU(fc1(x))) with int8 GEMMs: the math of int8_linear(int8_linear(x, w1, b1, True),
+    w2, b2), bit for bit (grad_b1 sums the rounded gradient, as the reference does), in one op
+    whose GEMM epilogues write the int8 operands of the next GEMM (csrc/cpu/int8_feed_forward.cpp):
+    the GELU activation is never a tensor, and backward quantizes fc1's gradient where it is
+    made. Where that op has no kernel (a device other than the CPU, or the float weight gradient,
+    INT8_WEIGHT_GRAD False) it runs as those two int8_linear calls."""
+    if not (INT8_WEIGHT_GRAD and FEED_FORWARD_KERNEL.get(x.device.type, False)):
+        return int8_linear(int8_linear(x, w1, b1, True), w2, b2)
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"int8_feed_forward: x must be float32 or bfloat16 (or autocast to one), "
+                        f"got {dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    biases = [b.float().contiguous() if b is not None else None for b in (b1, b2)]
+    y = torch.ops.ryzen_llm.int8_feed_forward_forward(
+        x2, w1, biases[0], *weight_codes(w1), w2, biases[1], *weight_codes(w2))[0]
     return y.view(*lead, y.shape[-1])
 
 

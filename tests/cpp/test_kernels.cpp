@@ -554,6 +554,52 @@ TEST_CASE(int8_gemm_matches_naive_loop) {
   EXPECT_THROWS(mode.call(9), "int8_gemm_mode: expected 0");
 }
 
+// The one-op feed-forward against the two int8 linears it replaces (bit for bit in bfloat16 but
+// grad_b1, which sums the rounded gradient), for both GEMMs; under ASan/UBSan this also covers its
+// epilogues' buffers.
+TEST_CASE(int8_feed_forward_matches_two_int8_linears) {
+  using T = at::Tensor;
+  using OT = std::optional<at::Tensor>;
+  auto quant = harness::op<std::tuple<T, T, T, T>(const T&, bool, bool)>("ryzen_llm::int8_quantize");
+  auto lf = harness::op<std::tuple<T, T, T, T>(const T&, const T&, const OT&, const T&, const T&, bool, bool)>(
+      "ryzen_llm::int8_linear_forward");
+  auto lb = harness::op<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&, bool,
+                                            bool, bool)>("ryzen_llm::int8_linear_backward");
+  auto ff = harness::op<std::tuple<T, T, T, T, T, T>(const T&, const T&, const OT&, const T&, const T&,
+                                                     const T&, const OT&, const T&, const T&)>(
+      "ryzen_llm::int8_feed_forward_forward");
+  auto fb = harness::op<std::tuple<T, T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&,
+                                                  const T&, const T&, const T&, const T&, bool)>(
+      "ryzen_llm::int8_feed_forward_backward");
+  auto mode = harness::op<int64_t(int64_t)>("ryzen_llm::int8_gemm_mode");
+  at::manual_seed(13);
+  struct Shape { int64_t M, C, F; };
+  for (int64_t impl : {1, 2}) {
+    const int64_t old = mode.call(impl);
+    for (auto [M, C, F] : std::vector<Shape>{{1, 5, 3}, {3, 40, 17}, {97, 77, 33}}) {
+      auto x = at::randn({M, C}).to(at::kBFloat16), gy = at::randn({M, C}).to(at::kBFloat16);
+      auto w1 = at::randn({F, C}), b1 = at::randn({F}), w2 = at::randn({C, F}), b2 = at::randn({C});
+      auto [w1c, w1s, u1, u2] = quant.call(w1, true, false);
+      auto [w2c, w2s, u3, u4] = quant.call(w2, true, false);
+      auto [y, pre, xc, xs, hc, hs] = ff.call(x, w1, b1, w1c, w1s, w2, b2, w2c, w2s);
+      auto [h, pre1, xc1, xs1] = lf.call(x, w1, b1, w1c, w1s, true, true);
+      auto [y2, unused, hc2, hs2] = lf.call(h, w2, b2, w2c, w2s, false, true);
+      EXPECT(at::equal(y, y2) && at::equal(pre, pre1) && at::equal(hc, hc2) && at::equal(hs, hs2),
+             "forward impl %ld M %ld C %ld F %ld", (long)impl, (long)M, (long)C, (long)F);
+      auto [gx, gw1, gb1, gw2, gb2] = fb.call(gy, pre, xc, xs, hc, hs, w1c, w1s, w2c, w2s, true);
+      auto [gh, gw2b, gb2b] = lb.call(gy, at::empty({0, 0}, gy.options()), hc2, hs2, w2c, w2s, false, true, true);
+      auto [gxb, gw1b, gb1b] = lb.call(gh, pre1, xc1, xs1, w1c, w1s, true, true, true);
+      EXPECT(at::equal(gx, gxb) && at::equal(gw1, gw1b) && at::equal(gw2, gw2b) && at::equal(gb2, gb2b),
+             "backward impl %ld M %ld C %ld F %ld", (long)impl, (long)M, (long)C, (long)F);
+      // each of the M rounded terms is off by at most 2^-9 of itself
+      const double gb1_err = (gb1 - gb1b).abs().max().item<double>();
+      EXPECT(gb1_err <= 3e-2 * gb1b.abs().max().item<double>(), "grad_b1 impl %ld M %ld: %g", (long)impl,
+             (long)M, gb1_err);
+    }
+    mode.call(old);
+  }
+}
+
 int main() {
   int passed = 0, failed = 0;
   for (const auto& c : harness::cases()) {

@@ -1,0 +1,37 @@
+// The pieces of the level-4 int8 linear (linear.cpp) that the int8 feed-forward
+// (int8_feed_forward.cpp) composes: one quantization rule, one GEMM + dequantization.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "fast_math.h"
+
+namespace ryzen_llm {
+
+// The int8 code of v (already multiplied by 1 / scale): round half to even, clamped to
+// [-127, 127]. Callers pass v through memory (an array), not as a fresh product: fused into one
+// expression GCC would contract the multiply that made v into the rounding add (FMA) and round a
+// different value than reference.int8_quantize.
+RYZEN_LLM_INLINE int8_t int8_code(float v) {
+  float r = (v + kRoundMagic) - kRoundMagic;
+  r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
+  return static_cast<int8_t>(static_cast<int32_t>(r));
+}
+
+// Row codes and scales (rows) and/or column codes and scales (cols) of x (M, K), float32 or
+// bfloat16, contiguous; col_mult (K,) scales x's columns for the row codes and row_mult (M,) its
+// rows for the column codes (float32, contiguous; undefined: not scaled). With col_sums (cols
+// only) also the float32 column sums of x, from the same read.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
+    const at::Tensor& x, bool rows, bool cols, at::Tensor* col_sums,
+    const at::Tensor& col_mult = at::Tensor(), const at::Tensor& row_mult = at::Tensor());
+
+// y (M, N) (and pre with gelu) = (a (M, K) @ b (K, N)) * row_scales * col_scales + bias, GELU'd
+// when gelu; the int32 sums through int8_gemm, each block of rows dequantized as it arrives.
+void gemm_dequantize(const at::Tensor& a, const at::Tensor& b, const float* row_scales,
+                     const float* col_scales, const float* bias, bool gelu, at::Tensor& y,
+                     at::Tensor& pre);
+
+}  // namespace ryzen_llm
