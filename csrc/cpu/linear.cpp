@@ -36,24 +36,25 @@
 namespace ryzen_llm {
 namespace {
 
-// One row's absolute maximum of x[k] * col_mult[k] (into amax/bad) and, folded into col_amax/
-// col_bad, the columns' maxima of x[k] * rm; kSum also adds the row into col_sum.
+// One row's absolute maximum of x[k] * col_mult[k] (into amax/bad) and, folded into col_amax, the
+// columns' maxima of x[k] * rm, +inf for a NaN or inf (finite values are <= FLT_MAX: a column
+// maximum of +inf marks the column non-finite, without a flag array beside it, which kept GCC
+// from vectorising this loop at full width); kSum also adds the row into col_sum.
 template <typename E, bool kSum>
 RYZEN_LLM_INLINE void absmax_row_and_columns(const typename E::raw_t* xr, int64_t K,
                                              const float* col_mult, float rm, float& amax,
-                                             int& bad, float* col_amax, uint8_t* col_bad,
-                                             float* col_sum) {
+                                             int& bad, float* col_amax, float* col_sum) {
   float m = amax;
   int b = bad;
 #pragma omp simd reduction(max : m) reduction(| : b)
   for (int64_t k = 0; k < K; ++k) {
     const float v = E::load(xr[k]);
     const float a = std::fabs(v * col_mult[k]);
-    const float c = std::fabs(v * rm);
+    float c = std::fabs(v * rm);
+    c = c <= FLT_MAX ? c : INFINITY;
     b |= !(a <= FLT_MAX);
     m = a > m ? a : m;
     col_amax[k] = c > col_amax[k] ? c : col_amax[k];
-    col_bad[k] |= static_cast<uint8_t>(!(c <= FLT_MAX));
     if constexpr (kSum) col_sum[k] += v;
   }
   amax = m;
@@ -62,24 +63,24 @@ RYZEN_LLM_INLINE void absmax_row_and_columns(const typename E::raw_t* xr, int64_
 
 // Absolute maxima of rows [begin, end) of x scaled for each kind of code: per row of
 // x[r, k] * col_mult[k] into row_amax/row_bad (when non-null), and folded into this task's column
-// maxima col_amax/col_bad (when non-null) of x[r, k] * row_mult[r]; with col_sum (non-null only
-// with col_amax) the columns' sums of x too (unscaled: the bias gradient), from the same read.
-// col_mult and row_mult are never null (ones where nothing is scaled).
+// maxima col_amax (when non-null; +inf: non-finite) of x[r, k] * row_mult[r]; with col_sum
+// (non-null only with col_amax) the columns' sums of x too (unscaled: the bias gradient), from
+// the same read. col_mult and row_mult are never null (ones where nothing is scaled).
 template <typename E>
 RYZEN_LLM_TARGET_CLONES void absmax_rows(const typename E::raw_t* x, int64_t begin, int64_t end,
                                          int64_t K, const float* col_mult, const float* row_mult,
                                          float* row_amax, uint8_t* row_bad, float* col_amax,
-                                         uint8_t* col_bad, float* col_sum) {
+                                         float* col_sum) {
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = x + r * K;
     float amax = 0.0f;
     int bad = 0;
     if (col_sum != nullptr) {
-      absmax_row_and_columns<E, true>(xr, K, col_mult, row_mult[r], amax, bad, col_amax, col_bad,
+      absmax_row_and_columns<E, true>(xr, K, col_mult, row_mult[r], amax, bad, col_amax,
                                       col_sum);
     } else if (col_amax != nullptr) {
       absmax_row_and_columns<E, false>(xr, K, col_mult, row_mult[r], amax, bad, col_amax,
-                                       col_bad, nullptr);
+                                       nullptr);
     } else {
 #pragma omp simd reduction(max : amax) reduction(| : bad)
       for (int64_t k = 0; k < K; ++k) {
@@ -157,7 +158,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
   const int64_t tasks = cols ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M)) : 1;
   const int64_t chunk = (M + tasks - 1) / tasks;
   std::vector<float> col_amax(cols ? tasks * K : 0, 0.0f), col_inv(cols ? K : 0);
-  std::vector<uint8_t> col_bad(cols ? tasks * K : 0, 0);
   std::vector<float> col_sum(col_sums != nullptr ? tasks * K : 0, 0.0f);
   // Multipliers: the given ones, or ones.
   std::vector<float> ones(static_cast<size_t>(std::max(M, K)), 1.0f);
@@ -171,26 +171,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
         for (int64_t t = t0; t < t1; ++t) {
           absmax_rows<E>(xp, t * chunk, std::min(M, (t + 1) * chunk), K, cm, rm,
                          rows ? row_amax.data() : nullptr, rows ? row_bad.data() : nullptr,
-                         col_amax.data() + t * K, col_bad.data() + t * K,
-                         col_sum.empty() ? nullptr : col_sum.data() + t * K);
+                         col_amax.data() + t * K, col_sum.empty() ? nullptr : col_sum.data() + t * K);
         }
       });
       float* cs = col_scales.data_ptr<float>();
       float* sums = col_sums != nullptr ? col_sums->data_ptr<float>() : nullptr;
       for (int64_t k = 0; k < K; ++k) {
         float amax = 0.0f;
-        bool bad = false;
         for (int64_t t = 0; t < tasks; ++t) {
           amax = std::max(amax, col_amax[t * K + k]);
-          bad = bad || col_bad[t * K + k];
           if (sums != nullptr) sums[k] += col_sum[t * K + k];
         }
-        int8_scale(amax, bad, cs + k, &col_inv[k]);
+        int8_scale(amax, !(amax <= FLT_MAX), cs + k, &col_inv[k]);
       }
     } else {
       at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
-        absmax_rows<E>(xp, b, e, K, cm, rm, row_amax.data(), row_bad.data(), nullptr, nullptr,
-                       nullptr);
+        absmax_rows<E>(xp, b, e, K, cm, rm, row_amax.data(), row_bad.data(), nullptr, nullptr);
       });
     }
     if (rows) {
