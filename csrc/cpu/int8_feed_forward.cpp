@@ -29,6 +29,17 @@
 namespace ryzen_llm {
 namespace {
 
+// A row's scale from its absolute maximum and its codes of v (N floats, overwritten by v / scale).
+RYZEN_LLM_INLINE void row_codes(float* v, float amax, int bad, float* scale, int8_t* codes,
+                                int64_t N) {
+  float inv;
+  int8_scale(amax, bad, scale, &inv);
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) v[n] = v[n] * inv;
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) codes[n] = int8_code(v[n]);
+}
+
 // One row of fc1's epilogue: pre = acc * rs * cs + bias (stored), the activation GELU(pre)
 // rounded as a stored tensor would be, its absmax scale and its codes; act: N floats of scratch.
 template <typename E, bool kBias>
@@ -51,12 +62,7 @@ RYZEN_LLM_TARGET_CLONES void gelu_codes_row(const int32_t* acc, float rs, const 
     bad |= !(m <= FLT_MAX);
     amax = m > amax ? m : amax;
   }
-  float inv;
-  int8_scale(amax, bad, scale, &inv);
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) act[n] = act[n] * inv;
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) codes[n] = int8_code(act[n]);
+  row_codes(act, amax, bad, scale, codes, N);
 }
 
 // fc1 through its epilogue: pre (M, F), the activation's codes (M, F) and row scales (M,).
@@ -160,12 +166,7 @@ RYZEN_LLM_TARGET_CLONES void gelu_grad_codes_row(const int32_t* acc, float rs,
     col_amax[n] = c > col_amax[n] ? c : col_amax[n];
   }
   if (codes == nullptr) return;
-  float inv;
-  int8_scale(amax, bad, scale, &inv);
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) u[n] = u[n] * inv;
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) codes[n] = int8_code(u[n]);
+  row_codes(u, amax, bad, scale, codes, N);
 }
 
 // grad_pre (M, F) = (grad_y codes @ W2 codes, dequantized) * GELU'(pre), with out's row codes

@@ -184,19 +184,23 @@ if extension_loaded():
                                     setup_context=_ff_setup_context)
 
 
+def _rows(x: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Size]:
+    """x (..., K) as contiguous (M, K) rows in its autocast dtype (float32 or bfloat16), and its
+    leading dims."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"{op}: x must be float32 or bfloat16 (or autocast to one), got {dtype}")
+    return x.reshape(-1, x.shape[-1]).to(dtype).contiguous(), x.shape[:-1]
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 gelu: bool = False) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T + bias (N,), GELU'd when gelu, with int8 GEMMs (see the
     module docstring); reference.int8_linear_forward/backward are its exact math. Under
     autocast x is cast to the autocast dtype, as F.linear would; the bias stays float32 and is
     added in float32. The result has x's (autocast) dtype."""
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"int8_linear: x must be float32 or bfloat16 (or autocast to one), "
-                        f"got {dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    x2, lead = _rows(x, "int8_linear")
     codes = weight_codes(weight)
     b = bias.float().contiguous() if bias is not None else None
     y, _, _, _ = torch.ops.ryzen_llm.int8_linear_forward(x2, weight, b, *codes, gelu,
@@ -219,13 +223,7 @@ def int8_feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     INT8_WEIGHT_GRAD False) it runs as those two int8_linear calls."""
     if not (INT8_WEIGHT_GRAD and FEED_FORWARD_KERNEL.get(x.device.type, False)):
         return int8_linear(int8_linear(x, w1, b1, True), w2, b2)
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"int8_feed_forward: x must be float32 or bfloat16 (or autocast to one), "
-                        f"got {dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    x2, lead = _rows(x, "int8_feed_forward")
     biases = [b.float().contiguous() if b is not None else None for b in (b1, b2)]
     y = torch.ops.ryzen_llm.int8_feed_forward_forward(
         x2, w1, biases[0], *weight_codes(w1), w2, biases[1], *weight_codes(w2))[0]
