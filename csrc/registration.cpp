@@ -29,6 +29,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // Causal attention over q, k, v (B, nh, T, hs); mask (B, T) True = real key; lse (B, nh, T) in the accumulation type (fp32; fp64 for fp64).
   m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
   m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // The same gradients as one (B, T, 3, H, D) tensor (q, k, v along dim 2): the layout of a qkv projection
+  // split into heads, whose gradient it then is without a copy (CPU kernel only).
+  m.def("causal_attention_backward_packed(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, float scale) -> Tensor");
   // One new query (B, nh, 1, hs) against the first cache_lengths[b] rows of k/v caches (B, nh, Tmax, hs):
   // q's dtype, or int8 codes with k_scale/v_scale float32 (B, nh, Tmax), one absmax/127 per cached vector.
   m.def("causal_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");

@@ -49,8 +49,7 @@ class CausalSelfAttention(nn.Module):
         # split + transpose views: their backward is one concatenation of the three gradients,
         # where view/permute/unbind's is a stack and then a copy
         qkv = self.kernels.linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, 3C)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for t in qkv.split(C, dim=-1))  # each (B, nh, T, hs)
+        q, k, v = self.kernels.split_heads(qkv, self.n_heads)  # each (B, nh, T, hs)
         y = self.kernels.causal_attention(q, k, v, key_padding_mask, 1.0 / math.sqrt(self.head_dim))
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dropout(self.kernels.linear(y, self.proj.weight, self.proj.bias))

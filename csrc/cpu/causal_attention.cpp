@@ -988,7 +988,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cpu(
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const auto acc_type = at::toOpMathType(q.scalar_type());
   at::Tensor key_bias = key_bias_from_mask(key_padding_mask, q, acc_type);
-  auto out = at::empty({B, H, T, D}, q.options());
+  // out (B, H, T, D) laid out as (B, T, H, D): the model's merge of the heads,
+  // out.transpose(1, 2).reshape(B, T, C), is then a view, not a copy
+  auto out = at::empty({B, T, H, D}, q.options()).transpose(1, 2);
   auto lse = at::empty({B, H, T}, q.options().dtype(acc_type));
   if (out.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_forward", [&] {
@@ -1012,10 +1014,12 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward_cpu(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+// The three gradients (B, H, T, D): contiguous tensors of their own, or with packed (non-null)
+// views of one (B, T, 3, H, D) tensor written into *packed (one set of strides serves all three).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const c10::optional<at::Tensor>& key_padding_mask, double scale) {
+    const c10::optional<at::Tensor>& key_padding_mask, double scale, at::Tensor* packed) {
   at::Tensor q = checked_operand(q_in, "q", nullptr, nullptr);
   at::Tensor k = checked_operand(k_in, "k", &q_in, "q");
   at::Tensor v = checked_operand(v_in, "v", &q_in, "q");
@@ -1028,9 +1032,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
   check_attention_lse(lse_in, q);
   at::Tensor lse = lse_in.contiguous();
   at::Tensor key_bias = key_bias_from_mask(key_padding_mask, q, acc_type);
-  auto grad_q = at::empty({B, H, T, D}, q.options());
-  auto grad_k = at::empty({B, H, T, D}, q.options());
-  auto grad_v = at::empty({B, H, T, D}, q.options());
+  at::Tensor grad_q, grad_k, grad_v;
+  if (packed != nullptr) {
+    *packed = at::empty({B, T, 3, H, D}, q.options());
+    grad_q = packed->select(2, 0).transpose(1, 2);
+    grad_k = packed->select(2, 1).transpose(1, 2);
+    grad_v = packed->select(2, 2).transpose(1, 2);
+  } else {
+    grad_q = at::empty({B, H, T, D}, q.options());
+    grad_k = at::empty({B, H, T, D}, q.options());
+    grad_v = at::empty({B, H, T, D}, q.options());
+  }
   if (grad_q.numel() == 0) return {grad_q, grad_k, grad_v};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "causal_attention_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1057,6 +1069,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
         });
   });
   return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& key_padding_mask, double scale) {
+  return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, scale, nullptr);
+}
+
+// The three gradients as one (B, T, 3, H, D) tensor, the model's qkv layout: the gradient of
+// its split into q, k, v is then that tensor, not a concatenation (causal_attention.split_heads).
+at::Tensor causal_attention_backward_packed_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& key_padding_mask, double scale) {
+  at::Tensor packed;
+  attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, scale, &packed);
+  return packed;
 }
 
 // A (B, nh, Tmax, hs) cache: q's dtype or int8 codes, unit stride in the head dim (another
@@ -1114,6 +1144,7 @@ at::Tensor causal_attention_decode_cpu(const at::Tensor& q_in, const at::Tensor&
 TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
   m.impl("causal_attention_forward", &causal_attention_forward_cpu);
   m.impl("causal_attention_backward", &causal_attention_backward_cpu);
+  m.impl("causal_attention_backward_packed", &causal_attention_backward_packed_cpu);
   m.impl("causal_attention_decode", &causal_attention_decode_cpu);
 }
 

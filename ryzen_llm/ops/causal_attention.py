@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ryzen_llm.ops._extension import extension_loaded
+from ryzen_llm.ops._extension import extension_loaded, has_kernel
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._spec import OpSpec, leaf
 
@@ -22,14 +22,24 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 if extension_loaded():
 
+    # The CPU kernel lays out out as (B, T, H, D) (merging the heads is then a view); the CUDA
+    # kernel writes it contiguous.
     @torch.library.register_fake(f"{_LIB}::causal_attention_forward")
     def _(q, k, v, key_padding_mask, scale):
-        B, H, T, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=_lse_dtype(q.dtype))
+        B, H, T, D = q.shape
+        lse = q.new_empty((B, H, T), dtype=_lse_dtype(q.dtype))
+        if q.device.type == "cpu":
+            return q.new_empty((B, T, H, D)).transpose(1, 2), lse
+        return q.new_empty(q.shape), lse
 
     @torch.library.register_fake(f"{_LIB}::causal_attention_backward")
     def _(grad_out, q, k, v, out, lse, key_padding_mask, scale):
         return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    @torch.library.register_fake(f"{_LIB}::causal_attention_backward_packed")
+    def _(grad_out, q, k, v, out, lse, key_padding_mask, scale):
+        B, H, T, D = q.shape
+        return q.new_empty((B, T, 3, H, D))
 
     @torch.library.register_fake(f"{_LIB}::causal_attention_decode")
     def _(q, k_cache, v_cache, cache_lengths, scale, k_scale=None, v_scale=None):
@@ -46,14 +56,76 @@ if extension_loaded():
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        grad_q, grad_k, grad_v = torch.ops.ryzen_llm.causal_attention_backward(
-            grad_out, q, k, v, out, lse, key_padding_mask, ctx.scale
-        )
+        args = (grad_out, q, k, v, out, lse, key_padding_mask, ctx.scale)
+        if _PACKED_BACKWARD.get(q.device.type, False):
+            # views of one (B, T, 3, H, D) tensor: split_heads' gradient without a copy
+            packed = torch.ops.ryzen_llm.causal_attention_backward_packed(*args)
+            grad_q, grad_k, grad_v = (packed.select(2, i).transpose(1, 2) for i in range(3))
+        else:
+            grad_q, grad_k, grad_v = torch.ops.ryzen_llm.causal_attention_backward(*args)
         return grad_q, grad_k, grad_v, None, None
 
     torch.library.register_autograd(
         f"{_LIB}::causal_attention_forward", _backward, setup_context=_setup_context
     )
+
+
+# Per device type: whether the build has the packed backward (looked up once: torch.compile cannot
+# trace the dispatcher query).
+_PACKED_BACKWARD = {d: has_kernel("causal_attention_backward_packed", d) for d in ("cpu", "cuda")}
+
+
+class _SplitHeads(torch.autograd.Function):
+    """q, k, v (B, nh, T, hs) as views of qkv (B, T, 3 * C); backward writes the three gradients
+    straight into one (B, T, 3 * C) tensor, where the views' own backward reshapes each
+    (a copy) and then concatenates them (another)."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_heads):
+        ctx.set_materialize_grads(False)
+        ctx.qkv_shape, ctx.n_heads = qkv.shape, n_heads
+        C = qkv.shape[-1] // 3
+        return tuple(t.unflatten(-1, (n_heads, C // n_heads)).transpose(-3, -2)
+                     for t in qkv.split(C, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        whole = _as_qkv(grads, ctx.qkv_shape)
+        if whole is not None:
+            return whole, None
+        ref = next(g for g in grads if g is not None)
+        out = ref.new_empty(ctx.qkv_shape)
+        C = ctx.qkv_shape[-1] // 3
+        for i, g in enumerate(grads):
+            part = out.narrow(-1, i * C, C).unflatten(-1, (ctx.n_heads, C // ctx.n_heads))
+            if g is None:
+                part.zero_()
+            else:
+                part.transpose(-3, -2).copy_(g)
+        return out, None
+
+
+def _as_qkv(grads, shape) -> torch.Tensor | None:
+    """The (B, T, 3 * C) tensor the three gradients are views of, in q, k, v order (as the CPU
+    kernel's backward returns them), or None when they are not."""
+    if torch.compiler.is_compiling() or any(g is None for g in grads):
+        return None  # (traced tensors have no storage to compare)
+    gq = grads[0]
+    B, T, C3 = shape
+    C = C3 // 3
+    strides = (T * C3, C // gq.shape[1], C3, 1)  # (B, H, T, D) inside (B, T, 3, H, D)
+    storage = gq.untyped_storage().data_ptr()
+    for i, g in enumerate(grads):
+        if (g.stride() != strides or g.untyped_storage().data_ptr() != storage
+                or g.storage_offset() != gq.storage_offset() + i * C or g.dtype != gq.dtype):
+            return None
+    return gq.as_strided(shape, (T * C3, C3, 1), gq.storage_offset())
+
+
+def split_heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, nh, T, hs) of qkv (B, T, 3 * C): the views the plain split and transposes give,
+    with one pass in backward instead of two (see _SplitHeads)."""
+    return _SplitHeads.apply(qkv, n_heads)
 
 
 def causal_attention(

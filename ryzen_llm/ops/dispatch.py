@@ -174,6 +174,19 @@ class KernelSet:
     def bias_gelu(self, x, bias):
         return self._run("bias_gelu", x, bias)
 
+    def split_heads(self, qkv, n_heads):
+        """q, k, v (B, nh, T, hs) as views of qkv (B, T, 3 * C). Where the fused attention runs,
+        through causal_attention.split_heads (one pass in backward instead of a copy per
+        gradient and a concatenation); otherwise the plain split and transposes."""
+        if self.choices["causal_attention"].impl == "fused":
+            from ryzen_llm.ops.causal_attention import split_heads
+
+            return split_heads(qkv, n_heads)
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        return tuple(t.view(B, T, n_heads, C // n_heads).transpose(1, 2)
+                     for t in qkv.split(C, dim=-1))
+
     def causal_attention(self, q, k, v, key_padding_mask, scale):
         """q, k, v: (B, nh, T, hs); key_padding_mask: (B, T) bool, True = real token, or None."""
         return self._run("causal_attention", q, k, v, key_padding_mask, scale)

@@ -116,9 +116,14 @@ def test_opcheck():
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse = torch.ops.ryzen_llm.causal_attention_forward(q, k, v, mask, 0.25)
     grad = torch.randn_like(out)
-    torch.library.opcheck(
-        torch.ops.ryzen_llm.causal_attention_backward, (grad, q, k, v, out, lse, mask, 0.25)
-    )
+    for op in (torch.ops.ryzen_llm.causal_attention_backward,
+               torch.ops.ryzen_llm.causal_attention_backward_packed):
+        torch.library.opcheck(op, (grad, q, k, v, out, lse, mask, 0.25))
+    apart = torch.ops.ryzen_llm.causal_attention_backward(grad, q, k, v, out, lse, mask, 0.25)
+    packed = torch.ops.ryzen_llm.causal_attention_backward_packed(grad, q, k, v, out, lse, mask,
+                                                                  0.25)
+    for i, g in enumerate(apart):
+        assert torch.equal(packed.select(2, i).transpose(1, 2), g)
     k_cache, v_cache = torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 16)
     torch.library.opcheck(
         torch.ops.ryzen_llm.causal_attention_decode,
@@ -364,3 +369,51 @@ def test_decode_int8_opcheck_and_compile():
 
     compiled = torch.compile(causal_attention_decode, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), causal_attention_decode(*args), rtol=0, atol=0)
+
+
+def test_split_heads_is_the_plain_views_with_one_backward_pass():
+    """The fused levels' split of qkv: the same views (values and strides) as the plain split and
+    transposes, the same gradient, also when only some of q, k, v are used."""
+    from ryzen_llm.ops.causal_attention import split_heads
+    from ryzen_llm.ops.dispatch import KernelSet
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 7, 3 * 20, generator=g).bfloat16().requires_grad_()
+    fused, plain = split_heads(qkv, 5), KernelSet(0).split_heads(qkv, 5)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b) and a.stride() == b.stride() and a.shape == (2, 5, 7, 4)
+    grads = [torch.randn(2, 5, 7, 4, generator=g).bfloat16() for _ in range(3)]
+    assert torch.equal(torch.autograd.grad(fused, qkv, grads)[0],
+                       torch.autograd.grad(plain, qkv, grads)[0])
+    only_k = [torch.autograd.grad(split(qkv, 5)[1].float().square().sum(), qkv)[0]
+              for split in (split_heads, KernelSet(0).split_heads)]
+    assert torch.equal(*only_k)
+    compiled = torch.compile(lambda t: sum(x.sum() for x in split_heads(t, 5)), fullgraph=True,
+                             backend="aot_eager")
+    assert torch.equal(compiled(qkv), sum(x.sum() for x in plain))
+
+
+def test_cpu_layouts_make_the_heads_merge_and_the_qkv_gradient_free():
+    """On the CPU the output comes laid out as (B, T, H, D), so merging the heads is a view, and
+    the three gradients as views of one (B, T, 3, H, D) tensor, which split_heads hands back as
+    qkv's gradient without a copy; the same values as through the plain split's views."""
+    from ryzen_llm.ops.causal_attention import causal_attention, split_heads
+    from ryzen_llm.ops.dispatch import KernelSet
+
+    g = torch.Generator().manual_seed(1)
+    B, T, H, D = 2, 9, 3, 16
+    qkv = torch.randn(B, T, 3 * H * D, generator=g).requires_grad_()
+    grad = torch.randn(B, T, H * D, generator=g)
+    results = []
+    for split in (split_heads, KernelSet(0).split_heads):
+        with torch.profiler.profile() as prof:
+            y = causal_attention(*split(qkv, H), None, D**-0.5)
+            merged = y.transpose(1, 2).reshape(B, T, H * D)
+            (gqkv,) = torch.autograd.grad(merged, qkv, grad)
+        copies = {e.name for e in prof.events()} & {"aten::cat", "aten::copy_", "aten::clone"}
+        results.append((merged, gqkv, y.data_ptr(), copies))
+    (merged, gqkv, y_ptr, copies), (merged_ref, gqkv_ref, _, copies_ref) = results
+    assert merged.data_ptr() == y_ptr  # a view
+    assert gqkv.is_contiguous()
+    assert not copies and copies_ref  # the plain views' backward copies; these do not
+    assert torch.equal(merged, merged_ref) and torch.equal(gqkv, gqkv_ref)
