@@ -23,6 +23,7 @@
 // holding NaN or inf gets scale NaN and zero codes (its results read back as NaN, as a float
 // GEMM's would); an all-zero one (or one whose 1 / scale overflows) gets scale 0.
 #include "common.h"
+#include "cpu/avx512_codes.h"
 #include "fast_math.h"
 #include "op_checks.h"
 #include "cpu/int8_gemm.h"
@@ -131,6 +132,116 @@ RYZEN_LLM_TARGET_CLONES void codes_rows(const typename E::raw_t* x, int64_t begi
   }
 }
 
+#if defined(RYZEN_LLM_AVX512)
+// absmax_rows and codes_rows in registers, for K a multiple of 16 (the same values: one float32
+// product per scaling, the maxima and sums per column in row order, int8_code's rounding): GCC
+// vectorises the portable loops, but with a loop per kind of code and row the overheads and the
+// scratch row cost about as much as the arithmetic.
+template <typename raw_t>
+RYZEN_LLM_AVX512_TARGET void absmax_rows_avx512(const raw_t* x, int64_t begin, int64_t end,
+                                                int64_t K, const float* col_mult,
+                                                const float* row_mult, float* row_amax,
+                                                uint8_t* row_bad, float* col_amax,
+                                                float* col_sum) {
+  const __m512 finite_max = _mm512_set1_ps(FLT_MAX), inf = _mm512_set1_ps(INFINITY);
+  for (int64_t r = begin; r < end; ++r) {
+    const raw_t* xr = x + r * K;
+    const __m512 rm = _mm512_set1_ps(row_mult[r]);
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = load16(xr + k);
+      if (row_amax != nullptr) {
+        const __m512 a = _mm512_abs_ps(_mm512_mul_ps(v, _mm512_loadu_ps(col_mult + k)));
+        bad |= _mm512_cmp_ps_mask(a, finite_max, _CMP_NLE_UQ);
+        m = _mm512_max_ps(m, a);
+      }
+      if (col_amax != nullptr) {
+        __m512 c = _mm512_abs_ps(_mm512_mul_ps(v, rm));
+        c = _mm512_mask_mov_ps(c, _mm512_cmp_ps_mask(c, finite_max, _CMP_NLE_UQ), inf);
+        _mm512_storeu_ps(col_amax + k, _mm512_max_ps(_mm512_loadu_ps(col_amax + k), c));
+        if (col_sum != nullptr) {
+          _mm512_storeu_ps(col_sum + k, _mm512_add_ps(_mm512_loadu_ps(col_sum + k), v));
+        }
+      }
+    }
+    if (row_amax != nullptr) {
+      row_amax[r] = _mm512_reduce_max_ps(m);
+      row_bad[r] = static_cast<uint8_t>(bad != 0);
+    }
+  }
+}
+
+template <typename raw_t>
+RYZEN_LLM_AVX512_TARGET void codes_rows_avx512(const raw_t* x, int64_t begin, int64_t end,
+                                               int64_t K, const float* col_mult,
+                                               const float* row_mult, const float* row_inv,
+                                               int8_t* row_codes, const float* col_inv,
+                                               int8_t* col_codes) {
+  for (int64_t r = begin; r < end; ++r) {
+    const raw_t* xr = x + r * K;
+    const __m512 inv = _mm512_set1_ps(row_codes != nullptr ? row_inv[r] : 0.0f);
+    const __m512 rm = _mm512_set1_ps(row_mult[r]);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = load16(xr + k);
+      if (row_codes != nullptr) {
+        const __m512 u = _mm512_mul_ps(v, _mm512_loadu_ps(col_mult + k));
+        store16_codes(row_codes + r * K + k, _mm512_mul_ps(u, inv));
+      }
+      if (col_codes != nullptr) {
+        const __m512 u = _mm512_mul_ps(v, rm);
+        store16_codes(col_codes + r * K + k, _mm512_mul_ps(u, _mm512_loadu_ps(col_inv + k)));
+      }
+    }
+  }
+}
+#endif
+
+// Whether quantize's passes run the AVX-512 variants for this element type and row length.
+template <typename E>
+bool quantize_in_registers(int64_t K) {
+#if defined(RYZEN_LLM_AVX512)
+  return !std::is_same_v<typename E::raw_t, double> && K % 16 == 0 && avx512_available();
+#else
+  return false;
+#endif
+}
+
+// absmax_rows / codes_rows, through their AVX-512 variants where quantize_in_registers.
+template <typename E>
+void absmax_pass(const typename E::raw_t* x, int64_t begin, int64_t end, int64_t K,
+                 const float* col_mult, const float* row_mult, float* row_amax, uint8_t* row_bad,
+                 float* col_amax, float* col_sum) {
+#if defined(RYZEN_LLM_AVX512)
+  if constexpr (!std::is_same_v<typename E::raw_t, double>) {
+    if (quantize_in_registers<E>(K)) {
+      absmax_rows_avx512(x, begin, end, K, col_mult, row_mult, row_amax, row_bad, col_amax,
+                         col_sum);
+      return;
+    }
+  }
+#endif
+  absmax_rows<E>(x, begin, end, K, col_mult, row_mult, row_amax, row_bad, col_amax, col_sum);
+}
+
+template <typename E>
+void codes_pass(const typename E::raw_t* x, int64_t begin, int64_t end, int64_t K,
+                const float* col_mult, const float* row_mult, const float* row_inv,
+                int8_t* row_codes, const float* col_inv, int8_t* col_codes) {
+#if defined(RYZEN_LLM_AVX512)
+  if constexpr (!std::is_same_v<typename E::raw_t, double>) {
+    if (quantize_in_registers<E>(K)) {
+      codes_rows_avx512(x, begin, end, K, col_mult, row_mult, row_inv, row_codes, col_inv,
+                        col_codes);
+      return;
+    }
+  }
+#endif
+  std::vector<float> v(K);
+  codes_rows<E>(x, begin, end, K, col_mult, row_mult, row_inv, row_codes, col_inv, col_codes,
+                v.data());
+}
+
 }  // namespace
 
 // int8_quantize, and the backward's scaled variants (int8_linear.h).
@@ -169,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     if (cols) {
       at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          absmax_rows<E>(xp, t * chunk, std::min(M, (t + 1) * chunk), K, cm, rm,
+          absmax_pass<E>(xp, t * chunk, std::min(M, (t + 1) * chunk), K, cm, rm,
                          rows ? row_amax.data() : nullptr, rows ? row_bad.data() : nullptr,
                          col_amax.data() + t * K, col_sum.empty() ? nullptr : col_sum.data() + t * K);
         }
@@ -186,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
       }
     } else {
       at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
-        absmax_rows<E>(xp, b, e, K, cm, rm, row_amax.data(), row_bad.data(), nullptr, nullptr);
+        absmax_pass<E>(xp, b, e, K, cm, rm, row_amax.data(), row_bad.data(), nullptr, nullptr);
       });
     }
     if (rows) {
@@ -194,11 +305,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
       for (int64_t r = 0; r < M; ++r) int8_scale(row_amax[r], row_bad[r], rs + r, &row_inv[r]);
     }
     at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
-      std::vector<float> v(K);
-      codes_rows<E>(xp, b, e, K, cm, rm, rows ? row_inv.data() : nullptr,
+      codes_pass<E>(xp, b, e, K, cm, rm, rows ? row_inv.data() : nullptr,
                     rows ? row_codes.data_ptr<int8_t>() : nullptr,
                     cols ? col_inv.data() : nullptr,
-                    cols ? col_codes.data_ptr<int8_t>() : nullptr, v.data());
+                    cols ? col_codes.data_ptr<int8_t>() : nullptr);
     });
   });
   return {row_codes, row_scales, col_codes, col_scales};

@@ -8,6 +8,7 @@
 // Special cases: a block holding NaN or +-inf gets scale NaN and zero codes (it dequantizes to
 // NaN everywhere); an all-zero block (or one with absmax < ~1.5e-36) has scale 0; the last block may be short; empty in, empty out.
 #include "common.h"
+#include "cpu/avx512_codes.h"
 #include "op_checks.h"
 #include "stochastic_round.h"
 #include "fast_math.h"
@@ -89,13 +90,6 @@ RYZEN_LLM_TARGET_CLONES void quantize_blocks(
 }
 
 #if defined(RYZEN_LLM_AVX512)
-// 16 values as float32 lanes.
-RYZEN_LLM_AVX512_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-RYZEN_LLM_AVX512_TARGET inline __m512 load16(const uint16_t* p) {  // bfloat16 bits
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
 // The 8-bit, round-to-nearest blocks [block_begin, block_end), all full, of a block_size that is
 // a multiple of 16: quantize_blocks' values (the same scale, v = x * inv rounded half to even
 // by vcvtps2dq, clamped, the low byte stored), in registers: quantize_blocks' five short loops
@@ -108,7 +102,6 @@ RYZEN_LLM_AVX512_TARGET void quantize_blocks8_avx512(const raw_t* x, int64_t blo
     return;  // fp64 (gradcheck) never takes this path
   } else {
   const __m512 finite_max = _mm512_set1_ps(FLT_MAX);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int64_t b = block_begin; b < block_end; ++b) {
     const raw_t* xb = x + b * block_size;
     uint8_t* out = data + b * block_size;
@@ -133,9 +126,7 @@ RYZEN_LLM_AVX512_TARGET void quantize_blocks8_avx512(const raw_t* x, int64_t blo
     scales[b] = scale;
     const __m512 vinv = _mm512_set1_ps(inv);
     for (int64_t i = 0; i < block_size; i += 16) {
-      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(xb + i), vinv));
-      q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
+      store16_codes(reinterpret_cast<int8_t*>(out + i), _mm512_mul_ps(load16(xb + i), vinv));
     }
   }
   }
