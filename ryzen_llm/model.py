@@ -46,8 +46,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
-        # split + transpose views: their backward is one concatenation of the three gradients,
-        # where view/permute/unbind's is a stack and then a copy
+        # split + transpose views (split_heads: where the fused attention runs, their backward
+        # takes its three gradients as one tensor, without a copy)
         qkv = self.kernels.linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, 3C)
         q, k, v = self.kernels.split_heads(qkv, self.n_heads)  # each (B, nh, T, hs)
         y = self.kernels.causal_attention(q, k, v, key_padding_mask, 1.0 / math.sqrt(self.head_dim))

@@ -143,7 +143,7 @@ RYZEN_LLM_TARGET_CLONES void gelu_grad_codes_row(const int32_t* acc, float rs,
                                                  float* col_amax, int64_t N) {
 #pragma omp simd
   for (int64_t n = 0; n < N; ++n) {
-    const auto dh = E::store(static_cast<float>(acc[n]) * (rs * 1.0f));
+    const auto dh = E::store(static_cast<float>(acc[n]) * rs);
     const float d =
         static_cast<float>(E::load(dh)) * gelu_grad(static_cast<float>(E::load(pre[n])));
     const auto g = E::store(d);

@@ -101,34 +101,34 @@ RYZEN_LLM_AVX512_TARGET void quantize_blocks8_avx512(const raw_t* x, int64_t blo
   if constexpr (std::is_same_v<raw_t, double>) {
     return;  // fp64 (gradcheck) never takes this path
   } else {
-  const __m512 finite_max = _mm512_set1_ps(FLT_MAX);
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    const raw_t* xb = x + b * block_size;
-    uint8_t* out = data + b * block_size;
-    __m512 m = _mm512_setzero_ps();
-    __mmask16 nonfinite = 0;
-    for (int64_t i = 0; i < block_size; i += 16) {
-      const __m512 a = _mm512_abs_ps(load16(xb + i));
-      nonfinite |= _mm512_cmp_ps_mask(a, finite_max, _CMP_NLE_UQ);  // NaN or inf
-      m = _mm512_max_ps(m, a);
+    const __m512 finite_max = _mm512_set1_ps(FLT_MAX);
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      const raw_t* xb = x + b * block_size;
+      uint8_t* out = data + b * block_size;
+      __m512 m = _mm512_setzero_ps();
+      __mmask16 nonfinite = 0;
+      for (int64_t i = 0; i < block_size; i += 16) {
+        const __m512 a = _mm512_abs_ps(load16(xb + i));
+        nonfinite |= _mm512_cmp_ps_mask(a, finite_max, _CMP_NLE_UQ);  // NaN or inf
+        m = _mm512_max_ps(m, a);
+      }
+      if (nonfinite) {  // scale NaN, zero codes, as quantize_blocks writes them
+        scales[b] = __builtin_nanf("");
+        std::memset(out, 0, static_cast<size_t>(block_size));
+        continue;
+      }
+      float scale = _mm512_reduce_max_ps(m) / 127.0f;
+      float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+      if (!(inv <= FLT_MAX)) {
+        scale = 0.0f;
+        inv = 0.0f;
+      }
+      scales[b] = scale;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t i = 0; i < block_size; i += 16) {
+        store16_codes(reinterpret_cast<int8_t*>(out + i), _mm512_mul_ps(load16(xb + i), vinv));
+      }
     }
-    if (nonfinite) {  // scale NaN, zero codes, as quantize_blocks writes them
-      scales[b] = __builtin_nanf("");
-      std::memset(out, 0, static_cast<size_t>(block_size));
-      continue;
-    }
-    float scale = _mm512_reduce_max_ps(m) / 127.0f;
-    float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-    if (!(inv <= FLT_MAX)) {
-      scale = 0.0f;
-      inv = 0.0f;
-    }
-    scales[b] = scale;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    for (int64_t i = 0; i < block_size; i += 16) {
-      store16_codes(reinterpret_cast<int8_t*>(out + i), _mm512_mul_ps(load16(xb + i), vinv));
-    }
-  }
   }
 }
 #endif

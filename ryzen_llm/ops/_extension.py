@@ -30,6 +30,12 @@ def has_kernel(op: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ryzen_llm::{op}", key)
 
 
+def kernel_devices(op: str) -> dict[str, bool]:
+    """has_kernel(op, d) for each device type, looked up once: for code that torch.compile traces,
+    which cannot trace the dispatcher query (d -> whether the kernel exists)."""
+    return {d: has_kernel(op, d) for d in ("cpu", "cuda")}
+
+
 def extension_error() -> str | None:
     """Why the extension did not load (None when it did, or was not tried yet)."""
     extension_loaded()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ryzen_llm.ops._extension import extension_loaded, has_kernel
+from ryzen_llm.ops._extension import extension_loaded, kernel_devices
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._spec import OpSpec, leaf
 
@@ -70,9 +70,8 @@ if extension_loaded():
     )
 
 
-# Per device type: whether the build has the packed backward (looked up once: torch.compile cannot
-# trace the dispatcher query).
-_PACKED_BACKWARD = {d: has_kernel("causal_attention_backward_packed", d) for d in ("cpu", "cuda")}
+# Per device type: whether the build has the packed backward.
+_PACKED_BACKWARD = kernel_devices("causal_attention_backward_packed")
 
 
 class _SplitHeads(torch.autograd.Function):

@@ -133,7 +133,8 @@ class KernelSet:
         if self.choices["linear"].impl == "fused" and "gelu_feed_forward" in self.choices:
             c = self.choices["gelu_feed_forward"]
             self.choices["gelu_feed_forward"] = OpChoice(
-                c.impl, c.reason + "; the int8 linears run the feed-forward instead (two calls, one op)")
+                c.impl,
+                c.reason + "; the int8 linears run the feed-forward instead (two calls, one op)")
         self.calls: Counter[tuple[str, str]] = Counter()
         # What one fused decode step runs, per (blocks, int8 cache): counted with one update
         self._step_calls: dict[tuple[int, bool], Counter[tuple[str, str]]] = {}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops import reference
-from ryzen_llm.ops._extension import extension_loaded, has_kernel
+from ryzen_llm.ops._extension import extension_loaded, kernel_devices
 from ryzen_llm.ops._spec import OpSpec
 
 _LIB = "ryzen_llm"
@@ -208,9 +208,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.view(*lead, y.shape[-1])
 
 
-# Per device type: whether this build has the one-op feed-forward (looked up once: torch.compile
-# cannot trace the dispatcher query).
-FEED_FORWARD_KERNEL = {d: has_kernel("int8_feed_forward_forward", d) for d in ("cpu", "cuda")}
+# Per device type: whether this build has the one-op feed-forward.
+FEED_FORWARD_KERNEL = kernel_devices("int8_feed_forward_forward")
 
 
 def int8_feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
