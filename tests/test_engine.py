@@ -487,6 +487,11 @@ def test_release_idle_openmp_workers_ends_the_calling_threads_workers():
         x.exp_()
         counts.append(tasks())
         released.append(engine_module.release_idle_openmp_workers())
+        # libgomp's workers leave the pool before the call returns but exit on their own
+        # schedule: wait (bounded) until the new worker has left /proc
+        deadline = time.monotonic() + 10
+        while (counts[1] - counts[0]) & tasks() and time.monotonic() < deadline:
+            time.sleep(0.01)
         counts.append(tasks())
         x.exp_()
         counts.append(tasks())
