@@ -1,5 +1,6 @@
 """linear_cross_entropy: fused (chunked, gradients in the forward) vs reference vs
-torch.compile(reference), at the seed's shapes (N = 2048 tokens, C = 512, V = 2048).
+torch.compile(reference), at the seed's shapes (N = 2048 tokens, C = 512, V = 2048); and level 4's
+int8_linear_cross_entropy ("int8": the logits GEMM on int8 codes, the gradient GEMMs as fused's).
 
 Note: the fused forward under autograd already computes grad_h and grad_weight, so its 'fwd'
 holds nearly all the work and its 'bwd' only scales; compare 'full'.
@@ -25,14 +26,14 @@ def impl(name: str):
         return compiled(reference.linear_cross_entropy)
     if not extension_loaded():
         pytest.skip(f"FUSED linear_cross_entropy UNAVAILABLE ({extension_error()}): not timed")
-    from ryzen_llm.ops.linear_cross_entropy import linear_cross_entropy
+    from ryzen_llm.ops import linear_cross_entropy as ops
 
-    return linear_cross_entropy
+    return ops.int8_linear_cross_entropy if name == "int8" else ops.linear_cross_entropy
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["fused", "reference", "compile"])
+@pytest.mark.parametrize("name", ["fused", "int8", "reference", "compile"])
 def test_linear_cross_entropy(benchmark, name, dtype, mode):
     dt = DTYPES[dtype]
 

@@ -321,22 +321,23 @@ inline LinearCrossEntropyShape check_linear_cross_entropy_args(const at::Tensor&
 // never whole: logits = h @ weight.T per chunk, then rows(logits, r0, n) turns the n rows from
 // r0 into d(loss)/d(logits) (recording their losses), and the gradients are accumulated from
 // them. Low-precision inputs sum the chunks' grad_weight products in float32 and round once.
-// Returns (grad_h, grad_weight), each empty when not needed.
-template <typename Rows>
+// Returns (grad_h, grad_weight), each empty when not needed. logits_of(r0, n) makes a chunk's
+// logits (n, V) in h's dtype (the int8 LM head computes them from codes); the gradients always
+// use h and weight as they are.
+template <typename Logits, typename Rows>
 std::pair<at::Tensor, at::Tensor> linear_cross_entropy_chunks(
     const at::Tensor& h, const at::Tensor& weight, const LinearCrossEntropyShape& s,
-    int64_t chunk, bool need_grad_h, bool need_grad_weight, Rows&& rows) {
+    int64_t chunk, bool need_grad_h, bool need_grad_weight, Logits&& logits_of, Rows&& rows) {
   const bool low_precision = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
   at::Tensor grad_h = need_grad_h ? at::empty({s.N, s.C}, h.options()) : at::empty({0}, h.options());
   at::Tensor acc;
   if (need_grad_weight) {
     acc = at::empty({s.V, s.C}, h.options().dtype(low_precision ? at::kFloat : h.scalar_type()));
   }
-  const at::Tensor weight_t = weight.t();
   for (int64_t r0 = 0; r0 < s.N; r0 += chunk) {
     const int64_t n = std::min(chunk, s.N - r0);
     const at::Tensor hc = h.narrow(0, r0, n);
-    at::Tensor logits = at::mm(hc, weight_t);  // (n, V), becomes d(loss)/d(logits)
+    at::Tensor logits = logits_of(r0, n);  // (n, V), becomes d(loss)/d(logits)
     rows(logits, r0, n);
     if (need_grad_h) {
       at::Tensor out = grad_h.narrow(0, r0, n);
@@ -365,6 +366,13 @@ std::pair<at::Tensor, at::Tensor> linear_cross_entropy_chunks(
     grad_weight = low_precision ? acc.to(weight.scalar_type()) : acc;
   }
   return {grad_h, grad_weight};
+}
+
+// The plain logits of rows [r0, r0 + n) of h: h @ weight.T (linear_cross_entropy_chunks' logits_of).
+inline auto plain_logits(const at::Tensor& h, const at::Tensor& weight) {
+  return [&h, weight_t = weight.t()](int64_t r0, int64_t n) {
+    return at::mm(h.narrow(0, r0, n), weight_t);
+  };
 }
 
 // float32 loss (as the reference, which takes the loss of logits.float()); float64 inputs get a

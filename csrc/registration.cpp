@@ -18,6 +18,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // Mean CE of h @ weight.T (float32 loss); the gradients for d(loss) = 1 are computed on the way
   // (empty when not needed), so no logits are kept: backward only scales them.
   m.def("linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
+  // The same with the logits GEMM on int8 codes: h per row, weight per vocabulary row (w_codes (V, C),
+  // w_scales (V,) float32); the gradients are the float linear's at those logits (CPU kernel only).
+  m.def("int8_linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor w_codes, Tensor w_scales, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
   // torch.optim.AdamW's update on lists of same-dtype tensors (float32/float64), in place.
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
   // The same on float32 master copies of bfloat16 params: the params receive the rounded master.

@@ -133,8 +133,11 @@ def test_levels_agree_with_baseline_in_fp32(level):
     for op, info in summary.items():
         if op == "adamw" or op in INFERENCE_OPS or (
             op == "bias_gelu" and summary["gelu_feed_forward"]["impl"] == "fused"
-        ):
-            continue  # not training-model ops; the fused FFN does its own GELU
+        ) or op == "int8_linear_cross_entropy":
+            # not training-model ops; the fused FFN does its own GELU; the int8 LM head is level
+            # 4's (tests/ops/test_int8_linear_cross_entropy.py counts it there)
+            assert op != "int8_linear_cross_entropy" or not info["calls"], info
+            continue
         assert set(info["calls"]) == {info["impl"]}, (op, info)
 
 

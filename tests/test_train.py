@@ -90,10 +90,15 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
                                   for c in gemm["shapes"])
     # counted, not assumed: the baseline ran every model op as its reference
     for op, info in report["runs"]["baseline"]["ops"].items():
-        if op in INFERENCE_OPS:
-            assert info["calls"] == {}, op  # generation only; training never calls it
+        if op in INFERENCE_OPS or op == "int8_linear_cross_entropy":
+            # generation only, or level 4's LM head: the baseline never calls it
+            assert info["calls"] == {}, op
             continue
         assert set(info["calls"]) == {"reference"}, op
+    # and the optimized run's LM head was the int8 one
+    lm_heads = {op: report["runs"]["optimized"]["ops"][op]["calls"]
+                for op in ("linear_cross_entropy", "int8_linear_cross_entropy")}
+    assert lm_heads["linear_cross_entropy"] == {} and lm_heads["int8_linear_cross_entropy"]["fused"] > 0
     assert set(report["criteria"]) >= {"speedup", "final_loss_difference", "memory",
                                        "no_nan_or_inf", "checkpoints_saved"}
     assert report["criteria"]["checkpoints_saved"]["status"] == "PASS"

@@ -3,14 +3,17 @@
 // into the loss term and, in place, into d(loss)/d(logits) (softmax - onehot) / n_valid, and two
 // more GEMMs give that chunk's grad_h and add its share of grad_weight (Liger-Kernel's scheme).
 // Memory: one (chunk, V) logits block plus the gradients; backward only scales the gradients.
+// int8_linear_cross_entropy_forward (level 4) makes each chunk's logits with an int8 GEMM.
 #include "common.h"
 #include "op_checks.h"
 #include "fast_math.h"
+#include "int8_linear.h"
 
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace ryzen_llm {
@@ -107,12 +110,13 @@ void softmax_nll_rows(scalar_t* logits, const int64_t* targets, int64_t ignore_i
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
+// The loss and gradients of both LM-head ops: shape checked, logits_of(r0, n) makes a chunk's
+// logits (see linear_cross_entropy_chunks).
+template <typename Logits>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_from_logits(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
-    int64_t ignore_index, bool need_grad_h, bool need_grad_weight) {
-  check_cpu(h, "h");
-  check_float_dtype(h, "h");
-  const auto shape = check_linear_cross_entropy_args(h, weight, targets);
+    const LinearCrossEntropyShape& shape, int64_t ignore_index, bool need_grad_h,
+    bool need_grad_weight, Logits&& logits_of) {
   const int64_t N = shape.N, V = shape.V;
 
   const int64_t* tgt = targets.data_ptr<int64_t>();
@@ -130,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
   std::vector<double> loss_rows(static_cast<size_t>(N), 0.0);
   const bool need_grad = need_grad_h || need_grad_weight;
   auto [grad_h, grad_weight] = linear_cross_entropy_chunks(
-      h, weight, shape, rows_per_chunk(N, V), need_grad_h, need_grad_weight,
+      h, weight, shape, rows_per_chunk(N, V), need_grad_h, need_grad_weight, logits_of,
       [&](at::Tensor& logits, int64_t r0, int64_t rows) {
         AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "linear_cross_entropy", [&] {
           scalar_t* lp = logits.data_ptr<scalar_t>();
@@ -149,10 +153,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
   return {loss, grad_h, grad_weight};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
+    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t ignore_index, bool need_grad_h, bool need_grad_weight) {
+  check_cpu(h, "h");
+  check_float_dtype(h, "h");
+  const auto shape = check_linear_cross_entropy_args(h, weight, targets);
+  return forward_from_logits(h, weight, targets, shape, ignore_index, need_grad_h,
+                             need_grad_weight, plain_logits(h, weight));
+}
+
+// The same with each chunk's logits from int8 codes: h's rows quantized once (per row, absmax /
+// 127), times the weight's codes per vocabulary row (w_codes, w_scales: made once per optimizer
+// step by the caller), dequantized as each block of rows leaves the GEMM. The gradients are
+// those of the float linear at those logits (h and weight as they are, bf16/fp32 GEMMs): only
+// the forward GEMM is int8, as in the blocks' linears' forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward_cpu(
+    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& w_codes,
+    const at::Tensor& w_scales, const at::Tensor& targets, int64_t ignore_index,
+    bool need_grad_h, bool need_grad_weight) {
+  check_cpu(h, "h");
+  check_int8_activations(h, "h");
+  const auto shape = check_linear_cross_entropy_args(h, weight, targets);
+  check_int8_codes(w_codes, w_scales, h, "h", shape.V, shape.C, shape.V, "w_codes", "w_scales");
+  at::Tensor h_codes, h_scales;
+  std::tie(h_codes, h_scales, std::ignore, std::ignore) = quantize(h, true, false, nullptr);
+  at::Tensor none;
+  auto int8_logits = [&](int64_t r0, int64_t n) {
+    at::Tensor logits = at::empty({n, shape.V}, h.options());
+    gemm_dequantize(h_codes.narrow(0, r0, n), w_codes.t(), h_scales.data_ptr<float>() + r0,
+                    w_scales.data_ptr<float>(), nullptr, false, logits, none);
+    return logits;
+  };
+  return forward_from_logits(h, weight, targets, shape, ignore_index, need_grad_h,
+                             need_grad_weight, int8_logits);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
   m.impl("linear_cross_entropy_forward", &linear_cross_entropy_forward_cpu);
+  m.impl("int8_linear_cross_entropy_forward", &int8_linear_cross_entropy_forward_cpu);
 }
 
 }  // namespace ryzen_llm

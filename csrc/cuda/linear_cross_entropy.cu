@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cuda
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto [grad_h, grad_weight] = linear_cross_entropy_chunks(
       h, weight, shape, rows_per_chunk(N, V), need_grad_h, need_grad_weight,
-      [&](at::Tensor& logits, int64_t r0, int64_t rows) {
+      plain_logits(h, weight), [&](at::Tensor& logits, int64_t r0, int64_t rows) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "linear_cross_entropy_cuda", [&] {
           using acc_t = at::acc_type<scalar_t, true>;
           softmax_nll_rows_kernel<scalar_t, acc_t><<<rows, threads_for_row(V), 0, stream>>>(

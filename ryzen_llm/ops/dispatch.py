@@ -135,6 +135,10 @@ class KernelSet:
             self.choices["gelu_feed_forward"] = OpChoice(
                 c.impl,
                 c.reason + "; the int8 linears run the feed-forward instead (two calls, one op)")
+        if self.choices["int8_linear_cross_entropy"].impl == "fused":
+            c = self.choices["int8_linear_cross_entropy"]
+            self.choices["int8_linear_cross_entropy"] = OpChoice(
+                c.impl, c.reason + "; on a device without its kernel linear_cross_entropy runs")
         self.calls: Counter[tuple[str, str]] = Counter()
         # What one fused decode step runs, per (blocks, int8 cache): counted with one update
         self._step_calls: dict[tuple[int, bool], Counter[tuple[str, str]]] = {}
@@ -303,7 +307,15 @@ class KernelSet:
         return self._fn["adamw"](params, **kwargs)
 
     def linear_cross_entropy(self, h, weight, targets, ignore_index):
-        """Mean cross-entropy of (h @ weight.T) against targets; h: (N, C), weight: (V, C)."""
+        """Mean cross-entropy of (h @ weight.T) against targets; h: (N, C), weight: (V, C). From
+        level 4 its logits GEMM runs on int8 codes (int8_linear_cross_entropy) where the build has
+        that kernel for h's device; elsewhere linear_cross_entropy runs as chosen (counted as
+        such)."""
+        if self.choices["int8_linear_cross_entropy"].impl == "fused":
+            from ryzen_llm.ops.linear_cross_entropy import INT8_KERNEL
+
+            if INT8_KERNEL.get(h.device.type, False):
+                return self._run("int8_linear_cross_entropy", h, weight, targets, ignore_index)
         return self._run("linear_cross_entropy", h, weight, targets, ignore_index)
 
     def summary(self) -> dict[str, dict]:

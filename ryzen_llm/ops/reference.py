@@ -441,6 +441,16 @@ def int8_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.gelu(y.float()).to(x.dtype) if gelu else y
 
 
+def int8_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              ignore_index: int = -100) -> torch.Tensor:
+    """The level-4 LM head: cross-entropy (float32) of the logits int8_linear_forward(h, weight)
+    (h per row, the weight per vocabulary row, rounded to h's dtype); the gradients are those of
+    the float logits h @ weight.T (straight through the quantization), as SwitchBack's forward."""
+    exact = h @ weight.to(h.dtype).t()
+    logits = exact + (int8_linear_forward(h.detach(), weight.detach(), None) - exact).detach()
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
 def int8_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          pre: torch.Tensor | None, int8_weight_grad: bool):
     """(grad_x, grad_weight, grad_bias) of the level-4 linear: g = grad_y through GELU'(pre) when

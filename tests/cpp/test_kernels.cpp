@@ -177,6 +177,54 @@ TEST_CASE(bias_gelu_matches_naive_loop) {
 }
 
 // ---- linear + cross-entropy ------------------------------------------------------------------
+// The mean cross-entropy of the logits Z (N, V; float64) against t (ignoring -100) and its
+// gradients through Z = H W^T with H (N, C) and W (V, C) as given (float64): in loops.
+std::tuple<double, at::Tensor, at::Tensor> naive_linear_cross_entropy(const at::Tensor& Z, const at::Tensor& H,
+                                                                      const at::Tensor& W, const at::Tensor& t) {
+  const int64_t N = H.size(0), C = H.size(1), V = W.size(0);
+  auto eh = at::zeros({N, C}, at::kDouble), ew = at::zeros({V, C}, at::kDouble);
+  const double *zp = Z.data_ptr<double>(), *hp = H.data_ptr<double>(), *wp = W.data_ptr<double>();
+  double *ehp = eh.data_ptr<double>(), *ewp = ew.data_ptr<double>();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t target = tp[i];
+    if (target == -100) continue;
+    ++count;
+    const double* z = zp + i * V;
+    double mx = -1e300, se = 0;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, z[v]);
+    for (int64_t v = 0; v < V; ++v) se += std::exp(z[v] - mx);
+    total += std::log(se) + mx - z[target];
+    for (int64_t v = 0; v < V; ++v) {
+      const double p = std::exp(z[v] - mx) / se - (v == target ? 1.0 : 0.0);
+      for (int64_t c = 0; c < C; ++c) {
+        ehp[i * C + c] += p * wp[v * C + c];
+        ewp[v * C + c] += p * hp[i * C + c];
+      }
+    }
+  }
+  return {total / count, eh / count, ew / count};
+}
+
+// H W^T in float64, in loops.
+at::Tensor naive_logits(const at::Tensor& H, const at::Tensor& W) {
+  const int64_t N = H.size(0), C = H.size(1), V = W.size(0);
+  auto Z = at::empty({N, V}, at::kDouble);
+  const double *hp = H.data_ptr<double>(), *wp = W.data_ptr<double>();
+  double* zp = Z.data_ptr<double>();
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t v = 0; v < V; ++v) {
+      double s = 0;
+      for (int64_t c = 0; c < C; ++c) s += hp[i * C + c] * wp[v * C + c];
+      zp[i * V + v] = s;
+    }
+  return Z;
+}
+
+using LceShapes = std::vector<std::tuple<int64_t, int64_t, int64_t>>;
+
 TEST_CASE(linear_cross_entropy_matches_naive_loop) {
   using Fn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                             const at::Tensor&, int64_t, bool, bool);
@@ -184,45 +232,15 @@ TEST_CASE(linear_cross_entropy_matches_naive_loop) {
   at::manual_seed(2);
   for (auto dtype : {at::kFloat, at::kDouble}) {
     const double tol = dtype == at::kFloat ? 2e-5 : 1e-12;
-    for (auto [N, C, V] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 8, 5}, {97, 48, 1000}, {300, 33, 257}}) {
+    for (auto [N, C, V] : LceShapes{{1, 8, 5}, {97, 48, 1000}, {300, 33, 257}}) {
       auto opts = at::TensorOptions().dtype(dtype);
       auto h = at::randn({N, C}, opts), w = at::randn({V, C}, opts) * 0.3;
       auto t = at::randint(0, V, {N}, at::kLong);
       if (N > 1) t[0] = -100;  // ignored (N = 1 keeps one real target)
       auto [loss, gh, gw] = fwd.call(h, w, t, -100, true, true);
       auto H = h.to(at::kDouble).contiguous(), W = w.to(at::kDouble).contiguous();
-      auto eh = at::zeros({N, C}, at::kDouble), ew = at::zeros({V, C}, at::kDouble);
-      const double *hp = H.data_ptr<double>(), *wp = W.data_ptr<double>();
-      double *ehp = eh.data_ptr<double>(), *ewp = ew.data_ptr<double>();
-      const int64_t* tp = t.data_ptr<int64_t>();
-      double total = 0;
-      int64_t count = 0;
-      std::vector<double> z(V);
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t target = tp[i];
-        if (target == -100) continue;
-        ++count;
-        double mx = -1e300;
-        for (int64_t v = 0; v < V; ++v) {
-          double s = 0;
-          for (int64_t c = 0; c < C; ++c) s += hp[i * C + c] * wp[v * C + c];
-          z[v] = s;
-          mx = std::max(mx, s);
-        }
-        double se = 0;
-        for (double s : z) se += std::exp(s - mx);
-        total += std::log(se) + mx - z[target];
-        for (int64_t v = 0; v < V; ++v) {
-          const double p = std::exp(z[v] - mx) / se - (v == target ? 1.0 : 0.0);
-          for (int64_t c = 0; c < C; ++c) {
-            ehp[i * C + c] += p * wp[v * C + c];
-            ewp[v * C + c] += p * hp[i * C + c];
-          }
-        }
-      }
-      eh /= count;
-      ew /= count;
-      EXPECT(std::abs(loss.item<double>() - total / count) < tol * 10, "loss N %ld V %ld", (long)N, (long)V);
+      auto [el, eh, ew] = naive_linear_cross_entropy(naive_logits(H, W), H, W, t);
+      EXPECT(std::abs(loss.item<double>() - el) < tol * 10, "loss N %ld V %ld", (long)N, (long)V);
       EXPECT(harness::max_abs_diff(gh, eh) < tol, "grad_h N %ld V %ld", (long)N, (long)V);
       EXPECT(harness::max_abs_diff(gw, ew) < tol, "grad_weight N %ld V %ld", (long)N, (long)V);
     }
@@ -230,6 +248,41 @@ TEST_CASE(linear_cross_entropy_matches_naive_loop) {
   auto h = at::randn({4, 8}), w = at::randn({5, 8});
   EXPECT_THROWS(fwd.call(h, w, at::full({4}, 5, at::kLong), -100, true, true), "targets");
   EXPECT_THROWS(fwd.call(h, at::randn({5, 7}), at::zeros({4}, at::kLong), -100, true, true), "weight");
+}
+
+// The level-4 LM head: the logits from int8 codes (h's per row, the weight's per vocabulary row:
+// exact integer sums times both scales), the gradients through the float h and weight; for both
+// int8 GEMMs, on shapes that end a row chunk early (V 1000: 524 rows per chunk).
+TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
+  using T = at::Tensor;
+  auto quant = harness::op<std::tuple<T, T, T, T>(const T&, bool, bool)>("ryzen_llm::int8_quantize");
+  auto fwd = harness::op<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, int64_t, bool,
+                                             bool)>("ryzen_llm::int8_linear_cross_entropy_forward");
+  auto mode = harness::op<int64_t(int64_t)>("ryzen_llm::int8_gemm_mode");
+  at::manual_seed(14);
+  for (int64_t impl : {1, 2}) {
+    const int64_t old = mode.call(impl);
+    for (auto [N, C, V] : LceShapes{{1, 8, 5}, {97, 77, 1000}, {600, 33, 1000}}) {
+      auto h = at::randn({N, C}), w = at::randn({V, C}) * 0.3;
+      auto t = at::randint(0, V, {N}, at::kLong);
+      if (N > 1) t[0] = -100;
+      auto [hq, hs, u1, u2] = quant.call(h, true, false);
+      auto [wq, ws, u3, u4] = quant.call(w, true, false);
+      auto [loss, gh, gw] = fwd.call(h, w, wq, ws, t, -100, true, true);
+      auto Z = naive_logits(hq.to(at::kDouble), wq.to(at::kDouble)) * hs.to(at::kDouble).unsqueeze(1) *
+               ws.to(at::kDouble).unsqueeze(0);
+      auto [el, eh, ew] = naive_linear_cross_entropy(Z.contiguous(), h.to(at::kDouble), w.to(at::kDouble), t);
+      EXPECT(std::abs(loss.item<double>() - el) < 2e-4, "loss impl %ld N %ld V %ld", (long)impl, (long)N, (long)V);
+      EXPECT(harness::max_abs_diff(gh, eh) < 2e-5, "grad_h impl %ld N %ld V %ld", (long)impl, (long)N, (long)V);
+      EXPECT(harness::max_abs_diff(gw, ew) < 2e-5, "grad_weight impl %ld N %ld V %ld", (long)impl, (long)N,
+             (long)V);
+    }
+    mode.call(old);
+  }
+  auto h = at::randn({4, 8}), w = at::randn({5, 8});
+  auto [wq, ws, u1, u2] = quant.call(w, true, false);
+  EXPECT_THROWS(fwd.call(h, w, wq.narrow(0, 0, 4), ws, at::zeros({4}, at::kLong), -100, true, true), "w_codes");
+  EXPECT_THROWS(fwd.call(h.to(at::kDouble), w, wq, ws, at::zeros({4}, at::kLong), -100, true, true), "h");
 }
 
 // ---- AdamW -----------------------------------------------------------------------------------
