@@ -1,7 +1,7 @@
 """A mini model trained 30 steps at every level next to level 0 (Liger-Kernel's convergence
 test): per-step losses equal within 1e-4 relative at the fp32 levels, 2e-2 at level 3 (bf16
-where the CPU computes bf16 natively) and 5e-3 at level 4 (int8 GEMMs; measured worst 1.2e-3
-on the development CPU, against 5.8e-4 for level 3: the bound is four times that)."""
+where the CPU computes bf16 natively) and 5e-3 at level 4 (int8 GEMMs: four times the worst
+measured, which docs/benchmarks/int8_training.md records beside level 3's)."""
 import pytest
 import torch
 
