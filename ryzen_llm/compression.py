@@ -8,7 +8,8 @@
 
 What is compressed: floating tensors of at least max(min_numel, 2 * tokens) values that are not
 parameters nor derived straight from one: the feed-forward input and pre-activation, the attention input,
-q/k/v and probabilities, the LayerNorm inputs. A dtype cast of a parameter (autocast's bf16 weight
+q/k/v and probabilities, the LayerNorm inputs. A non-contiguous view is compressed as the contiguous
+tensor it views (CompressedView: no copy; attention's q, k and v share their qkv tensor's codes). A dtype cast of a parameter (autocast's bf16 weight
 copy, its transpose) is not held at all: backward casts the parameter again (ParameterCast),
 which costs a cast and saves the copy's bytes (docs/memory.md). Per-row statistics (mean, rstd: one value per
 token) and tensors without autograd history (the gradients the fused cross-entropy computes in
@@ -103,6 +104,52 @@ def _derived_from_parameter(fn, depth: int = 6) -> bool:
     return False
 
 
+class _Whole:
+    """One compressed tensor that several saved views share, restored at most once while any
+    restored view of it is alive."""
+
+    def __init__(self, qt: QuantizedTensor):
+        self.qt = qt
+        self._restored: weakref.ref | None = None
+
+    def restore(self) -> torch.Tensor:
+        t = self._restored() if self._restored is not None else None
+        if t is None:
+            t = self.qt.dequantize()
+            self._restored = weakref.ref(t)
+        return t
+
+
+@dataclass
+class CompressedView:
+    """A saved strided view (attention's q, k, v of one qkv tensor; its output laid out (B, T,
+    H, D)) kept as the compressed whole it views and the view's geometry: no copy is made to
+    compress it, and the views of one tensor share one set of codes."""
+
+    whole: _Whole
+    size: tuple
+    stride: tuple
+    offset: int  # from the whole's first element
+
+    def restore(self) -> torch.Tensor:
+        return self.whole.restore().as_strided(self.size, self.stride, self.offset)
+
+
+def _viewed_whole(t: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous tensor a non-contiguous t views, when it holds at most 3x t's values (q, k
+    and v are each a third of their qkv tensor); None otherwise."""
+    base = t._base
+    if (t.is_contiguous() or base is None or not base.is_contiguous() or base.dtype != t.dtype
+            or base.numel() > 3 * t.numel()):
+        return None
+    return base
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype, t._version)
+
+
 class ActivationCompressor:
     """saved_tensors_hooks that quantize large saved activations (see the module docstring)."""
 
@@ -147,8 +194,14 @@ class ActivationCompressor:
                     return cast
                 self.kept_tensors += 1
                 return t
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                   tuple(t.stride()), t.dtype, t._version)
+            whole = _viewed_whole(t)
+            if whole is not None:
+                return CompressedView(compressed(whole, True), tuple(t.shape), tuple(t.stride()),
+                                      t.storage_offset() - whole.storage_offset())
+            return compressed(t, False)
+
+        def compressed(t: torch.Tensor, shared: bool):
+            key = _key(t)
             hit = seen.get(key)
             if hit is not None and hit[0]() is not None:
                 return hit[1]
@@ -156,14 +209,15 @@ class ActivationCompressor:
             # over steps), seeded by a counter: reproducible run to run.
             qt = quantize_blockwise(t, self.block_size, self.bits, stochastic=self.bits == 4,
                                     seed=self.packed_tensors, fused=self.fused)
-            seen[key] = (weakref.ref(t), qt)
+            packed = _Whole(qt) if shared else qt
+            seen[key] = (weakref.ref(t), packed)
             self.packed_tensors += 1
-            return qt
+            return packed
 
         def unpack(packed):
             if isinstance(packed, QuantizedTensor):
                 return packed.dequantize()
-            return packed.restore() if isinstance(packed, ParameterCast) else packed
+            return packed.restore() if isinstance(packed, (ParameterCast, CompressedView)) else packed
 
         return pack, unpack, seen.clear
 

@@ -557,15 +557,18 @@ def measure_saved_activation_bytes(model: nn.Module, fn, pack_hooks=None) -> tup
 
     pack_hooks: (pack, unpack) of a saved-tensor transform to measure through, such as
     ryzen_llm.compression.ActivationCompressor.pack_fn(): what pack returns is counted (every
-    tensor field of it, for a QuantizedTensor its codes and scales)."""
+    tensor field of it, for a QuantizedTensor its codes and scales, for a CompressedView those of
+    the QuantizedTensor it shares)."""
     storages: dict[int, int] = {}
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     inner_pack, inner_unpack = pack_hooks if pack_hooks is not None else (None, lambda t: t)
 
     def pack(t: torch.Tensor):
         packed = inner_pack(t) if inner_pack is not None else t
+        whole = getattr(packed, "whole", None)  # a CompressedView: its shared codes
         held = [packed] if isinstance(packed, torch.Tensor) else [
-            v for v in vars(packed).values() if isinstance(v, torch.Tensor)
+            v for v in vars(whole.qt if whole is not None else packed).values()
+            if isinstance(v, torch.Tensor)
         ]
         for h in held:
             s = h.untyped_storage()

@@ -119,3 +119,41 @@ def test_parameters_and_their_casts_are_not_compressed():
     stats = torch.randn(8, 32)  # one value per token: kept exact
     assert pack(stats) is stats
     done()
+
+
+def test_views_are_compressed_as_the_tensor_they_view(monkeypatch):
+    """q, k, v split from one qkv tensor are compressed once, as that tensor, with no copy; each
+    restores in its own layout to the values a compressed copy of it would give (the blocks of 64
+    are the same head vectors either way), and the saved-bytes count holds the codes once."""
+    from ryzen_llm import compression
+    from ryzen_llm.model import measure_saved_activation_bytes
+
+    model = ScaledTransformerModel(TINY)
+    compressor = ActivationCompressor(model, 0.3, block_size=16, min_numel=16)  # 16: one head
+    pack, unpack, done = compressor.pack_fn(tokens=8 * 32)
+    qkv = torch.randn(8 * 32, 3 * 64, requires_grad=True) * 2
+    heads = qkv.view(8, 32, 3, 4, 16)
+    q, k, v = (heads[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D), strided
+    packed = [pack(t) for t in (q, k, v)]
+    assert all(isinstance(p, compression.CompressedView) for p in packed)
+    assert packed[0].whole is packed[1].whole is packed[2].whole
+    assert compressor.packed_tensors == 1
+    restored = [unpack(p) for p in packed]
+    for t, r in zip((q, k, v), restored):
+        assert r.shape == t.shape and r.stride() == t.stride()
+        copy = compression.quantize_blockwise(t.contiguous(), 16, 8).dequantize()
+        torch.testing.assert_close(r, copy, rtol=0, atol=0)
+        assert (r - t).abs().max() <= t.abs().max() / 127  # int8 rounding
+    assert restored[0]._base is restored[2]._base  # dequantized once while they are alive
+    # a strided view of a much larger tensor, or a contiguous one, is compressed by itself
+    assert isinstance(pack(qkv[:, :16]), compression.QuantizedTensor)
+    assert isinstance(pack(qkv[:10]), compression.QuantizedTensor)
+    done()
+
+    def attention_like():
+        return sum((t.float() ** 2).sum() for t in (q, k, v))
+
+    views, _ = measure_saved_activation_bytes(model, attention_like, compressor.pack_fn(0)[:2])
+    monkeypatch.setattr(compression, "_viewed_whole", lambda t: None)
+    copies, _ = measure_saved_activation_bytes(model, attention_like, compressor.pack_fn(0)[:2])
+    assert views == copies  # the same codes and scales, held once instead of in three copies
