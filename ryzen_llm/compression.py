@@ -105,18 +105,24 @@ def _derived_from_parameter(fn, depth: int = 6) -> bool:
 
 
 class _Whole:
-    """One compressed tensor that several saved views share, restored at most once while any
-    restored view of it is alive."""
+    """One compressed tensor that several saved views share: restored once for all of them. The
+    restored tensor is held from the first view's unpack to the last one's (a backward node
+    unpacks its saved tensors together), then only by the restored views."""
 
     def __init__(self, qt: QuantizedTensor):
         self.qt = qt
-        self._restored: weakref.ref | None = None
+        self.views = 0  # CompressedViews packed on it
+        self._pending = 0
+        self._restored: torch.Tensor | None = None
 
     def restore(self) -> torch.Tensor:
-        t = self._restored() if self._restored is not None else None
-        if t is None:
-            t = self.qt.dequantize()
-            self._restored = weakref.ref(t)
+        if self._restored is None:
+            self._restored = self.qt.dequantize()
+            self._pending = self.views
+        t = self._restored
+        self._pending -= 1
+        if self._pending <= 0:  # every view has it (an extra unpack restores it again)
+            self._restored = None
         return t
 
 
@@ -196,7 +202,9 @@ class ActivationCompressor:
                 return t
             whole = _viewed_whole(t)
             if whole is not None:
-                return CompressedView(compressed(whole, True), tuple(t.shape), tuple(t.stride()),
+                shared = compressed(whole, True)
+                shared.views += 1
+                return CompressedView(shared, tuple(t.shape), tuple(t.stride()),
                                       t.storage_offset() - whole.storage_offset())
             return compressed(t, False)
 
