@@ -8,9 +8,10 @@
 
 What is compressed: floating tensors of at least max(min_numel, 2 * tokens) values that are not
 parameters nor derived straight from one: the feed-forward input and pre-activation, the attention input,
-q/k/v and probabilities, the LayerNorm inputs. A non-contiguous view is compressed as the contiguous
-tensor it views (CompressedView: no copy; attention's q, k and v share their qkv tensor's codes). A dtype cast of a parameter (autocast's bf16 weight
-copy, its transpose) is not held at all: backward casts the parameter again (ParameterCast),
+q/k/v and probabilities, the LayerNorm inputs. A non-contiguous view is compressed as the
+contiguous tensor it views (CompressedView: no copy; attention's q, k and v share their qkv
+tensor's codes). A dtype cast of a parameter (autocast's bf16 weight copy, its transpose) is not
+held at all: backward casts the parameter again (ParameterCast),
 which costs a cast and saves the copy's bytes (docs/memory.md). Per-row statistics (mean, rstd: one value per
 token) and tensors without autograd history (the gradients the fused cross-entropy computes in
 its forward) stay exact. 4-bit codes round stochastically, int8 codes to nearest. A tensor saved by several nodes is compressed once.
