@@ -169,10 +169,10 @@ void copy_transposed(const int8_t* src, int64_t sk, int64_t rows, int64_t K, int
 }
 
 // Rows [r0, r1) of a: a pointer to them (row r at *rows + (r - r0) * *ld, 4 * K4 codes each,
-// zero-padded) and 128 * each row's sum into corr. Contiguous rows of a whole number of
-// quadruples are read in place; others are copied into buf (kRowBlock x 4 * K4 bytes).
+// zero-padded). Contiguous rows of a whole number of quadruples are read in place; others are
+// copied into buf (kRowBlock x 4 * K4 bytes).
 void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, int8_t* buf,
-                const int8_t** rows, int64_t* ld, int32_t* corr) {
+                const int8_t** rows, int64_t* ld) {
   const int8_t* src = a.data_ptr<int8_t>();
   const int64_t K = a.size(1), sm = a.stride(0), sk = a.stride(1);
   if (sk == 1 && K == 4 * K4) {
@@ -189,9 +189,13 @@ void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, int8_t*
     *rows = buf;
     *ld = 4 * K4;
   }
-  for (int64_t r = 0; r < r1 - r0; ++r) {
+}
+
+// 128 * the sum of each of n rows of K codes (row r at a + r * lda) into corr.
+void row_corrections(const int8_t* a, int64_t lda, int64_t n, int64_t K, int32_t* corr) {
+  for (int64_t r = 0; r < n; ++r) {
     int32_t s = 0;
-    for (int64_t k = 0; k < K; ++k) s += (*rows)[r * *ld + k];
+    for (int64_t k = 0; k < K; ++k) s += a[r * lda + k];
     corr[r] = 128 * s;
   }
 }
@@ -203,6 +207,22 @@ void block_rows(const at::Tensor& a, int64_t r0, int64_t r1, int64_t K4, int8_t*
 RYZEN_LLM_INLINE RYZEN_LLM_VNNI_TARGET __m512i dpbusd(__m512i acc, __m512i w, __m512i x) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
   return acc;
+}
+
+// row_corrections with 64 codes per step: vpdpbusd of all-ones u8 bytes with the s8 codes sums
+// them four at a time per lane (the plain loop above ran as SSE2 sign extensions).
+RYZEN_LLM_VNNI_TARGET void row_corrections_vnni(const int8_t* a, int64_t lda, int64_t n,
+                                                int64_t K, int32_t* corr) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __mmask64 tail = K % 64 == 0 ? 0 : ~0ull >> (64 - K % 64);
+  for (int64_t r = 0; r < n; ++r) {
+    const int8_t* x = a + r * lda;
+    __m512i s = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(x + k));
+    if (tail) s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(tail, x + k));
+    corr[r] = 128 * _mm512_reduce_add_epi32(s);
+  }
 }
 
 // R rows of A against NV column blocks from block b0 (clamped to the last block; only blocks
@@ -270,7 +290,7 @@ void portable_block(const int8_t* a, int64_t lda, const int32_t* corr, int64_t r
 }
 
 void own_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows) {
-  const int64_t M = a.size(0), N = b.size(1);
+  const int64_t M = a.size(0), N = b.size(1), K = a.size(1);
   const PackedB p = pack_b(b);
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   const bool vnni = avx512_vnni_available();
@@ -284,14 +304,16 @@ void own_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows) 
       const int64_t r0 = i * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
       const int8_t* ap;
       int64_t lda;
-      block_rows(a, r0, r1, p.K4, buf.data_ptr<int8_t>(), &ap, &lda, corr.data());
+      block_rows(a, r0, r1, p.K4, buf.data_ptr<int8_t>(), &ap, &lda);
 #if defined(RYZEN_LLM_AVX512)
       if (vnni) {
+        row_corrections_vnni(ap, lda, r1 - r0, K, corr.data());
         vnni_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data_ptr<int32_t>());
         rows(acc.data_ptr<int32_t>(), r0, r1);
         continue;
       }
 #endif
+      row_corrections(ap, lda, r1 - r0, K, corr.data());
       portable_block(ap, lda, corr.data(), r1 - r0, p, N, acc.data_ptr<int32_t>());
       rows(acc.data_ptr<int32_t>(), r0, r1);
     }
