@@ -19,7 +19,7 @@ from ryzen_llm.hardware import cpu_flags, environment
 from ryzen_llm.ops._extension import (
     embeds_libstdcxx, extension_error, extension_loaded, libstdcxx_owner,
 )
-from ryzen_llm.ops.dispatch import LEVEL_OF_OP, OP_SPECS, KernelSet, resolve
+from ryzen_llm.ops.dispatch import LEVEL_OF_OP, LEVELS, OP_SPECS, KernelSet, resolve
 
 
 def _flatten(out):
@@ -30,7 +30,7 @@ def self_check(op: str, device: str) -> tuple[bool, str]:
     """Fused vs reference on one device: forward outputs and input gradients, fp32."""
     sample = OP_SPECS[op].sample_inputs
     if sample is None:
-        return True, "no self-check here (optimizer or generation op): checked by its tests"
+        return True, "no self-check here (optimizer, generation or int8 op): checked by its tests"
     args = sample(device, torch.Generator().manual_seed(0))
     with warnings.catch_warnings():  # other ops falling back is not this check's business
         warnings.simplefilter("ignore")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"extension:  NOT LOADED: {extension_error()}")
         ok = False
-    choices = resolve(3) if extension_loaded() else {}
+    choices = resolve(max(LEVELS)) if extension_loaded() else {}
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
