@@ -91,7 +91,7 @@ class TrainingConfig:
 
 ADAMW_STATE_DTYPES = ("float32", "bfloat16")
 # Level 4's int8 GEMM on the CPU (ryzen_llm.ops.linear.set_int8_gemm): the faster per shape
-# (the own kernel when within 5%), the own AVX512-VNNI kernel, or at::_int_mm (oneDNN).
+# (the own kernel when within 15%), the own AVX512-VNNI kernel, or at::_int_mm (oneDNN).
 INT8_GEMMS = ("auto", "own", "onednn")
 
 

@@ -12,7 +12,7 @@
 namespace ryzen_llm {
 
 // Which implementation runs: kAuto times both on a shape's first call and keeps the faster, the
-// own kernel when it is within 5% (kOwnTieMargin in int8_gemm.cpp says why).
+// own kernel when it is within 15% (kOwnTieMargin in int8_gemm.cpp says why).
 enum class Int8GemmMode : int64_t { kAuto = 0, kOwn = 1, kOneDnn = 2 };
 
 // Receives rows [r0, r1) of the int32 result C (M, N), row r at acc + (r - r0) * N. Called

@@ -12,7 +12,7 @@ quantizes each weight once. Saved for backward: x's row codes (int8, half the by
 bfloat16) with its row scales or, without the int8 weight gradient, x itself, and the
 pre-activation of a GELU'd layer. On the CPU each GEMM runs through at::_int_mm (oneDNN) or the
 library's own AVX512-VNNI kernel (csrc/cpu/int8_gemm.cpp), the faster per shape (the own kernel
-when within 5%): both are timed on a shape's first call, and int8_gemm_choices() says which runs
+when within 15%): both are timed on a shape's first call, and int8_gemm_choices() says which runs
 where (the same int32 sums either way). A NaN or inf in a row of x makes that output row NaN and,
 through its scale, the whole weight gradient NaN (the trainer stops at a non-finite loss).
 
@@ -44,7 +44,7 @@ _IMPL_NAMES = {1: "own", 2: "onednn"}
 
 def set_int8_gemm(mode: str) -> str:
     """Which int8 GEMM the CPU kernels run, process-wide: "auto" (the faster per shape, timed
-    on its first call, the own kernel when within 5%; the default), "own" (the AVX512-VNNI kernel; plain loops without VNNI)
+    on its first call, the own kernel when within 15%; the default), "own" (the AVX512-VNNI kernel; plain loops without VNNI)
     or "onednn" (at::_int_mm). Returns the previous mode."""
     if mode not in INT8_GEMM_MODES:
         raise ValueError(f"int8 GEMM mode: expected one of {sorted(INT8_GEMM_MODES)}, got {mode!r}")
