@@ -6,15 +6,18 @@
         loss = model.loss(idx, targets)
     loss.backward()                                       # restores each tensor as it is needed
 
-What is compressed: floating tensors of at least max(min_numel, 2 * tokens) values that are not
-parameters nor derived straight from one: the feed-forward input and pre-activation, the attention input,
-q/k/v and probabilities, the LayerNorm inputs. A non-contiguous view is compressed as the
-contiguous tensor it views (CompressedView: no copy; attention's q, k and v share their qkv
-tensor's codes). A dtype cast of a parameter (autocast's bf16 weight copy, its transpose) is not
-held at all: backward casts the parameter again (ParameterCast),
-which costs a cast and saves the copy's bytes (docs/memory.md). Per-row statistics (mean, rstd: one value per
-token) and tensors without autograd history (the gradients the fused cross-entropy computes in
-its forward) stay exact. 4-bit codes round stochastically, int8 codes to nearest. A tensor saved by several nodes is compressed once.
+What is compressed: floating tensors of at least max(min_numel, block_size * tokens) values (one
+quantization block per token or more) that are not parameters nor derived straight from one: the
+feed-forward input and pre-activation, the attention input, q/k/v and probabilities, the
+LayerNorm inputs. A non-contiguous view is compressed as the contiguous tensor it views
+(CompressedView: no copy; attention's q, k and v share their qkv tensor's codes). A dtype cast of
+a parameter (autocast's bf16 weight copy, its transpose) is not held at all: backward casts the
+parameter again (ParameterCast), which costs a cast and saves the copy's bytes (docs/memory.md).
+Per-row statistics (LayerNorm's mean and rstd: one value per token; attention's log-sum-exp: one
+per token and head, whose error would scale whole rows of the probabilities backward recomputes)
+and tensors without autograd history (the gradients the fused cross-entropy computes in its
+forward) stay exact. 4-bit codes round stochastically, int8 codes to nearest. A tensor saved by
+several nodes is compressed once.
 """
 from __future__ import annotations
 
@@ -188,7 +191,8 @@ class ActivationCompressor:
 
     def pack_fn(self, tokens: int = 0):
         """(pack, unpack, done) for torch.autograd.graph.saved_tensors_hooks, one forward's worth."""
-        min_numel = max(self.min_numel, 2 * tokens)
+        # Fewer values per token than one block: a per-row statistic, kept exact.
+        min_numel = max(self.min_numel, self.block_size * tokens)
         # The same tensor saved by several nodes is compressed once. The weak reference tells a
         # live tensor from a new one the allocator put at a freed one's address.
         seen: dict[tuple, tuple[weakref.ref, QuantizedTensor]] = {}
