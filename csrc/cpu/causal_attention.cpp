@@ -391,8 +391,10 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_forward_tile(
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const acc_t* kbias = a.key_bias ? a.key_bias + bi * T : nullptr;
 
-  int64_t ldq;
-  const acc_t* Q = rows_as_acc(a.q + a.sq.at(bi, hi) + i0 * a.sq.t, a.sq.t, M, D, w.q.data(), &ldq);
+  int64_t ldq = 0;  // Q as acc_t only for the path without bf16 score products
+  const acc_t* Q = w.bf16_dot ? nullptr
+                              : rows_as_acc(a.q + a.sq.at(bi, hi) + i0 * a.sq.t, a.sq.t, M, D,
+                                            w.q.data(), &ldq);
   acc_t* O = w.o.data();
   acc_t* m = w.m.data();
   acc_t* l = w.l.data();
@@ -524,12 +526,12 @@ struct BackwardScratch {
       interleaved.resize((kBackwardBlockQ + 1) / 2 * kBackwardBlockK);
       ds_bf16.resize(kBackwardBlockQ * kBackwardBlockK);
     }
-    if (widen) {
+    if (widen && !bf16_all) {  // the acc_t copies only the paths without bf16 products read
       q.resize(T * D);
       go.resize(T * D);
       k.resize(T * D);
-      v.resize(T * D);
     }
+    if (widen && !bf16_dot) v.resize(T * D);
     kt.resize(D * kBackwardBlockK);
     vt.resize(D * kBackwardBlockK);
     s.resize(kBackwardBlockQ * kBackwardBlockK);
@@ -554,21 +556,30 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
   const acc_t sc = a.scale;
   const acc_t* L = lse + bh * T;
 
-  int64_t ldq, ldgo, ldk, ldv;
-  const acc_t* Q = rows_as_acc(a.q + a.sq.at(bi, hi), a.sq.t, T, D, w.q.data(), &ldq);
-  const acc_t* GO = rows_as_acc(grad_out + sgo.at(bi, hi), sgo.t, T, D, w.go.data(), &ldgo);
-  const acc_t* K = rows_as_acc(a.k + a.sk.at(bi, hi), a.sk.t, T, D, w.k.data(), &ldk);
-  const acc_t* V = rows_as_acc(a.v + a.sv.at(bi, hi), a.sv.t, T, D, w.v.data(), &ldv);
+  // Q, dO, K, V as acc_t rows, each only where a product without bf16 operands reads it (the
+  // bf16 products read the tensors themselves, or their pair-packed copies).
+  int64_t ldq = 0, ldgo = 0, ldk = 0, ldv = 0;
+  const bool widen_qk = !w.bf16_all, widen_v = !w.bf16_dot;
+  const acc_t* Q =
+      widen_qk ? rows_as_acc(a.q + a.sq.at(bi, hi), a.sq.t, T, D, w.q.data(), &ldq) : nullptr;
+  const acc_t* GO = widen_qk ? rows_as_acc(grad_out + sgo.at(bi, hi), sgo.t, T, D, w.go.data(),
+                                           &ldgo)
+                             : nullptr;
+  const acc_t* K =
+      widen_qk ? rows_as_acc(a.k + a.sk.at(bi, hi), a.sk.t, T, D, w.k.data(), &ldk) : nullptr;
+  const acc_t* V =
+      widen_v ? rows_as_acc(a.v + a.sv.at(bi, hi), a.sv.t, T, D, w.v.data(), &ldv) : nullptr;
 
   // delta_i = rowsum(dO_i * O_i), from the stored (rounded) output as autograd would see it.
   const scalar_t* O = out + so.at(bi, hi);
+  const scalar_t* G = grad_out + sgo.at(bi, hi);
   acc_t* delta = w.delta.data();
   for (int64_t t = 0; t < T; ++t) {
-    const acc_t* g = GO + t * ldgo;
+    const scalar_t* g = G + t * sgo.t;
     const scalar_t* o = O + t * so.t;
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) sum += g[d] * static_cast<acc_t>(o[d]);
+    for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(g[d]) * static_cast<acc_t>(o[d]);
     delta[t] = sum;
   }
   acc_t* dQ = w.dq.data();
@@ -607,7 +618,7 @@ RYZEN_LLM_TARGET_CLONES void causal_attention_backward_head(
       acc_t* P = w.s.data();
       acc_t* dP = w.dp.data();
       // Row groups of the query tile (P, dP, dQ): keys up to the diagonal only.
-      const acc_t* GOi = GO + i0 * ldgo;
+      const acc_t* GOi = GO ? GO + i0 * ldgo : nullptr;
       auto by_query = [&](int64_t r, int64_t rows) {
         return std::array<int64_t, 3>{causal_end(i0, j0, r, rows, kPad, npad), 0, D};
       };
