@@ -27,6 +27,7 @@
 #include <emmintrin.h>
 #endif
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -47,6 +48,7 @@ constexpr int64_t kMaxOwnK = (int64_t{1} << 31) / (255 * 128);
 // faster one went to oneDNN and the full preset's peak RSS rose past 500 MiB); where oneDNN has
 // a faster instruction set (AMX) it wins by far more than this.
 constexpr int64_t kOwnTieMargin = 15;
+constexpr int kTimedRounds = 3;  // timed calls of each GEMM when auto meets a shape
 // oneDNN: rows per at::_int_mm call, so that its int32 buffer stays at most kOneDnnRows x N.
 constexpr int64_t kOneDnnRows = 512;
 
@@ -382,15 +384,17 @@ void int8_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows)
   }
   Choice timing{Int8GemmMode::kOneDnn};
   if (impl == Int8GemmMode::kAuto) {
-    // Each three times, the later two timed: the first pays oneDNN's primitive creation and the
-    // first touch of buffers. The results are the same bits, so the rows may be written again.
+    // Each four times, alternating, the later three timed and the fastest kept: the first call
+    // pays oneDNN's primitive creation and the first touch of buffers, and on a shared machine
+    // one or two slow samples must not decide for the rest of the run. The results are the same
+    // bits, so the rows may be written again.
     onednn_gemm(a, b, rows);
     own_gemm(a, b, rows);
-    timing.onednn_us = time_us([&] { onednn_gemm(a, b, rows); });
-    timing.own_us = time_us([&] { own_gemm(a, b, rows); });
-    // and once more each, keeping the faster time: one slow sample does not decide
-    timing.onednn_us = std::min(timing.onednn_us, time_us([&] { onednn_gemm(a, b, rows); }));
-    timing.own_us = std::min(timing.own_us, time_us([&] { own_gemm(a, b, rows); }));
+    timing.onednn_us = timing.own_us = std::numeric_limits<int64_t>::max();
+    for (int round = 0; round < kTimedRounds; ++round) {
+      timing.onednn_us = std::min(timing.onednn_us, time_us([&] { onednn_gemm(a, b, rows); }));
+      timing.own_us = std::min(timing.own_us, time_us([&] { own_gemm(a, b, rows); }));
+    }
     impl = timing.own_us * 100 <= timing.onednn_us * (100 + kOwnTieMargin) ? Int8GemmMode::kOwn
                                                                           : Int8GemmMode::kOneDnn;
     timed = true;
