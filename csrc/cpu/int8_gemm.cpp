@@ -297,16 +297,24 @@ void portable_block(const int8_t* a, int64_t lda, const int32_t* corr, int64_t r
 void own_gemm(const at::Tensor& a, const at::Tensor& b, const Int8RowsFn& rows) {
   const int64_t M = a.size(0), N = b.size(1), K = a.size(1);
   const PackedB p = pack_b(b);
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  // One part of the rows per thread, as equal as whole tiles allow, walked in blocks of
+  // kRowBlock. (Split by whole blocks, 2 threads got 6 and 5 blocks at M = 256 or 512, one
+  // thread 22% more rows than the other, and at M = 2048 22 and 20.7.)
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (M + kTileRows - 1) / kTileRows));
+  auto part_start = [&](int64_t t) {
+    return std::min(M, (t * M / parts + kTileRows - 1) / kTileRows * kTileRows);
+  };
   const bool vnni = avx512_vnni_available();
-  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
     // through ATen's allocator (the trainer's block cache), not malloc: buffers of a few
     // hundred KB from malloc's heap fragment it between steps
     at::Tensor buf = at::empty({kRowBlock * 4 * p.K4}, a.options()),
                acc = at::empty({kRowBlock * N}, a.options().dtype(at::kInt));
     std::vector<int32_t> corr(kRowBlock);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r0 = i * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
+    const int64_t end = part_start(t1);
+    for (int64_t r0 = part_start(t0); r0 < end; r0 += kRowBlock) {
+      const int64_t r1 = std::min(end, r0 + kRowBlock);
       const int8_t* ap;
       int64_t lda;
       block_rows(a, r0, r1, p.K4, buf.data_ptr<int8_t>(), &ap, &lda);
