@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <tuple>
 #include <string>
@@ -553,18 +554,19 @@ inline int64_t check_int8_linear_backward_args(const at::Tensor& grad_y, const a
 template <typename acc_t>
 struct AdamWScalars {
   acc_t decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
+  acc_t grad_scale;  // each gradient element is multiplied by it first (gradient clipping)
 };
 
 template <typename acc_t>
 AdamWScalars<acc_t> adamw_scalars(double lr, double beta1, double beta2, double eps,
-                                  double weight_decay, int64_t step) {
+                                  double weight_decay, int64_t step, double grad_scale) {
   // As torch.optim.AdamW computes them, in double, before they meet the tensors.
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   return {static_cast<acc_t>(1.0 - lr * weight_decay), static_cast<acc_t>(1.0 - beta1),
           static_cast<acc_t>(beta2),                   static_cast<acc_t>(1.0 - beta2),
           static_cast<acc_t>(std::sqrt(bc2)),          static_cast<acc_t>(eps),
-          static_cast<acc_t>(-(lr / bc1))};
+          static_cast<acc_t>(-(lr / bc1)),            static_cast<acc_t>(grad_scale)};
 }
 
 
@@ -578,8 +580,11 @@ inline c10::ScalarType check_adamw_args(c10::DeviceType device_type, at::TensorL
                                         at::TensorList grads, at::TensorList exp_avgs,
                                         at::TensorList exp_avg_sqs, double lr, double beta1,
                                         double beta2, double eps, double weight_decay,
-                                        int64_t step, bool bf16_state_ok = false) {
+                                        int64_t step, double grad_scale,
+                                        bool bf16_state_ok = false) {
   TORCH_CHECK(lr >= 0, "lr: expected a non-negative value, got ", lr);
+  TORCH_CHECK(grad_scale >= 0 && grad_scale <= std::numeric_limits<double>::max(),
+              "grad_scale: expected a finite non-negative value, got ", grad_scale);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1, "beta1: expected a value in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0 && beta2 < 1, "beta2: expected a value in [0, 1), got ", beta2);
   TORCH_CHECK(eps >= 0, "eps: expected a non-negative value, got ", eps);

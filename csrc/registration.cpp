@@ -22,9 +22,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // w_scales (V,) float32); the gradients are the float linear's at those logits (CPU kernel only).
   m.def("int8_linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor w_codes, Tensor w_scales, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
   // torch.optim.AdamW's update on lists of same-dtype tensors (float32/float64), in place.
-  m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale=1.0) -> ()");
   // The same on float32 master copies of bfloat16 params: the params receive the rounded master.
-  m.def("adamw_master_step_(Tensor(a!)[] params, Tensor(b!)[] master_params, Tensor[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  m.def("adamw_master_step_(Tensor(a!)[] params, Tensor(b!)[] master_params, Tensor[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale=1.0) -> ()");
   // Block-wise absmax int8/4-bit codes of x flattened (row-major): data uint8 (numel or
   // ceil(numel/2) bytes), scales float32 per block; stochastic rounding hashes (seed, offset + i).
   m.def("quantize_blockwise(Tensor x, int block_size, int bits, bool stochastic, int seed, int offset) -> (Tensor data, Tensor scales)");

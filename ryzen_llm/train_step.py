@@ -23,6 +23,7 @@ from ryzen_llm.compression import ActivationCompressor
 from ryzen_llm.hardware import has_native_bf16
 from ryzen_llm.model import measure_saved_activation_bytes
 from ryzen_llm.ops._extension import extension_loaded, has_kernel
+from ryzen_llm.ops.adamw import FusedAdamW
 from ryzen_llm.ops.dispatch import KernelOptimizer
 
 
@@ -358,13 +359,20 @@ class TrainStep:
         graph_norm: the gradients' total norm, computed inside the replayed graph."""
         params = self._params()
         graph = graph_norm is not None
+        grad_scale = None
         if graph:
             norm = graph_norm  # the clipping is torch's, with the norm the graph computed
             if self.max_grad_norm is not None and self.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm,
                                                      self.graph.captured.norm)
         elif self.max_grad_norm is not None and self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            if isinstance(self.optimizer, FusedAdamW):
+                # torch's clipping factor, applied as the fused step reads each gradient
+                # instead of in a pass of its own over every gradient
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                grad_scale = float(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.last_grad_norm = float(norm)
@@ -378,7 +386,10 @@ class TrainStep:
         lr = self.lr_schedule(self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if grad_scale is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.step(grad_scale=grad_scale)
         self.kernels.count(("adamw", self.kernels.choices["adamw"].impl))
         if not graph:
             self.optimizer.zero_grad(set_to_none=True)

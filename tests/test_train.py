@@ -44,6 +44,35 @@ def test_bf16_adamw_moments_need_the_fused_adamw():
     assert {s["exp_avg"].dtype for s in step.optimizer.state.values()} == {torch.bfloat16}
 
 
+def test_clipping_inside_the_fused_adamw_matches_torchs_clipping(monkeypatch):
+    """Level 3 (FusedAdamW): the clipping factor goes into the AdamW pass (grad_scale) instead of
+    torch.nn.utils.clip_grad_norm_ multiplying every gradient first; the parameters come out
+    the same, bit for bit."""
+    from ryzen_llm import train_step as ts
+
+    def run():
+        torch.manual_seed(0)
+        model = ScaledTransformerModel(TINY)
+        step = TrainStep(model, level=3, lr=3e-3, max_grad_norm=0.05)
+        g = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(3):
+            idx = torch.randint(0, 128, (4, 16), generator=g)
+            step(idx, torch.roll(idx, -1, dims=1))
+            norms.append(step.last_grad_norm)
+        return model, norms, type(step.optimizer).__name__
+
+    fused, fused_norms, name = run()
+    if name != "FusedAdamW":
+        pytest.skip("level 3 runs torch.optim.AdamW here (no extension)")
+    monkeypatch.setattr(ts, "FusedAdamW", type("NotTheOptimizer", (), {}))  # torch's clipping
+    plain, plain_norms, _ = run()
+    assert min(fused_norms) > 0.05  # every step clipped
+    assert fused_norms == plain_norms
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_micro_batch_end_runs_after_each_micro_batch():
     calls = []
     step = TrainStep(ScaledTransformerModel(TINY), level=0, grad_accum_steps=3,

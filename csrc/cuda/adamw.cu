@@ -48,7 +48,7 @@ __global__ void adamw_multi_tensor_kernel(TensorTable<param_t, acc_t> table, Ada
   acc_t* exp_avg_sq = table.exp_avg_sq[t];
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
-    const acc_t g = static_cast<acc_t>(grad[i]);
+    const acc_t g = static_cast<acc_t>(grad[i]) * s.grad_scale;  // grad.mul_(scale)
     acc_t p = master != nullptr ? master[i] : static_cast<acc_t>(param[i]);
     p = p * s.decay;                                                 // param.mul_(1 - lr * wd)
     const acc_t m = exp_avg[i] + s.one_minus_beta1 * (g - exp_avg[i]);  // lerp_(grad, 1 - b1)
@@ -96,27 +96,29 @@ void launch_groups(at::TensorList params, at::TensorList masters, at::TensorList
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, int64_t step) {
+                     double weight_decay, int64_t step, double grad_scale) {
   const auto dtype = check_adamw_args(c10::DeviceType::CUDA, params, {}, false, grads, exp_avgs,
-                                      exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step);
+                                      exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
+                                      grad_scale);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   AT_DISPATCH_FLOATING_TYPES(dtype, "adamw_step_cuda", [&] {
     launch_groups<scalar_t, scalar_t>(params, {}, grads, exp_avgs, exp_avg_sqs,
-                                      adamw_scalars<scalar_t>(lr, beta1, beta2, eps, weight_decay, step));
+                                      adamw_scalars<scalar_t>(lr, beta1, beta2, eps, weight_decay, step,
+                                                                             grad_scale));
   });
 }
 
 void adamw_master_step_cuda(at::TensorList params, at::TensorList master_params,
                             at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
-                            double eps, double weight_decay, int64_t step) {
+                            double eps, double weight_decay, int64_t step, double grad_scale) {
   check_adamw_args(c10::DeviceType::CUDA, params, master_params, true, grads, exp_avgs,
-                   exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step);
+                   exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   launch_groups<c10::BFloat16, float>(params, master_params, grads, exp_avgs, exp_avg_sqs,
-                                      adamw_scalars<float>(lr, beta1, beta2, eps, weight_decay, step));
+                                      adamw_scalars<float>(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
 }
 
 }  // namespace

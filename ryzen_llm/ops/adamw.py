@@ -23,12 +23,13 @@ if extension_loaded():
     # The ops mutate their list arguments in place and return nothing: no autograd, and
     # torch.compile only needs to know they return None.
     @torch.library.register_fake("ryzen_llm::adamw_step_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step):
+    def _(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
+          grad_scale=1.0):
         return None
 
     @torch.library.register_fake("ryzen_llm::adamw_master_step_")
     def _(params, master_params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-          weight_decay, step):
+          weight_decay, step, grad_scale=1.0):
         return None
 
 
@@ -114,7 +115,14 @@ class FusedAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: float = 1.0):
+        """One AdamW update of every parameter with a gradient. grad_scale multiplies each
+        gradient as it is read (the gradients themselves are left as they are): gradient
+        clipping by the total norm in the same pass, the same float32 products as
+        torch.nn.utils.clip_grads_with_norm_ followed by the step."""
+        grad_scale = float(grad_scale)
+        if not (0.0 <= grad_scale < float("inf")):
+            raise ValueError(f"grad_scale: expected a finite non-negative value, got {grad_scale}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -144,11 +152,11 @@ class FusedAdamW(torch.optim.Optimizer):
                     masters = [s["master_param"] for _, s in items]
                     grads = [g.to(torch.bfloat16) for g in grads]
                     torch.ops.ryzen_llm.adamw_master_step_(
-                        params, masters, grads, exp_avgs, exp_avg_sqs, *hyper, step
+                        params, masters, grads, exp_avgs, exp_avg_sqs, *hyper, step, grad_scale
                     )
                 else:
                     torch.ops.ryzen_llm.adamw_step_(
-                        params, grads, exp_avgs, exp_avg_sqs, *hyper, step
+                        params, grads, exp_avgs, exp_avg_sqs, *hyper, step, grad_scale
                     )
                 # The ops write the parameters in place without autograd seeing it: move their
                 # version counters as an in-place torch op would, so that anything keyed on

@@ -213,6 +213,71 @@ def test_bad_step_raises_named_error():
         torch.ops.ryzen_llm.adamw_step_(*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0)
 
 
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_bad_grad_scale_raises_named_error(bad):
+    lists = [[torch.randn(5)] for _ in range(4)]
+    with pytest.raises(RuntimeError, match="grad_scale: expected a finite non-negative value"):
+        torch.ops.ryzen_llm.adamw_step_(*lists, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, bad)
+    params = [torch.nn.Parameter(torch.randn(5))]
+    params[0].grad = torch.randn(5)
+    with pytest.raises(ValueError, match="grad_scale: expected a finite non-negative value"):
+        FusedAdamW(params, **HYPER).step(grad_scale=bad)
+
+
+# -- gradient clipping in the step ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_grad_scale_is_clipping_then_the_step_bit_for_bit(device, state_dtype):
+    """step(grad_scale=c) leaves the gradients alone and updates exactly as
+    torch.nn.utils.clip_grad_norm_ (which multiplies them by c) followed by step(): the same
+    float32 product, so the same bits, for float32 parameters with either moment dtype."""
+    if state_dtype is not None and device != "cpu":
+        pytest.skip("bfloat16 moments: CPU only")
+    kw = {} if state_dtype is None else dict(state_dtype=state_dtype)
+    ours, theirs = make_params(device=device), make_params(device=device)
+    opt_ours, opt_theirs = FusedAdamW(ours, **HYPER, **kw), FusedAdamW(theirs, **HYPER, **kw)
+    g = torch.Generator().manual_seed(1)
+    for max_norm in (0.5, 1e9, 2.0):  # clipped, not clipped (c = 1), clipped
+        for p, q in zip(ours, theirs):
+            p.grad = 10 * torch.randn(p.shape, generator=g).to(device)
+            q.grad = p.grad.clone()
+        held = [p.grad.clone() for p in ours]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ours])
+        scale = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        opt_ours.step(grad_scale=scale)
+        assert torch.nn.utils.clip_grad_norm_(theirs, max_norm) == norm
+        opt_theirs.step()
+        assert all(torch.equal(p.grad, h) for p, h in zip(ours, held))
+        assert (scale < 1.0) == (max_norm < 1e9)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_ours.state[a][key], opt_theirs.state[b][key], rtol=0,
+                                       atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scale_with_bf16_params_follows_scaled_float32_gradients(device):
+    """bfloat16 parameters: the scale multiplies the bfloat16 gradient in float32 (clipping in
+    place would round the product to bfloat16 first), so the master follows torch.optim.AdamW
+    on the float32 products."""
+    ours = make_params(torch.bfloat16, device=device)
+    master = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    opt_ours = FusedAdamW(ours, **HYPER)
+    opt_master = torch.optim.AdamW(master, **HYPER, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.3, 1.0, 0.05):
+        for p, q in zip(ours, master):
+            grad = torch.randn(p.shape, generator=g).to(device, torch.bfloat16)
+            p.grad, q.grad = grad, grad.float() * scale
+        opt_ours.step(grad_scale=scale)
+        opt_master.step()
+    for p, q in zip(ours, master):
+        assert max_ulps(opt_ours.state[p]["master_param"], q.detach()) <= 8
+
+
 # -- bfloat16 moments ------------------------------------------------------------------------
 
 
