@@ -103,9 +103,9 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   AT_DISPATCH_FLOATING_TYPES(dtype, "adamw_step_cuda", [&] {
-    launch_groups<scalar_t, scalar_t>(params, {}, grads, exp_avgs, exp_avg_sqs,
-                                      adamw_scalars<scalar_t>(lr, beta1, beta2, eps, weight_decay, step,
-                                                                             grad_scale));
+    launch_groups<scalar_t, scalar_t>(
+        params, {}, grads, exp_avgs, exp_avg_sqs,
+        adamw_scalars<scalar_t>(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
   });
 }
 
@@ -117,8 +117,9 @@ void adamw_master_step_cuda(at::TensorList params, at::TensorList master_params,
                    exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  launch_groups<c10::BFloat16, float>(params, master_params, grads, exp_avgs, exp_avg_sqs,
-                                      adamw_scalars<float>(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
+  launch_groups<c10::BFloat16, float>(
+      params, master_params, grads, exp_avgs, exp_avg_sqs,
+      adamw_scalars<float>(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
 }
 
 }  // namespace
