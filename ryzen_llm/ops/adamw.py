@@ -168,4 +168,5 @@ class FusedAdamW(torch.optim.Optimizer):
 
 # The reference is torch.optim.AdamW itself: FusedAdamW takes its constructor's arguments.
 SPECS = (OpSpec("adamw", 3, FusedAdamW, torch.optim.AdamW,
-                "multi-tensor AdamW: one pass over each parameter, its gradient and moments"),)
+                "multi-tensor AdamW: one pass over each parameter, its gradient and moments, "
+                "with the gradient clipping factor applied in the same pass"),)
