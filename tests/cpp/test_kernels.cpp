@@ -288,8 +288,9 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
 // ---- AdamW -----------------------------------------------------------------------------------
 TEST_CASE(adamw_matches_naive_loop) {
   using Fn = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double,
-                  double, double, double, int64_t);
+                  double, double, double, int64_t, double);
   auto step = harness::op<Fn>("ryzen_llm::adamw_step_");
+  const double scale = 0.5;  // grad_scale: each gradient multiplied by it (clipping)
   at::manual_seed(3);
   const double lr = 1e-2, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
   std::vector<at::Tensor> p, g, m, v;
@@ -306,14 +307,15 @@ TEST_CASE(adamw_matches_naive_loop) {
     ev.push_back(v[i].clone());
   }
   for (int64_t s = 1; s <= 3; ++s) {
-    step.call(p, g, m, v, lr, b1, b2, eps, wd, s);
+    step.call(p, g, m, v, lr, b1, b2, eps, wd, s, scale);
     for (size_t i = 0; i < p.size(); ++i) {
       auto P = ep[i].data_ptr<double>(), M = em[i].data_ptr<double>(), Vv = ev[i].data_ptr<double>();
       auto G = g[i].data_ptr<double>();
       for (int64_t j = 0; j < p[i].numel(); ++j) {
         P[j] *= 1 - lr * wd;
-        M[j] = b1 * M[j] + (1 - b1) * G[j];
-        Vv[j] = b2 * Vv[j] + (1 - b2) * G[j] * G[j];
+        const double gj = G[j] * scale;
+        M[j] = b1 * M[j] + (1 - b1) * gj;
+        Vv[j] = b2 * Vv[j] + (1 - b2) * gj * gj;
         const double mhat = M[j] / (1 - std::pow(b1, s)), vhat = Vv[j] / (1 - std::pow(b2, s));
         P[j] -= lr * mhat / (std::sqrt(vhat) + eps);
       }
@@ -325,7 +327,8 @@ TEST_CASE(adamw_matches_naive_loop) {
     EXPECT(harness::max_abs_diff(v[i], ev[i]) < 1e-12, "exp_avg_sq %zu", i);
   }
   std::vector<at::Tensor> short_grads(g.begin(), g.end() - 1);
-  EXPECT_THROWS(step.call(p, short_grads, m, v, lr, b1, b2, eps, wd, 4), "grads");
+  EXPECT_THROWS(step.call(p, short_grads, m, v, lr, b1, b2, eps, wd, 4, 1.0), "grads");
+  EXPECT_THROWS(step.call(p, g, m, v, lr, b1, b2, eps, wd, 4, -1.0), "grad_scale");
 
   // float32 params with bfloat16 moments: each new moment is the float32 update of the stored
   // one, rounded to one of its two bfloat16 neighbours (stochastically: either may come out).
@@ -342,7 +345,7 @@ TEST_CASE(adamw_matches_naive_loop) {
       m_before.push_back(m16[i].to(at::kFloat));
       v_before.push_back(v16[i].to(at::kFloat));
     }
-    step.call(p32, g32, m16, v16, lr, b1, b2, eps, wd, s);
+    step.call(p32, g32, m16, v16, lr, b1, b2, eps, wd, s, 1.0);
     for (size_t i = 0; i < p32.size(); ++i) {
       const auto m_exact = m_before[i] * b1 + g32[i] * (1 - b1);
       const auto v_exact = v_before[i] * b2 + g32[i] * g32[i] * (1 - b2);
@@ -355,7 +358,7 @@ TEST_CASE(adamw_matches_naive_loop) {
   }
   std::vector<at::Tensor> p64{at::randn({4}, at::kDouble)}, g64{at::randn({4}, at::kDouble)};
   std::vector<at::Tensor> mb{at::zeros({4}, at::kBFloat16)}, vb{at::zeros({4}, at::kBFloat16)};
-  EXPECT_THROWS(step.call(p64, g64, mb, vb, lr, b1, b2, eps, wd, 1), "exp_avgs");
+  EXPECT_THROWS(step.call(p64, g64, mb, vb, lr, b1, b2, eps, wd, 1, 1.0), "exp_avgs");
 }
 
 // ---- decode linear ----------------------------------------------------------------------------
