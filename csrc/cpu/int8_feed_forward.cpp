@@ -46,14 +46,11 @@ template <typename E, bool kBias>
 RYZEN_LLM_TARGET_CLONES void gelu_codes_row(const int32_t* acc, float rs, const float* cs,
                                             const float* bias, typename E::raw_t* pre, float* act,
                                             int8_t* codes, float* scale, int64_t N) {
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) {
-    float u = static_cast<float>(acc[n]) * (rs * cs[n]);
-    if constexpr (kBias) u += bias[n];
-    const auto p = E::store(u);
-    pre[n] = p;
-    act[n] = static_cast<float>(E::load(E::store(gelu_value(static_cast<float>(E::load(p))))));
-  }
+  gelu_epilogue_row<E, kBias>(acc, rs, cs, bias, pre,
+                              [act](int64_t n, typename E::raw_t v) {
+                                act[n] = static_cast<float>(E::load(v));
+                              },
+                              N);
   float amax = 0.0f;
   int bad = 0;
 #pragma omp simd reduction(max : amax) reduction(| : bad)

@@ -28,6 +28,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     const at::Tensor& x, bool rows, bool cols, at::Tensor* col_sums,
     const at::Tensor& col_mult = at::Tensor(), const at::Tensor& row_mult = at::Tensor());
 
+// One row of a GELU'd layer's epilogue, for the int8 linear and fc1 of the int8 feed-forward:
+// pre = acc * rs * cs (+ bias) stored as E, and out(n, v) with v the GELU of the stored (rounded)
+// pre-activation, which backward differentiates, stored as E. kBias is a template argument: a
+// null test inside the loop was vectorized as masked loads from the null bias, each a microcode
+// assist on Zen 4.
+template <typename E, bool kBias, typename Out>
+RYZEN_LLM_INLINE void gelu_epilogue_row(const int32_t* acc, float rs, const float* cs,
+                                        const float* bias, typename E::raw_t* pre, Out&& out,
+                                        int64_t N) {
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) {
+    float u = static_cast<float>(acc[n]) * (rs * cs[n]);
+    if constexpr (kBias) u += bias[n];
+    const auto p = E::store(u);
+    pre[n] = p;
+    out(n, E::store(gelu_value(static_cast<float>(E::load(p)))));
+  }
+}
+
 // y (M, N) (and pre with gelu) = (a (M, K) @ b (K, N)) * row_scales * col_scales + bias, GELU'd
 // when gelu; the int32 sums through int8_gemm, each block of rows dequantized as it arrives.
 void gemm_dequantize(const at::Tensor& a, const at::Tensor& b, const float* row_scales,

@@ -321,25 +321,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(
   return quantize(x, rows, cols, nullptr);
 }
 
-// pre = acc * row_scale * col_scale (+ bias), y = GELU(pre), for one row. (kBias is a template
-// argument: a null test inside the loop was vectorized as masked loads from the null bias, each
-// a microcode assist on Zen 4: a GELU'd layer without bias ran 1.6x slower than one with.)
-template <typename E, bool kBias>
-RYZEN_LLM_INLINE void dequantize_gelu_row(const int32_t* acc, float row_scale,
-                                          const float* col_scales, const float* bias,
-                                          typename E::raw_t* pre, typename E::raw_t* y,
-                                          int64_t N) {
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) {
-    float u = static_cast<float>(acc[n]) * (row_scale * col_scales[n]);
-    if constexpr (kBias) u += bias[n];
-    // GELU of the stored (rounded) pre-activation, which backward differentiates
-    const auto p = E::store(u);
-    pre[n] = p;
-    y[n] = E::store(gelu_value(static_cast<float>(E::load(p))));
-  }
-}
-
 // y = acc * row_scale * col_scale (+ bias), and with gelu: pre = that, y = GELU(pre); per row.
 template <typename E>
 RYZEN_LLM_TARGET_CLONES void dequantize_row(const int32_t* acc, float row_scale,
@@ -347,10 +328,12 @@ RYZEN_LLM_TARGET_CLONES void dequantize_row(const int32_t* acc, float row_scale,
                                             bool gelu, typename E::raw_t* pre,
                                             typename E::raw_t* y, int64_t N) {
   if (gelu) {
+    // (bias tested outside the loop: a GELU'd layer without bias ran 1.3-1.6x slower before)
+    auto to_y = [y](int64_t n, typename E::raw_t v) { y[n] = v; };
     if (bias != nullptr) {
-      dequantize_gelu_row<E, true>(acc, row_scale, col_scales, bias, pre, y, N);
+      gelu_epilogue_row<E, true>(acc, row_scale, col_scales, bias, pre, to_y, N);
     } else {
-      dequantize_gelu_row<E, false>(acc, row_scale, col_scales, bias, pre, y, N);
+      gelu_epilogue_row<E, false>(acc, row_scale, col_scales, bias, pre, to_y, N);
     }
   } else if (bias != nullptr) {
 #pragma omp simd
