@@ -527,6 +527,21 @@ inline int64_t check_int8_linear_forward_args(const at::Tensor& x, const at::Ten
   return check_int8_weight(x, "x", x.size(1), weight, bias, w_codes, w_scales);
 }
 
+// x's row codes and scales given to an int8 op that would otherwise make them from x (M, K):
+// both or neither; returns whether they were given.
+inline bool check_given_row_codes(const at::Tensor& x, const c10::optional<at::Tensor>& x_codes,
+                                  const c10::optional<at::Tensor>& x_scales) {
+  const bool codes = x_codes.has_value() && x_codes->defined();
+  const bool scales = x_scales.has_value() && x_scales->defined();
+  TORCH_CHECK(codes == scales, "x_codes and x_scales: expected both or neither, got ",
+              codes ? "x_codes only" : "x_scales only");
+  if (codes) {
+    check_int8_codes(*x_codes, *x_scales, x, "x", x.size(0), x.size(1), x.size(0), "x_codes",
+                     "x_scales");
+  }
+  return codes;
+}
+
 // int8_linear_backward's arguments beside grad_y (checked by check_int8_activations); returns K.
 inline int64_t check_int8_linear_backward_args(const at::Tensor& grad_y, const at::Tensor& pre,
                                                const at::Tensor& x_saved,

@@ -8,6 +8,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // A float32 x may take a bfloat16 residual and emit out as out_dtype bfloat16 (autocast); the backward then
   // reads a bfloat16 grad_out and, given residual_dtype, also returns grad_residual in it (else grad_residual is empty).
   m.def("add_layer_norm_forward(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd)");
+  // The same, also writing out's int8 row codes (N, C) and scales (N,) (int8_quantize's) for the level-4
+  // linear that reads out; out float32 or bfloat16 (CPU kernel only). Its backward is add_layer_norm_backward.
+  m.def("add_layer_norm_int8_forward(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None) -> (Tensor out, Tensor sum, Tensor mean, Tensor rstd, Tensor codes, Tensor scales)");
   m.def("add_layer_norm_backward(Tensor grad_out, Tensor? grad_sum, Tensor input, Tensor weight, Tensor mean, Tensor rstd, ScalarType? residual_dtype=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // y = GELU(x + bias), exact erf form; the backward also reduces grad_bias over all rows of x.
   m.def("bias_gelu_forward(Tensor x, Tensor bias) -> Tensor");
@@ -19,8 +22,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // (empty when not needed), so no logits are kept: backward only scales them.
   m.def("linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
   // The same with the logits GEMM on int8 codes: h per row, weight per vocabulary row (w_codes (V, C),
-  // w_scales (V,) float32); the gradients are the float linear's at those logits (CPU kernel only).
-  m.def("int8_linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor w_codes, Tensor w_scales, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
+  // w_scales (V,) float32); the gradients are the float linear's at those logits (CPU kernel only). h_codes, h_scales:
+  // h's row codes from its producer (add_layer_norm_int8_forward's), used instead of quantizing h.
+  m.def("int8_linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor w_codes, Tensor w_scales, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight, Tensor? h_codes=None, Tensor? h_scales=None) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
   // torch.optim.AdamW's update on lists of same-dtype tensors (float32/float64), in place.
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale=1.0) -> ()");
   // The same on float32 master copies of bfloat16 params: the params receive the rounded master.
@@ -54,15 +58,17 @@ TORCH_LIBRARY(ryzen_llm, m) {
   m.def("int8_dequantize(Tensor acc, Tensor row_scales, Tensor col_scales, Tensor? bias, bool gelu, ScalarType dtype) -> (Tensor y, Tensor pre)");
   // The int8 linear of level 4 on x (M, K) and weight (N, K) given as its codes per output (w_codes, w_scales (N,));
   // weight itself only receives its gradient. y = x @ W.T + bias (GELU'd); pre for backward (gelu only); x's row
-  // codes and scales (M,), the forward GEMM's own, for an int8 weight gradient (save_codes).
-  m.def("int8_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor w_codes, Tensor w_scales, bool gelu, bool save_codes) -> (Tensor y, Tensor pre, Tensor x_codes, Tensor x_scales)");
+  // codes and scales (M,), the forward GEMM's own, for an int8 weight gradient (save_codes). Given x_codes and x_scales
+  // (x's row codes from its producer, add_layer_norm_int8_forward's) x is not read and the two outputs are empty.
+  m.def("int8_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor w_codes, Tensor w_scales, bool gelu, bool save_codes, Tensor? x_codes=None, Tensor? x_scales=None) -> (Tensor y, Tensor pre, Tensor x_codes, Tensor x_scales)");
   // Its backward with the forward's weight codes (the scales folded into grad_y); x_saved is x's row codes with x_scales
   // (int8_weight_grad) or x itself; grad_weight float32 (N, K), grad_bias float32 (N,).
   m.def("int8_linear_backward(Tensor grad_y, Tensor pre, Tensor x_saved, Tensor x_scales, Tensor w_codes, Tensor w_scales, bool gelu, bool need_grad_x, bool int8_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // The level-4 feed-forward fc2(GELU(fc1(x))) on x (M, C), w1 (F, C), w2 (C, F) given as their codes per output:
   // y (M, C), pre (M, F) (fc1's pre-activation), x's row codes and scales, and the activation's row codes (M, F)
-  // and scales (M,), which fc1's epilogue writes instead of the activation (csrc/cpu/int8_feed_forward.cpp).
-  m.def("int8_feed_forward_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w1_codes, Tensor w1_scales, Tensor w2, Tensor? b2, Tensor w2_codes, Tensor w2_scales) -> (Tensor y, Tensor pre, Tensor x_codes, Tensor x_scales, Tensor h_codes, Tensor h_scales)");
+  // and scales (M,), which fc1's epilogue writes instead of the activation (csrc/cpu/int8_feed_forward.cpp). x_codes,
+  // x_scales: as for int8_linear_forward.
+  m.def("int8_feed_forward_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w1_codes, Tensor w1_scales, Tensor w2, Tensor? b2, Tensor w2_codes, Tensor w2_scales, Tensor? x_codes=None, Tensor? x_scales=None) -> (Tensor y, Tensor pre, Tensor x_codes, Tensor x_scales, Tensor h_codes, Tensor h_scales)");
   // Its backward from what the forward saved: grad_x (empty without need_grad_x), grad_w1, grad_b1, grad_w2, grad_b2 (float32).
   m.def("int8_feed_forward_backward(Tensor grad_y, Tensor pre, Tensor x_codes, Tensor x_scales, Tensor h_codes, Tensor h_scales, Tensor w1_codes, Tensor w1_scales, Tensor w2_codes, Tensor w2_scales, bool need_grad_x) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
   // Exact int32 a (M, K) int8 @ b (K, N) int8 through the level-4 linear's GEMM (csrc/cpu/int8_gemm.cpp):

@@ -11,6 +11,7 @@
 #include "common.h"
 #include "fast_math.h"
 #include "op_checks.h"
+#include "cpu/int8_linear.h"
 
 #include <torch/library.h>
 
@@ -153,13 +154,21 @@ constexpr at::ScalarType kMixable[] = {at::kBFloat16};
 
 at::ScalarType stats_dtype(const at::Tensor& x) { return layer_norm_stats_dtype(x); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
+// Rows normalised, then quantized, at a time: 16 rows of 512 bfloat16 values are 16 KB.
+constexpr int64_t kCodeRows = 16;
+
+// out, sum, mean, rstd and, with codes (float32 or bfloat16 out), out's int8 row codes (N, C)
+// and scales (N,) as int8_quantize makes them, written while each row is in cache.
+std::vector<at::Tensor> add_layer_norm_forward_impl(
     const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
-    const at::Tensor& bias, double eps, c10::optional<at::ScalarType> out_dtype) {
+    const at::Tensor& bias, double eps, c10::optional<at::ScalarType> out_dtype, bool codes) {
   check_cpu(x, "input");
   check_float_dtype(x, "input");
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   check_add_layer_norm_forward_args(x, residual, weight, bias, eps, out_type, kMixable);
+  TORCH_CHECK(!codes || out_type == at::kFloat || out_type == at::kBFloat16,
+              "add_layer_norm_int8_forward: out must be float32 or bfloat16 for int8 codes, got ",
+              out_type);
   const bool has_residual = residual.has_value();
   const int64_t C = x.size(-1);
   const int64_t N = x.numel() / C;
@@ -169,6 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
   stat_shape.pop_back();
   auto mean = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
   auto rstd = at::empty(stat_shape, x.options().dtype(stats_dtype(x)));
+  auto row_codes = at::empty({codes ? N : 0, codes ? C : 0}, x.options().dtype(at::kChar));
+  auto row_scales = at::empty({codes ? N : 0}, x.options().dtype(at::kFloat));
   const at::ScalarType res_type = has_residual ? residual->scalar_type() : x.scalar_type();
   auto run = [&](auto x_tag, auto res_tag, auto out_tag) {
     using scalar_t = decltype(x_tag);
@@ -177,24 +188,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forwar
     using acc_t = at::opmath_type<scalar_t>;
     using E = Elem<scalar_t>;
     const auto* res_ptr = has_residual ? Elem<res_t>::ptr(*residual) : nullptr;
+    auto* out_ptr = Elem<out_t>::ptr(out);
     at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(C);
-      add_layer_norm_rows<scalar_t, res_t, out_t, acc_t>(
-          E::ptr(x), res_ptr, E::ptr(weight), E::ptr(bias), Elem<out_t>::ptr(out),
-          has_residual ? E::ptr(sum) : nullptr, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-          scratch.data(), begin, end, C, eps);
+      // with codes: kCodeRows rows at a time, quantized while they are in L1
+      const int64_t step = codes ? kCodeRows : end - begin;
+      for (int64_t r0 = begin; r0 < end; r0 += step) {
+        const int64_t r1 = std::min(end, r0 + step);
+        add_layer_norm_rows<scalar_t, res_t, out_t, acc_t>(
+            E::ptr(x), res_ptr, E::ptr(weight), E::ptr(bias), out_ptr,
+            has_residual ? E::ptr(sum) : nullptr, mean.data_ptr<acc_t>(),
+            rstd.data_ptr<acc_t>(), scratch.data(), r0, r1, C, eps);
+        if constexpr (!std::is_same_v<out_t, double>) {
+          if (codes) {
+            quantize_rows(out_ptr + r0 * C, r1 - r0, C, row_codes.data_ptr<int8_t>() + r0 * C,
+                          row_scales.data_ptr<float>() + r0);
+          }
+        }
+      }
     });
   };
   if (x.scalar_type() == at::kFloat && (res_type != at::kFloat || out_type != at::kFloat)) {
     with_mixed_type(res_type, [&](auto res_tag) {
       with_mixed_type(out_type, [&](auto out_tag) { run(float(), res_tag, out_tag); });
     });
-    return {out, sum, mean, rstd};
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layer_norm_forward",
+                                   [&] { run(scalar_t(), scalar_t(), scalar_t()); });
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_layer_norm_forward", [&] {
-    run(scalar_t(), scalar_t(), scalar_t());
-  });
-  return {out, sum, mean, rstd};
+  return {out, sum, mean, rstd, row_codes, row_scales};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, c10::optional<at::ScalarType> out_dtype) {
+  auto r = add_layer_norm_forward_impl(x, residual, weight, bias, eps, out_dtype, false);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+add_layer_norm_int8_forward_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                c10::optional<at::ScalarType> out_dtype) {
+  auto r = add_layer_norm_forward_impl(x, residual, weight, bias, eps, out_dtype, true);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 // grad_residual: the residual's gradient in residual_dtype when that differs from input's (the
@@ -271,6 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backwa
 
 TORCH_LIBRARY_IMPL(ryzen_llm, CPU, m) {
   m.impl("add_layer_norm_forward", &add_layer_norm_forward_cpu);
+  m.impl("add_layer_norm_int8_forward", &add_layer_norm_int8_forward_cpu);
   m.impl("add_layer_norm_backward", &add_layer_norm_backward_cpu);
 }
 

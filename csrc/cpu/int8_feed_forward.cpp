@@ -29,17 +29,6 @@
 namespace ryzen_llm {
 namespace {
 
-// A row's scale from its absolute maximum and its codes of v (N floats, overwritten by v / scale).
-RYZEN_LLM_INLINE void row_codes(float* v, float amax, int bad, float* scale, int8_t* codes,
-                                int64_t N) {
-  float inv;
-  int8_scale(amax, bad, scale, &inv);
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) v[n] = v[n] * inv;
-#pragma omp simd
-  for (int64_t n = 0; n < N; ++n) codes[n] = int8_code(v[n]);
-}
-
 // One row of fc1's epilogue: pre = acc * rs * cs + bias (stored), the activation GELU(pre)
 // rounded as a stored tensor would be, its absmax scale and its codes; act: N floats of scratch.
 template <typename E, bool kBias>
@@ -51,15 +40,7 @@ RYZEN_LLM_TARGET_CLONES void gelu_codes_row(const int32_t* acc, float rs, const 
                                 act[n] = static_cast<float>(E::load(v));
                               },
                               N);
-  float amax = 0.0f;
-  int bad = 0;
-#pragma omp simd reduction(max : amax) reduction(| : bad)
-  for (int64_t n = 0; n < N; ++n) {
-    const float m = std::fabs(act[n]);
-    bad |= !(m <= FLT_MAX);
-    amax = m > amax ? m : amax;
-  }
-  row_codes(act, amax, bad, scale, codes, N);
+  quantize_row(act, scale, codes, N);
 }
 
 // fc1 through its epilogue: pre (M, F), the activation's codes (M, F) and row scales (M,).
@@ -98,7 +79,9 @@ int8_feed_forward_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
                               const c10::optional<at::Tensor>& b1, const at::Tensor& w1_codes,
                               const at::Tensor& w1_scales, const at::Tensor& w2,
                               const c10::optional<at::Tensor>& b2, const at::Tensor& w2_codes,
-                              const at::Tensor& w2_scales) {
+                              const at::Tensor& w2_scales,
+                              const c10::optional<at::Tensor>& given_codes,
+                              const c10::optional<at::Tensor>& given_scales) {
   check_cpu(x, "x");
   check_int8_activations(x, "x");
   const int64_t C = x.size(1);
@@ -108,7 +91,15 @@ int8_feed_forward_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
                                        {"w2", "b2", "w2_codes", "w2_scales"});
   TORCH_CHECK(C2 == C, "w2: expected ", C, " output features (x's), got ", C2);
   const int64_t M = x.size(0);
-  auto [x_codes, x_scales, unused_codes, unused_scales] = quantize(x, true, false, nullptr);
+  // x's row codes: its producer's (then not returned: the caller holds them), or made here
+  const bool given = check_given_row_codes(x, given_codes, given_scales);
+  at::Tensor x_codes, x_scales;
+  if (given) {
+    x_codes = *given_codes;
+    x_scales = *given_scales;
+  } else {
+    std::tie(x_codes, x_scales, std::ignore, std::ignore) = quantize(x, true, false, nullptr);
+  }
   at::Tensor pre = at::empty({M, F}, x.options());
   at::Tensor h_codes = at::empty({M, F}, x.options().dtype(at::kChar));
   at::Tensor h_scales = at::empty({M}, x.options().dtype(at::kFloat));
@@ -118,6 +109,10 @@ int8_feed_forward_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
   at::Tensor none;
   gemm_dequantize(h_codes, w2_codes.t(), h_scales.data_ptr<float>(), w2_scales.data_ptr<float>(),
                   bias_ptr(b2), false, y, none);
+  if (given) {
+    x_codes = at::empty({0, 0}, x_codes.options());
+    x_scales = at::empty({0}, x_scales.options());
+  }
   return {y, pre, x_codes, x_scales, h_codes, h_scales};
 }
 

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cfloat>
+#include <cmath>
 #include <tuple>
 
 #include "fast_math.h"
@@ -20,6 +22,30 @@ RYZEN_LLM_INLINE int8_t int8_code(float v) {
   return static_cast<int8_t>(static_cast<int32_t>(r));
 }
 
+// A row's scale from its absolute maximum and its codes of v (N floats, overwritten by v / scale).
+RYZEN_LLM_INLINE void row_codes(float* v, float amax, int bad, float* scale, int8_t* codes,
+                                int64_t N) {
+  float inv;
+  int8_scale(amax, bad, scale, &inv);
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) v[n] = v[n] * inv;
+#pragma omp simd
+  for (int64_t n = 0; n < N; ++n) codes[n] = int8_code(v[n]);
+}
+
+// The row codes and scale of v (N floats, overwritten): int8_quantize's of a row holding v.
+RYZEN_LLM_INLINE void quantize_row(float* v, float* scale, int8_t* codes, int64_t N) {
+  float amax = 0.0f;
+  int bad = 0;
+#pragma omp simd reduction(max : amax) reduction(| : bad)
+  for (int64_t n = 0; n < N; ++n) {
+    const float m = std::fabs(v[n]);
+    bad |= !(m <= FLT_MAX);
+    amax = m > amax ? m : amax;
+  }
+  row_codes(v, amax, bad, scale, codes, N);
+}
+
 // Row codes and scales (rows) and/or column codes and scales (cols) of x (M, K), float32 or
 // bfloat16, contiguous; col_mult (K,) scales x's columns for the row codes and row_mult (M,) its
 // rows for the column codes (float32, contiguous; undefined: not scaled). With col_sums (cols
@@ -27,6 +53,11 @@ RYZEN_LLM_INLINE int8_t int8_code(float v) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     const at::Tensor& x, bool rows, bool cols, at::Tensor* col_sums,
     const at::Tensor& col_mult = at::Tensor(), const at::Tensor& row_mult = at::Tensor());
+
+// Row codes (rows, K) and scales (rows,) of x (rows, K), float32 or bfloat16 bits, in the calling
+// thread: int8_quantize's, for a kernel that has just written those rows (still in cache).
+void quantize_rows(const float* x, int64_t rows, int64_t K, int8_t* codes, float* scales);
+void quantize_rows(const uint16_t* x, int64_t rows, int64_t K, int8_t* codes, float* scales);
 
 // One row of a GELU'd layer's epilogue, for the int8 linear and fc1 of the int8 feed-forward:
 // pre = acc * rs * cs (+ bias) stored as E, and out(n, v) with v the GELU of the stored (rounded)

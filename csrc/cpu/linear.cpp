@@ -242,7 +242,35 @@ void codes_pass(const typename E::raw_t* x, int64_t begin, int64_t end, int64_t 
                 v.data());
 }
 
+template <typename E>
+void quantize_rows_here(const typename E::raw_t* x, int64_t rows, int64_t K, int8_t* codes,
+                        float* scales) {
+  if (rows <= 0) return;
+  // per-thread scratch, kept between calls: a producer calls this for every few rows
+  thread_local std::vector<float> ones, amax, inv;
+  thread_local std::vector<uint8_t> bad;
+  const size_t n = static_cast<size_t>(std::max<int64_t>(K, rows));
+  if (ones.size() < n) ones.assign(n, 1.0f);
+  if (amax.size() < static_cast<size_t>(rows)) {
+    amax.resize(rows);
+    inv.resize(rows);
+    bad.resize(rows);
+  }
+  absmax_pass<E>(x, 0, rows, K, ones.data(), ones.data(), amax.data(), bad.data(), nullptr,
+                 nullptr);
+  for (int64_t r = 0; r < rows; ++r) int8_scale(amax[r], bad[r], scales + r, &inv[r]);
+  codes_pass<E>(x, 0, rows, K, ones.data(), ones.data(), inv.data(), codes, nullptr, nullptr);
+}
+
 }  // namespace
+
+void quantize_rows(const float* x, int64_t rows, int64_t K, int8_t* codes, float* scales) {
+  quantize_rows_here<Elem<float>>(x, rows, K, codes, scales);
+}
+
+void quantize_rows(const uint16_t* x, int64_t rows, int64_t K, int8_t* codes, float* scales) {
+  quantize_rows_here<Elem<c10::BFloat16>>(x, rows, K, codes, scales);
+}
 
 // int8_quantize, and the backward's scaled variants (int8_linear.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
@@ -462,21 +490,31 @@ std::tuple<at::Tensor, at::Tensor> output_grad(const at::Tensor& grad_y, const a
 }
 
 // weight: the float weight the codes were made from; only autograd uses it (its gradient is the
-// backward's grad_weight), the kernel checks that its shape matches the codes'.
+// backward's grad_weight), the kernel checks that its shape matches the codes'. given_codes,
+// given_scales: x's row codes made by its producer (then x itself is not read, and the codes are
+// not returned: the caller holds them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes) {
+    const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes,
+    const c10::optional<at::Tensor>& given_codes, const c10::optional<at::Tensor>& given_scales) {
   check_cpu(x, "x");
   check_int8_activations(x, "x");
   const int64_t N = check_int8_linear_forward_args(x, weight, bias, w_codes, w_scales);
-  auto [x_codes, x_scales, unused_codes, unused_scales] = int8_quantize_cpu(x, true, false);
+  const bool given = check_given_row_codes(x, given_codes, given_scales);
+  at::Tensor x_codes, x_scales;
+  if (given) {
+    x_codes = *given_codes;
+    x_scales = *given_scales;
+  } else {
+    std::tie(x_codes, x_scales, std::ignore, std::ignore) = int8_quantize_cpu(x, true, false);
+  }
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor pre = at::empty({gelu ? M : 0, gelu ? N : 0}, x.options());
   gemm_dequantize(x_codes, w_codes.t(), x_scales.data_ptr<float>(), w_scales.data_ptr<float>(),
                   bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr, gelu,
                   y, pre);
-  if (!save_codes) {
+  if (!save_codes || given) {
     x_codes = at::empty({0, 0}, x_codes.options());
     x_scales = at::empty({0}, x_scales.options());
   }

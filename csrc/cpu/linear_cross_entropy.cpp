@@ -167,17 +167,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
 // 127), times the weight's codes per vocabulary row (w_codes, w_scales: made once per optimizer
 // step by the caller), dequantized as each block of rows leaves the GEMM. The gradients are
 // those of the float linear at those logits (h and weight as they are, bf16/fp32 GEMMs): only
-// the forward GEMM is int8, as in the blocks' linears' forward.
+// the forward GEMM is int8, as in the blocks' linears' forward. given_codes, given_scales: h's
+// row codes made by its producer (the final LayerNorm), used instead of quantizing h.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward_cpu(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& w_codes,
     const at::Tensor& w_scales, const at::Tensor& targets, int64_t ignore_index,
-    bool need_grad_h, bool need_grad_weight) {
+    bool need_grad_h, bool need_grad_weight, const c10::optional<at::Tensor>& given_codes,
+    const c10::optional<at::Tensor>& given_scales) {
   check_cpu(h, "h");
   check_int8_activations(h, "h");
   const auto shape = check_linear_cross_entropy_args(h, weight, targets);
   check_int8_codes(w_codes, w_scales, h, "h", shape.V, shape.C, shape.V, "w_codes", "w_scales");
   at::Tensor h_codes, h_scales;
-  std::tie(h_codes, h_scales, std::ignore, std::ignore) = quantize(h, true, false, nullptr);
+  if (check_given_row_codes(h, given_codes, given_scales)) {
+    h_codes = *given_codes;
+    h_scales = *given_scales;
+  } else {
+    std::tie(h_codes, h_scales, std::ignore, std::ignore) = quantize(h, true, false, nullptr);
+  }
   at::Tensor none;
   auto int8_logits = [&](int64_t r0, int64_t n) {
     at::Tensor logits = at::empty({n, shape.V}, h.options());

@@ -110,13 +110,21 @@ std::tuple<at::Tensor, at::Tensor> int8_dequantize_cuda(const at::Tensor& acc,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes) {
+    const at::Tensor& w_codes, const at::Tensor& w_scales, bool gelu, bool save_codes,
+    const c10::optional<at::Tensor>& given_codes, const c10::optional<at::Tensor>& given_scales) {
   check_cuda(x, "x");
   check_int8_activations(x, "x");
   const int64_t M = x.size(0);
   const int64_t N = check_int8_linear_forward_args(x, weight, bias, w_codes, w_scales);
+  const bool given = check_given_row_codes(x, given_codes, given_scales);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [x_codes, x_scales] = quantize_along(x, 1);
+  at::Tensor x_codes, x_scales;
+  if (given) {  // x's row codes from its producer: not returned, the caller holds them
+    x_codes = *given_codes;
+    x_scales = *given_scales;
+  } else {
+    std::tie(x_codes, x_scales) = quantize_along(x, 1);
+  }
   at::Tensor y, pre;
   if (M * N == 0) {
     y = at::empty({M, N}, x.options());
@@ -125,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_c
     std::tie(y, pre) = dequantize(int8_mm(x_codes, w_codes.t()), x_scales, w_scales, bias, gelu,
                                   x.scalar_type());
   }
-  if (!save_codes) {
+  if (!save_codes || given) {
     x_codes = at::empty({0, 0}, x_codes.options());
     x_scales = at::empty({0}, x_scales.options());
   }

@@ -173,8 +173,24 @@ class KernelSet:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def add_layer_norm(self, x, residual, weight, bias, eps):
-        """(x + residual, LayerNorm(x + residual)); residual may be None."""
+        """(x + residual, LayerNorm(x + residual)); residual may be None. Where the int8 linears
+        read the output (level 4) and the device has the kernel, the fused op also writes the
+        output's int8 row codes, which those linears then read instead of quantizing it."""
+        if self._row_codes and not torch.compiler.is_compiling():
+            from ryzen_llm.ops.add_layer_norm import ROW_CODES_KERNEL, add_layer_norm_with_row_codes
+
+            if ROW_CODES_KERNEL.get(x.device.type, False):
+                self.count(self._key["add_layer_norm"])
+                return add_layer_norm_with_row_codes(x, residual, weight, bias, eps)
         return self._run("add_layer_norm", x, residual, weight, bias, eps)
+
+    @property
+    def _row_codes(self) -> bool:
+        """Whether add_layer_norm writes row codes for the int8 linears (see add_layer_norm)."""
+        from ryzen_llm.ops import linear
+
+        return (linear.ROW_CODES_FROM_LAYER_NORM and self.choices["linear"].impl == "fused"
+                and self.choices["add_layer_norm"].impl == "fused")
 
     def bias_gelu(self, x, bias):
         return self._run("bias_gelu", x, bias)

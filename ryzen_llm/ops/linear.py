@@ -20,6 +20,12 @@ The feed-forward, fc2(GELU(fc1(x))), runs as one op of the same math (int8_feed_
 csrc/cpu/int8_feed_forward.cpp) whose GEMM epilogues write the next GEMM's int8 operands: fc1's
 epilogue quantizes GELU's output for fc2 (the activation is never a bfloat16 tensor), and in
 backward the epilogue of grad_h's GEMM applies GELU' and quantizes fc1's gradient per row.
+
+The row codes of x come from x's producer where it writes them: from level 4 add + LayerNorm
+writes its output's codes while each row is in cache (ROW_CODES_FROM_LAYER_NORM;
+ops.add_layer_norm.add_layer_norm_with_row_codes) and attaches them to the output
+(attach_row_codes); qkv, the feed-forward and the LM head take them (given_row_codes) instead
+of quantizing x. They are int8_quantize's codes of x bit for bit, so every result is the same.
 """
 from __future__ import annotations
 
@@ -33,6 +39,10 @@ _LIB = "ryzen_llm"
 
 # The weight gradient's GEMM in int8 (grad_y and x per column) or in the activations' dtype.
 INT8_WEIGHT_GRAD = True
+
+# Whether, from level 4, add + LayerNorm writes its output's int8 row codes for the linear that
+# reads it (KernelSet.add_layer_norm); False: that linear quantizes the output itself.
+ROW_CODES_FROM_LAYER_NORM = True
 
 _CACHE_ATTR = "_ryzen_llm_int8_codes"
 
@@ -82,15 +92,45 @@ def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes
 
 
+_ROWS_ATTR = "_ryzen_llm_int8_rows"
+
+
+def attach_row_codes(t: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Keeps the int8 row codes (rows, K) and float32 scales (rows,) of t (..., K), made by the
+    kernel that wrote t (add_layer_norm's), with t while t is unchanged (its version counter):
+    the level-4 op reading t takes them instead of quantizing t again."""
+    setattr(t, _ROWS_ATTR, (t._version, codes, scales))
+
+
+def given_row_codes(x: torch.Tensor, x2: torch.Tensor) -> tuple:
+    """(codes, scales) attached to x, or to the tensor x views whole (a reshape of it), when
+    they are the row codes of x2 (x's rows as an op reads them: the same dtype, unchanged since),
+    else (None, None). Not while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return None, None
+    src = x
+    if not hasattr(src, _ROWS_ATTR) and x._base is not None:
+        base = x._base  # the views of it that qualify hold its elements in its order
+        if (x.is_contiguous() and base.is_contiguous() and x.data_ptr() == base.data_ptr()
+                and x.numel() == base.numel()):
+            src = base
+    got = getattr(src, _ROWS_ATTR, None)
+    if (got is None or got[0] != src._version or x2.dtype != src.dtype
+            or got[1].shape != x2.shape):
+        return None, None
+    return got[1], got[2]
+
+
 if extension_loaded():
 
     @torch.library.register_fake(f"{_LIB}::int8_linear_forward")
-    def _(x, weight, bias, w_codes, w_scales, gelu, save_codes):
+    def _(x, weight, bias, w_codes, w_scales, gelu, save_codes, x_codes=None, x_scales=None):
         M, K = x.shape
         N = weight.shape[0]
         pre = x.new_empty((M, N) if gelu else (0, 0))
-        codes = x.new_empty((M, K) if save_codes else (0, 0), dtype=torch.int8)
-        scales = x.new_empty((M if save_codes else 0,), dtype=torch.float32)
+        save = save_codes and x_codes is None
+        codes = x.new_empty((M, K) if save else (0, 0), dtype=torch.int8)
+        scales = x.new_empty((M if save else 0,), dtype=torch.float32)
         return x.new_empty((M, N)), pre, codes, scales
 
     @torch.library.register_fake(f"{_LIB}::int8_linear_backward")
@@ -119,8 +159,10 @@ if extension_loaded():
                 acc.new_empty(acc.shape if gelu else (0, 0), dtype=dtype))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, w_codes, w_scales, gelu, int8_weight_grad = inputs
+        x, weight, bias, w_codes, w_scales, gelu, int8_weight_grad = inputs[:7]
         _, pre, x_codes, x_scales = output
+        if len(inputs) > 7 and inputs[7] is not None:  # the producer's codes, not returned
+            x_codes, x_scales = inputs[7:9]
         ctx.set_materialize_grads(False)
         ctx.gelu, ctx.int8_weight_grad = gelu, int8_weight_grad
         ctx.has_bias = bias is not None
@@ -130,24 +172,26 @@ if extension_loaded():
 
     def _backward(ctx, grad_y, *_unused):
         if grad_y is None:  # only pre / the codes were used: not differentiable here
-            return (None,) * 7
+            return (None,) * 9
         pre, x_saved, x_scales, w_codes, w_scales = ctx.saved_tensors
         grad_x, grad_w, grad_b = torch.ops.ryzen_llm.int8_linear_backward(
             grad_y.contiguous(), pre, x_saved, x_scales, w_codes, w_scales,
             ctx.gelu, ctx.needs_input_grad[0], ctx.int8_weight_grad)
         return (grad_x if ctx.needs_input_grad[0] else None, grad_w.to(ctx.weight_dtype),
-                grad_b if ctx.has_bias else None, None, None, None, None)
+                grad_b if ctx.has_bias else None, None, None, None, None, None, None)
 
     torch.library.register_autograd(f"{_LIB}::int8_linear_forward", _backward,
                                     setup_context=_setup_context)
 
     @torch.library.register_fake(f"{_LIB}::int8_feed_forward_forward")
-    def _(x, w1, b1, w1_codes, w1_scales, w2, b2, w2_codes, w2_scales):
+    def _(x, w1, b1, w1_codes, w1_scales, w2, b2, w2_codes, w2_scales, x_codes=None,
+          x_scales=None):
         M, C = x.shape
         F = w1.shape[0]
         i8, f32 = torch.int8, torch.float32
-        return (x.new_empty((M, C)), x.new_empty((M, F)), x.new_empty((M, C), dtype=i8),
-                x.new_empty((M,), dtype=f32), x.new_empty((M, F), dtype=i8),
+        Mx, Cx = (M, C) if x_codes is None else (0, 0)  # given codes are not returned
+        return (x.new_empty((M, C)), x.new_empty((M, F)), x.new_empty((Mx, Cx), dtype=i8),
+                x.new_empty((Mx,), dtype=f32), x.new_empty((M, F), dtype=i8),
                 x.new_empty((M,), dtype=f32))
 
     @torch.library.register_fake(f"{_LIB}::int8_feed_forward_backward")
@@ -161,8 +205,10 @@ if extension_loaded():
                 grad_y.new_empty((C, F), dtype=f32), grad_y.new_empty((C,), dtype=f32))
 
     def _ff_setup_context(ctx, inputs, output):
-        x, w1, b1, w1_codes, w1_scales, w2, b2, w2_codes, w2_scales = inputs
+        x, w1, b1, w1_codes, w1_scales, w2, b2, w2_codes, w2_scales = inputs[:9]
         _, pre, x_codes, x_scales, h_codes, h_scales = output
+        if len(inputs) > 9 and inputs[9] is not None:  # the producer's codes, not returned
+            x_codes, x_scales = inputs[9:11]
         ctx.set_materialize_grads(False)
         ctx.has_bias = (b1 is not None, b2 is not None)
         ctx.weight_dtypes = (w1.dtype, w2.dtype)
@@ -171,14 +217,14 @@ if extension_loaded():
 
     def _ff_backward(ctx, grad_y, *_unused):
         if grad_y is None:  # only the saved tensors were used: not differentiable here
-            return (None,) * 9
+            return (None,) * 11
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = (
             torch.ops.ryzen_llm.int8_feed_forward_backward(
                 grad_y.contiguous(), *ctx.saved_tensors, ctx.needs_input_grad[0]))
         return (grad_x if ctx.needs_input_grad[0] else None, grad_w1.to(ctx.weight_dtypes[0]),
                 grad_b1 if ctx.has_bias[0] else None, None, None,
                 grad_w2.to(ctx.weight_dtypes[1]), grad_b2 if ctx.has_bias[1] else None, None,
-                None)
+                None, None, None)
 
     torch.library.register_autograd(f"{_LIB}::int8_feed_forward_forward", _ff_backward,
                                     setup_context=_ff_setup_context)
@@ -204,7 +250,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     codes = weight_codes(weight)
     b = bias.float().contiguous() if bias is not None else None
     y, _, _, _ = torch.ops.ryzen_llm.int8_linear_forward(x2, weight, b, *codes, gelu,
-                                                          INT8_WEIGHT_GRAD)
+                                                          INT8_WEIGHT_GRAD,
+                                                          *given_row_codes(x, x2))
     return y.view(*lead, y.shape[-1])
 
 
@@ -225,7 +272,8 @@ def int8_feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     x2, lead = _rows(x, "int8_feed_forward")
     biases = [b.float().contiguous() if b is not None else None for b in (b1, b2)]
     y = torch.ops.ryzen_llm.int8_feed_forward_forward(
-        x2, w1, biases[0], *weight_codes(w1), w2, biases[1], *weight_codes(w2))[0]
+        x2, w1, biases[0], *weight_codes(w1), w2, biases[1], *weight_codes(w2),
+        *given_row_codes(x, x2))[0]
     return y.view(*lead, y.shape[-1])
 
 

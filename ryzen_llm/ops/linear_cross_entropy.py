@@ -8,7 +8,7 @@ import torch
 from ryzen_llm.ops._extension import extension_loaded, kernel_devices
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._spec import OpSpec, leaf
-from ryzen_llm.ops.linear import weight_codes
+from ryzen_llm.ops.linear import given_row_codes, weight_codes
 
 _LIB = "ryzen_llm"
 
@@ -23,16 +23,18 @@ if extension_loaded():
         return loss, grad_h, grad_weight
 
     @torch.library.register_fake(f"{_LIB}::int8_linear_cross_entropy_forward")
-    def _(h, weight, w_codes, w_scales, targets, ignore_index, need_grad_h, need_grad_weight):
+    def _(h, weight, w_codes, w_scales, targets, ignore_index, need_grad_h, need_grad_weight,
+          h_codes=None, h_scales=None):
         return torch.ops.ryzen_llm.linear_cross_entropy_forward.default(
             h, weight, targets, ignore_index, need_grad_h, need_grad_weight)
 
-    # Both ops: inputs (h, weight, ..., need_grad_h, need_grad_weight), outputs (loss, grad_h,
-    # grad_weight); only h and weight have gradients.
+    # Both ops: inputs (h, weight, ..., need_grad_h, need_grad_weight[, h_codes, h_scales]),
+    # outputs (loss, grad_h, grad_weight); only h and weight have gradients.
     def _setup_context(ctx, inputs, output):
         loss, grad_h, grad_weight = output
         ctx.set_materialize_grads(False)  # no zero tensors for outputs nobody differentiates
-        ctx.need = inputs[-2:]
+        last = 8 if len(inputs) > 8 else len(inputs)  # after need_grad_weight: h's codes
+        ctx.need = inputs[last - 2:last]
         ctx.rest = len(inputs) - 2
         ctx.mark_non_differentiable(grad_h, grad_weight)
         ctx.save_for_backward(grad_h, grad_weight)
@@ -78,11 +80,12 @@ def _autocast(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torc
     return h.to(dtype).contiguous(), weight.to(dtype).contiguous()
 
 
-def _loss(op, h, weight, codes: tuple, targets, ignore_index: int) -> torch.Tensor:
+def _loss(op, h, weight, codes: tuple, targets, ignore_index: int,
+          h_codes: tuple = ()) -> torch.Tensor:
     """The loss of one of the two ops, asking for the gradients autograd will want."""
     grad_on = torch.is_grad_enabled()
     loss, _, _ = op(h, weight, *codes, targets.contiguous(), ignore_index,
-                    grad_on and h.requires_grad, grad_on and weight.requires_grad)
+                    grad_on and h.requires_grad, grad_on and weight.requires_grad, *h_codes)
     return loss
 
 
@@ -103,12 +106,13 @@ def int8_linear_cross_entropy(
     linear_cross_entropy. h must be float32 or bfloat16 (after autocast); CPU only (INT8_KERNEL):
     elsewhere the KernelSet runs linear_cross_entropy."""
     codes = weight_codes(weight)
+    h_in = h
     h, weight = _autocast(h, weight)
     if h.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"int8_linear_cross_entropy: h must be float32 or bfloat16 (or autocast "
                         f"to one), got {h.dtype}")
     return _loss(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward, h, weight, codes, targets,
-                 ignore_index)
+                 ignore_index, given_row_codes(h_in, h))
 
 
 def _sample(device, g):

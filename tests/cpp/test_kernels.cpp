@@ -16,6 +16,19 @@ using LayerNormBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, std::optional<at::ScalarType>);
 
+// naive codes of v (n values, stride s) with scale absmax/127; returns the scale
+float naive_codes(const float* v, int64_t n, int64_t s, int8_t* out, int64_t os) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i * s]));
+  const float scale = amax / 127.0f;
+  const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::nearbyint(v[i * s] * inv);
+    out[i * os] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, q)));
+  }
+  return scale;
+}
+
 // Naive add + LayerNorm forward and backward over rows of length C, in double.
 void naive_add_layer_norm(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
                           const at::Tensor& b, const at::Tensor& dy, const at::Tensor& dsum,
@@ -89,6 +102,40 @@ TEST_CASE(add_layer_norm_matches_naive_loop) {
       EXPECT(harness::max_abs_diff(db, e_db) < tol * 8 * scale_w, "grad_bias");
     }
   }
+}
+
+// add_layer_norm_int8_forward: add_layer_norm_forward's outputs bit for bit, and the int8 row
+// codes of out against a naive absmax/round loop over out's stored values.
+TEST_CASE(add_layer_norm_int8_writes_the_row_codes_of_its_output) {
+  using Fwd6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double,
+      std::optional<at::ScalarType>);
+  auto fwd = harness::op<LayerNormForward>("ryzen_llm::add_layer_norm_forward");
+  auto fwd8 = harness::op<Fwd6>("ryzen_llm::add_layer_norm_int8_forward");
+  at::manual_seed(15);
+  const std::vector<std::vector<int64_t>> shapes = {{1, 1}, {3, 7}, {97, 48}, {2, 5, 129}, {40, 512}};
+  for (auto out_type : {at::kFloat, at::kBFloat16}) {
+    for (const auto& shape : shapes) {
+      const int64_t C = shape.back();
+      auto x = at::randn(shape), r = at::randn(shape).to(out_type), w = at::randn({C}), b = at::randn({C});
+      auto [out, sum, mean, rstd] = fwd.call(x, r, w, b, 1e-5, out_type);
+      auto [out8, sum8, mean8, rstd8, codes, scales] = fwd8.call(x, r, w, b, 1e-5, out_type);
+      EXPECT(at::equal(out, out8) && at::equal(sum, sum8) && at::equal(mean, mean8) && at::equal(rstd, rstd8),
+             "outputs C %ld", (long)C);
+      const int64_t N = x.numel() / C;
+      auto of = out.to(at::kFloat).reshape({N, C}).contiguous();
+      auto expect = at::empty({N, C}, at::kChar);
+      bool same_scales = codes.sizes() == at::IntArrayRef({N, C}) && scales.numel() == N;
+      for (int64_t n = 0; n < N && same_scales; ++n)
+        same_scales &= naive_codes(of.data_ptr<float>() + n * C, C, 1, expect.data_ptr<int8_t>() + n * C, 1) ==
+                       scales.data_ptr<float>()[n];
+      EXPECT(same_scales && at::equal(codes, expect), "codes %s C %ld", c10::toString(out_type), (long)C);
+    }
+  }
+  auto x = at::randn({4, 8}), w = at::randn({8}), b = at::randn({8});
+  EXPECT_THROWS(fwd8.call(x.to(at::kDouble), std::nullopt, w.to(at::kDouble), b.to(at::kDouble), 1e-5,
+                          std::nullopt),
+                "out must be float32 or bfloat16");
 }
 
 // float32 x with a bfloat16 residual, out and grad_out (autocast): the same values as the
@@ -256,8 +303,10 @@ TEST_CASE(linear_cross_entropy_matches_naive_loop) {
 TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
   using T = at::Tensor;
   auto quant = harness::op<std::tuple<T, T, T, T>(const T&, bool, bool)>("ryzen_llm::int8_quantize");
+  using OT = std::optional<at::Tensor>;
   auto fwd = harness::op<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, int64_t, bool,
-                                             bool)>("ryzen_llm::int8_linear_cross_entropy_forward");
+                                             bool, const OT&, const OT&)>(
+      "ryzen_llm::int8_linear_cross_entropy_forward");
   auto mode = harness::op<int64_t(int64_t)>("ryzen_llm::int8_gemm_mode");
   at::manual_seed(14);
   for (int64_t impl : {1, 2}) {
@@ -268,7 +317,9 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
       if (N > 1) t[0] = -100;
       auto [hq, hs, u1, u2] = quant.call(h, true, false);
       auto [wq, ws, u3, u4] = quant.call(w, true, false);
-      auto [loss, gh, gw] = fwd.call(h, w, wq, ws, t, -100, true, true);
+      auto [loss, gh, gw] = fwd.call(h, w, wq, ws, t, -100, true, true, std::nullopt, std::nullopt);
+      auto [loss2, gh2, gw2] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs);  // h's codes given
+      EXPECT(at::equal(loss, loss2) && at::equal(gh, gh2) && at::equal(gw, gw2), "given codes N %ld", (long)N);
       auto Z = naive_logits(hq.to(at::kDouble), wq.to(at::kDouble)) * hs.to(at::kDouble).unsqueeze(1) *
                ws.to(at::kDouble).unsqueeze(0);
       auto [el, eh, ew] = naive_linear_cross_entropy(Z.contiguous(), h.to(at::kDouble), w.to(at::kDouble), t);
@@ -281,8 +332,13 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
   }
   auto h = at::randn({4, 8}), w = at::randn({5, 8});
   auto [wq, ws, u1, u2] = quant.call(w, true, false);
-  EXPECT_THROWS(fwd.call(h, w, wq.narrow(0, 0, 4), ws, at::zeros({4}, at::kLong), -100, true, true), "w_codes");
-  EXPECT_THROWS(fwd.call(h.to(at::kDouble), w, wq, ws, at::zeros({4}, at::kLong), -100, true, true), "h");
+  const OT none;
+  EXPECT_THROWS(fwd.call(h, w, wq.narrow(0, 0, 4), ws, at::zeros({4}, at::kLong), -100, true, true, none, none),
+                "w_codes");
+  EXPECT_THROWS(fwd.call(h.to(at::kDouble), w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, none, none),
+                "h");
+  EXPECT_THROWS(fwd.call(h, w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, wq.narrow(0, 0, 4), none),
+                "x_codes and x_scales: expected both");
 }
 
 // ---- AdamW -----------------------------------------------------------------------------------
@@ -492,25 +548,13 @@ TEST_CASE(causal_attention_decode_matches_naive_loop) {
 namespace {
 using QuantizeFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, bool,
                                                                               bool);
-// naive codes of v (n values, stride s) with scale absmax/127; returns the scale
-float naive_codes(const float* v, int64_t n, int64_t s, int8_t* out, int64_t os) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i * s]));
-  const float scale = amax / 127.0f;
-  const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float q = std::nearbyint(v[i * s] * inv);
-    out[i * os] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, q)));
-  }
-  return scale;
-}
 }  // namespace
 
 TEST_CASE(int8_linear_matches_naive_loop) {
   auto quantize = harness::op<QuantizeFn>("ryzen_llm::int8_quantize");
   using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-      const at::Tensor&, bool, bool);
+      const at::Tensor&, bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
   using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, bool, bool, bool);
@@ -534,7 +578,12 @@ TEST_CASE(int8_linear_matches_naive_loop) {
     EXPECT(same_scales && at::equal(xr, er) && at::equal(xc, ec), "codes M %ld K %ld", (long)M, (long)K);
     // forward: y = sum_k xr * wr * row scale * column scale + b
     auto [wr, wrs, wc, wcs] = quantize.call(w, true, false);
-    auto [y, pre, x_codes, x_scales] = fwd.call(x, w, b, wr, wrs, false, true);
+    auto [y, pre, x_codes, x_scales] = fwd.call(x, w, b, wr, wrs, false, true, std::nullopt, std::nullopt);
+    // x's codes given (its producer's): the same y, x itself unread, no codes returned
+    auto [y_given, pre_given, none_codes, none_scales] = fwd.call(at::zeros_like(x), w, b, wr, wrs, false, true,
+                                                                  xr, xrs);
+    EXPECT(at::equal(y_given, y) && none_codes.numel() == 0 && none_scales.numel() == 0, "given codes M %ld",
+           (long)M);
     auto ey = at::empty({M, N}, at::kDouble);
     const int8_t *xq = xr.data_ptr<int8_t>(), *wq = wr.data_ptr<int8_t>();
     for (int64_t m = 0; m < M; ++m)
@@ -572,8 +621,13 @@ TEST_CASE(int8_linear_matches_naive_loop) {
   EXPECT_THROWS(quantize.call(at::randn({3, 4}).to(at::kDouble), true, true), "x: expected float32 or bfloat16");
   auto w = at::randn({3, 8});
   auto [wr, wrs, wc, wcs] = quantize.call(w, true, false);
-  EXPECT_THROWS(fwd.call(at::randn({2, 7}), w, std::nullopt, wr, wrs, false, false),
+  EXPECT_THROWS(fwd.call(at::randn({2, 7}), w, std::nullopt, wr, wrs, false, false, std::nullopt, std::nullopt),
                 "weight: expected sizes");
+  auto x8 = at::randn({2, 8});
+  auto [xq, xqs, xu1, xu2] = quantize.call(x8, true, false);
+  EXPECT_THROWS(fwd.call(x8, w, std::nullopt, wr, wrs, false, false, xq, std::nullopt), "x_codes and x_scales");
+  EXPECT_THROWS(fwd.call(x8, w, std::nullopt, wr, wrs, false, false, xq.narrow(0, 0, 1), xqs),
+                "x_codes: expected sizes");
 }
 
 // int8_mm through the own kernel (here its plain loops: the sanitizer build has no VNNI path)
@@ -617,12 +671,13 @@ TEST_CASE(int8_feed_forward_matches_two_int8_linears) {
   using T = at::Tensor;
   using OT = std::optional<at::Tensor>;
   auto quant = harness::op<std::tuple<T, T, T, T>(const T&, bool, bool)>("ryzen_llm::int8_quantize");
-  auto lf = harness::op<std::tuple<T, T, T, T>(const T&, const T&, const OT&, const T&, const T&, bool, bool)>(
-      "ryzen_llm::int8_linear_forward");
+  auto lf = harness::op<std::tuple<T, T, T, T>(const T&, const T&, const OT&, const T&, const T&, bool, bool,
+                                               const OT&, const OT&)>("ryzen_llm::int8_linear_forward");
   auto lb = harness::op<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&, bool,
                                             bool, bool)>("ryzen_llm::int8_linear_backward");
   auto ff = harness::op<std::tuple<T, T, T, T, T, T>(const T&, const T&, const OT&, const T&, const T&,
-                                                     const T&, const OT&, const T&, const T&)>(
+                                                     const T&, const OT&, const T&, const T&, const OT&,
+                                                     const OT&)>(
       "ryzen_llm::int8_feed_forward_forward");
   auto fb = harness::op<std::tuple<T, T, T, T, T>(const T&, const T&, const T&, const T&, const T&, const T&,
                                                   const T&, const T&, const T&, const T&, bool)>(
@@ -637,9 +692,12 @@ TEST_CASE(int8_feed_forward_matches_two_int8_linears) {
       auto w1 = at::randn({F, C}), b1 = at::randn({F}), w2 = at::randn({C, F}), b2 = at::randn({C});
       auto [w1c, w1s, u1, u2] = quant.call(w1, true, false);
       auto [w2c, w2s, u3, u4] = quant.call(w2, true, false);
-      auto [y, pre, xc, xs, hc, hs] = ff.call(x, w1, b1, w1c, w1s, w2, b2, w2c, w2s);
-      auto [h, pre1, xc1, xs1] = lf.call(x, w1, b1, w1c, w1s, true, true);
-      auto [y2, unused, hc2, hs2] = lf.call(h, w2, b2, w2c, w2s, false, true);
+      const OT none;
+      auto [y, pre, xc, xs, hc, hs] = ff.call(x, w1, b1, w1c, w1s, w2, b2, w2c, w2s, none, none);
+      auto [h, pre1, xc1, xs1] = lf.call(x, w1, b1, w1c, w1s, true, true, none, none);
+      auto [y2, unused, hc2, hs2] = lf.call(h, w2, b2, w2c, w2s, false, true, none, none);
+      auto [y3, pre3, xc3, xs3, hc3, hs3] = ff.call(x, w1, b1, w1c, w1s, w2, b2, w2c, w2s, xc, xs);
+      EXPECT(at::equal(y3, y) && at::equal(hc3, hc) && xc3.numel() == 0, "given codes M %ld", (long)M);
       EXPECT(at::equal(y, y2) && at::equal(pre, pre1) && at::equal(hc, hc2) && at::equal(hs, hs2),
              "forward impl %ld M %ld C %ld F %ld", (long)impl, (long)M, (long)C, (long)F);
       auto [gx, gw1, gb1, gw2, gb2] = fb.call(gy, pre, xc, xs, hc, hs, w1c, w1s, w2c, w2s, true);

@@ -182,3 +182,74 @@ def test_bad_input_raises_named_error(mutate, message):
         args = mutate(x, r, w, b)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ryzen_llm.add_layer_norm_forward(*args, 1e-5)
+
+
+def _quantized_rows(out):
+    """int8_quantize's row codes and scales of out (..., C), the level-4 linear's operand."""
+    return torch.ops.ryzen_llm.int8_quantize(out.reshape(-1, out.shape[-1]).contiguous(), True,
+                                             False)[:2]
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+# C a multiple of 16 (48, 512) takes the AVX-512 quantization where the CPU has it
+@pytest.mark.parametrize("shape", [(1, 1), (1, 48), (3, 97, 80), (2, 128, 512), (200, 33)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_int8_forward_writes_the_codes_int8_quantize_makes(with_residual, shape, out_dtype):
+    """add_layer_norm_int8_forward: add_layer_norm_forward's four outputs bit for bit, and the
+    int8 row codes and scales of out that the int8 linear would make from it, bit for bit
+    (float32 x; a bfloat16 out is autocast's mixed form, with a bfloat16 residual)."""
+    x, r, w, b = [t.detach() if t is not None else None
+                  for t in make_inputs(shape, torch.float32, "cpu", with_residual)]
+    if r is not None:
+        r = r.to(out_dtype)
+    plain = torch.ops.ryzen_llm.add_layer_norm_forward(x, r, w, b, 1e-5, out_dtype)
+    *outs, codes, scales = torch.ops.ryzen_llm.add_layer_norm_int8_forward(x, r, w, b, 1e-5,
+                                                                          out_dtype)
+    for name, a, c in zip(["out", "sum", "mean", "rstd"], outs, plain):
+        assert torch.equal(a, c), name
+    expect_codes, expect_scales = _quantized_rows(plain[0])
+    assert torch.equal(codes, expect_codes) and torch.equal(scales, expect_scales)
+
+
+def test_int8_forward_marks_a_nonfinite_row_as_int8_quantize_does():
+    x, r, w, b = [t.detach() for t in make_inputs((5, 64), torch.float32, "cpu", True)]
+    x[2, 7] = float("inf")  # the row's mean and variance become NaN: out's row is all NaN
+    out, _, _, _, codes, scales = torch.ops.ryzen_llm.add_layer_norm_int8_forward(
+        x, r, w, b, 1e-5)
+    expect_codes, expect_scales = _quantized_rows(out)
+    assert torch.equal(codes, expect_codes)
+    torch.testing.assert_close(scales, expect_scales, rtol=0, atol=0, equal_nan=True)
+    assert scales[2].isnan() and not codes[2].any() and scales[[0, 1, 3, 4]].isfinite().all()
+
+
+def test_int8_forward_differentiates_as_the_plain_op():
+    x, r, w, b = make_inputs((3, 9, 32), torch.float32, "cpu", True)
+    gs, go = torch.randn(3, 9, 32), torch.randn(3, 9, 32)
+    grads = []
+    for op in ("add_layer_norm_forward", "add_layer_norm_int8_forward"):
+        out, s = getattr(torch.ops.ryzen_llm, op)(x, r, w, b, 1e-5)[:2]
+        grads.append(torch.autograd.grad((out, s), (x, r, w, b), (go, gs)))
+    for name, a, c in zip("xrwb", *grads):
+        assert torch.equal(a, c), name
+
+
+def test_opcheck_int8_forward():
+    for with_residual in (True, False):
+        x, r, w, b = make_inputs((4, 5, 24), torch.float32, "cpu", with_residual)
+        torch.library.opcheck(torch.ops.ryzen_llm.add_layer_norm_int8_forward,
+                              (x, r, w, b, 1e-5))
+    x, r, w, b = make_inputs((4, 5, 24), torch.float32, "cpu", True)
+    torch.library.opcheck(torch.ops.ryzen_llm.add_layer_norm_int8_forward,
+                          (x, r.detach().bfloat16().requires_grad_(), w, b, 1e-5, torch.bfloat16))
+
+
+def test_int8_forward_refuses_a_float64_output_by_name():
+    x, r, w, b = [t.detach() for t in make_inputs((6, 8), torch.float64, "cpu", True)]
+    with pytest.raises(RuntimeError, match="out must be float32 or bfloat16 for int8 codes"):
+        torch.ops.ryzen_llm.add_layer_norm_int8_forward(x, r, w, b, 1e-5)
+    # the Python face writes no codes for float64 and returns the plain op's outputs
+    from ryzen_llm.ops.add_layer_norm import add_layer_norm_with_row_codes
+    from ryzen_llm.ops.linear import given_row_codes
+
+    _, out = add_layer_norm_with_row_codes(x, r, w, b, 1e-5)
+    assert given_row_codes(out, out) == (None, None)

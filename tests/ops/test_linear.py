@@ -250,3 +250,91 @@ def test_an_op_unavailable_where_it_runs_falls_back_and_says_so():
     choice = kernels.choices["linear"]
     assert choice.impl == "reference"
     assert choice.reason == "FELL BACK: no cuda kernel in this build (CPU only)"
+
+
+def _mini_level4(seed=0):
+    from ryzen_llm import ModelConfig, ScaledTransformerModel
+    from ryzen_llm.ops.dispatch import KernelOptimizer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, d_ff=96, max_seq_len=32)
+    return KernelOptimizer(4).apply(ScaledTransformerModel(cfg))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_layer_norm_codes_reach_every_int8_consumer_bit_for_bit(monkeypatch, autocast):
+    """From level 4 add + LayerNorm writes its output's row codes, and qkv, the feed-forward and
+    the LM head read them instead of quantizing the output: the loss and every gradient are the
+    bits of the model whose linears quantize for themselves, and each of those consumers was
+    handed the codes (proj reads attention's output, which has none)."""
+    from ryzen_llm.ops import linear_cross_entropy as LCE
+
+    handed = []
+
+    def spy(x, x2):
+        got = given_row_codes(x, x2)
+        handed.append(got[0] is not None)
+        return got
+
+    given_row_codes = L.given_row_codes
+    monkeypatch.setattr(L, "given_row_codes", spy)
+    monkeypatch.setattr(LCE, "given_row_codes", spy)
+    g = torch.Generator().manual_seed(1)
+    idx, targets = (torch.randint(0, 97, (3, 17), generator=g) for _ in range(2))
+    results = []
+    for from_layer_norm in (False, True):
+        monkeypatch.setattr(L, "ROW_CODES_FROM_LAYER_NORM", from_layer_norm)
+        handed.clear()
+        model = _mini_level4()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert handed == [True, False, True] * 2 + [True]  # qkv, proj, feed-forward; the LM head
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_attached_codes_are_dropped_when_the_tensor_changes():
+    x = torch.randn(6, 32)
+    codes = torch.ops.ryzen_llm.int8_quantize(x, True, False)[:2]
+    L.attach_row_codes(x, *codes)
+    assert L.given_row_codes(x, x)[0] is codes[0]
+    assert L.given_row_codes(x.view(3, 2, 32), x)[0] is codes[0]  # a reshape of it, whole
+    assert L.given_row_codes(x[:3], x[:3]) == (None, None)  # part of it
+    assert L.given_row_codes(x, x.bfloat16()) == (None, None)  # another dtype
+    x.mul_(2)
+    assert L.given_row_codes(x, x) == (None, None)  # changed in place
+
+
+def test_opcheck_with_given_codes():
+    from ryzen_llm.ops.linear_cross_entropy import weight_codes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 12, generator=g, requires_grad=True)
+    xq = torch.ops.ryzen_llm.int8_quantize(x.detach(), True, False)[:2]
+    w = torch.randn(7, 12, generator=g, requires_grad=True)
+    w2 = torch.randn(12, 7, generator=g, requires_grad=True)
+    b = torch.randn(7, generator=g, requires_grad=True)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_forward,
+                          (x, w, b, *weight_codes(w), True, True, *xq), test_utils=utils)
+    torch.library.opcheck(torch.ops.ryzen_llm.int8_feed_forward_forward,
+                          (x, w, b, *weight_codes(w), w2, None, *weight_codes(w2), *xq),
+                          test_utils=utils)
+    targets = torch.randint(0, 7, (5,), generator=g)
+    torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward,
+                          (x, w, *weight_codes(w), targets, -100, True, True, *xq))
+
+
+def test_given_codes_of_the_wrong_shape_or_alone_are_refused_by_name():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    xq, xs = torch.ops.ryzen_llm.int8_quantize(x, True, False)[:2]
+    codes = L.weight_codes(w)
+    op = torch.ops.ryzen_llm.int8_linear_forward
+    with pytest.raises(RuntimeError, match="x_codes and x_scales: expected both or neither"):
+        op(x, w, None, *codes, False, True, xq, None)
+    with pytest.raises(RuntimeError, match="x_codes: expected sizes"):
+        op(x, w, None, *codes, False, True, xq[:2], xs)
+    with pytest.raises(RuntimeError, match="x_scales: expected float32"):
+        op(x, w, None, *codes, False, True, xq, xs.double())
