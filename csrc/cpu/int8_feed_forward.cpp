@@ -92,14 +92,8 @@ int8_feed_forward_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
   TORCH_CHECK(C2 == C, "w2: expected ", C, " output features (x's), got ", C2);
   const int64_t M = x.size(0);
   // x's row codes: its producer's (then not returned: the caller holds them), or made here
-  const bool given = check_given_row_codes(x, given_codes, given_scales);
-  at::Tensor x_codes, x_scales;
-  if (given) {
-    x_codes = *given_codes;
-    x_scales = *given_scales;
-  } else {
-    std::tie(x_codes, x_scales, std::ignore, std::ignore) = quantize(x, true, false, nullptr);
-  }
+  bool given;
+  auto [x_codes, x_scales] = rows_of(x, given_codes, given_scales, &given);
   at::Tensor pre = at::empty({M, F}, x.options());
   at::Tensor h_codes = at::empty({M, F}, x.options().dtype(at::kChar));
   at::Tensor h_scales = at::empty({M}, x.options().dtype(at::kFloat));

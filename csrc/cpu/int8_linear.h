@@ -59,6 +59,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
 void quantize_rows(const float* x, int64_t rows, int64_t K, int8_t* codes, float* scales);
 void quantize_rows(const uint16_t* x, int64_t rows, int64_t K, int8_t* codes, float* scales);
 
+// x's row codes and scales: the given ones (its producer's, checked against x; *given = true)
+// or int8_quantize's of x.
+std::tuple<at::Tensor, at::Tensor> rows_of(const at::Tensor& x,
+                                           const c10::optional<at::Tensor>& given_codes,
+                                           const c10::optional<at::Tensor>& given_scales,
+                                           bool* given);
+
 // One row of a GELU'd layer's epilogue, for the int8 linear and fc1 of the int8 feed-forward:
 // pre = acc * rs * cs (+ bias) stored as E, and out(n, v) with v the GELU of the stored (rounded)
 // pre-activation, which backward differentiates, stored as E. kBias is a template argument: a

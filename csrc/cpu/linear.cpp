@@ -272,6 +272,16 @@ void quantize_rows(const uint16_t* x, int64_t rows, int64_t K, int8_t* codes, fl
   quantize_rows_here<Elem<c10::BFloat16>>(x, rows, K, codes, scales);
 }
 
+std::tuple<at::Tensor, at::Tensor> rows_of(const at::Tensor& x,
+                                           const c10::optional<at::Tensor>& given_codes,
+                                           const c10::optional<at::Tensor>& given_scales,
+                                           bool* given) {
+  *given = check_given_row_codes(x, given_codes, given_scales);
+  if (*given) return {*given_codes, *given_scales};
+  auto [codes, scales, unused_codes, unused_scales] = quantize(x, true, false, nullptr);
+  return {codes, scales};
+}
+
 // int8_quantize, and the backward's scaled variants (int8_linear.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     const at::Tensor& x, bool rows, bool cols, at::Tensor* col_sums,
@@ -500,14 +510,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_forward_c
   check_cpu(x, "x");
   check_int8_activations(x, "x");
   const int64_t N = check_int8_linear_forward_args(x, weight, bias, w_codes, w_scales);
-  const bool given = check_given_row_codes(x, given_codes, given_scales);
-  at::Tensor x_codes, x_scales;
-  if (given) {
-    x_codes = *given_codes;
-    x_scales = *given_scales;
-  } else {
-    std::tie(x_codes, x_scales, std::ignore, std::ignore) = int8_quantize_cpu(x, true, false);
-  }
+  bool given;
+  auto [x_codes, x_scales] = rows_of(x, given_codes, given_scales, &given);
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor pre = at::empty({gelu ? M : 0, gelu ? N : 0}, x.options());

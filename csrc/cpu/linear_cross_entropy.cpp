@@ -178,13 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward
   check_int8_activations(h, "h");
   const auto shape = check_linear_cross_entropy_args(h, weight, targets);
   check_int8_codes(w_codes, w_scales, h, "h", shape.V, shape.C, shape.V, "w_codes", "w_scales");
-  at::Tensor h_codes, h_scales;
-  if (check_given_row_codes(h, given_codes, given_scales)) {
-    h_codes = *given_codes;
-    h_scales = *given_scales;
-  } else {
-    std::tie(h_codes, h_scales, std::ignore, std::ignore) = quantize(h, true, false, nullptr);
-  }
+  bool given;
+  at::Tensor h_codes, h_scales;  // named, not bound: the lambda below captures them
+  std::tie(h_codes, h_scales) = rows_of(h, given_codes, given_scales, &given);
   at::Tensor none;
   auto int8_logits = [&](int64_t r0, int64_t n) {
     at::Tensor logits = at::empty({n, shape.V}, h.options());
