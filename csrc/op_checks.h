@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <cmath>
 #include <tuple>
@@ -323,12 +324,14 @@ inline LinearCrossEntropyShape check_linear_cross_entropy_args(const at::Tensor&
 // r0 into d(loss)/d(logits) (recording their losses), and the gradients are accumulated from
 // them. Low-precision inputs sum the chunks' grad_weight products in float32 and round once.
 // Returns (grad_h, grad_weight), each empty when not needed. logits_of(r0, n) makes a chunk's
-// logits (n, V) in h's dtype (the int8 LM head computes them from codes); the gradients always
-// use h and weight as they are.
+// logits (n, V) in h's dtype (the int8 LM head computes them from codes); the gradients use h and
+// weight as they are, except that grad_h_of(grad_logits, r0, out), where given, writes a chunk's
+// grad_h instead of out = grad_logits @ weight (the int8 LM head's int8 input gradient).
 template <typename Logits, typename Rows>
 std::pair<at::Tensor, at::Tensor> linear_cross_entropy_chunks(
     const at::Tensor& h, const at::Tensor& weight, const LinearCrossEntropyShape& s,
-    int64_t chunk, bool need_grad_h, bool need_grad_weight, Logits&& logits_of, Rows&& rows) {
+    int64_t chunk, bool need_grad_h, bool need_grad_weight, Logits&& logits_of, Rows&& rows,
+    const std::function<void(const at::Tensor&, int64_t, at::Tensor&)>& grad_h_of = nullptr) {
   const bool low_precision = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
   at::Tensor grad_h = need_grad_h ? at::empty({s.N, s.C}, h.options()) : at::empty({0}, h.options());
   at::Tensor acc;
@@ -342,7 +345,11 @@ std::pair<at::Tensor, at::Tensor> linear_cross_entropy_chunks(
     rows(logits, r0, n);
     if (need_grad_h) {
       at::Tensor out = grad_h.narrow(0, r0, n);
-      at::mm_out(out, logits, weight);  // (n, C)
+      if (grad_h_of) {
+        grad_h_of(logits, r0, out);
+      } else {
+        at::mm_out(out, logits, weight);  // (n, C)
+      }
     }
     if (need_grad_weight) {
       if (low_precision) {

@@ -8,6 +8,7 @@
 #include "op_checks.h"
 #include "fast_math.h"
 #include "int8_linear.h"
+#include "stochastic_round.h"
 
 #include <torch/library.h>
 
@@ -110,13 +111,62 @@ void softmax_nll_rows(scalar_t* logits, const int64_t* targets, int64_t ignore_i
   }
 }
 
+// Row codes of g (rows [begin, end) of a chunk whose first row is row0 of h, V per row) times
+// col_mult per column, with stochastic rounding: the row's absmax / 127 scale (int8_scale), then
+// floor(v + u), u = uniform_at((row0 + r) * V + j, key), in [-127, 127]. Unbiased where rounding
+// to nearest would zero every value under half a step: the LM head's gradient rows are one
+// large entry (the target's) and V small ones, whose sum is most of grad_h.
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void stochastic_codes_rows(const typename E::raw_t* g,
+                                                   const float* col_mult, int64_t begin,
+                                                   int64_t end, int64_t V, int64_t row0,
+                                                   SeedKey key, int8_t* codes, float* scales,
+                                                   float* v) {
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* gr = g + r * V;
+    float amax = 0.0f;
+    int bad = 0;
+#pragma omp simd reduction(max : amax) reduction(| : bad)
+    for (int64_t j = 0; j < V; ++j) {
+      v[j] = static_cast<float>(E::load(gr[j])) * col_mult[j];
+      const float a = std::fabs(v[j]);
+      bad |= !(a <= FLT_MAX);
+      amax = a > amax ? a : amax;
+    }
+    float inv;
+    int8_scale(amax, bad, scales + r, &inv);
+    // v * inv goes through memory before the add (see int8_code)
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) v[j] = v[j] * inv;
+    const uint64_t base = static_cast<uint64_t>(row0 + r) * static_cast<uint64_t>(V);
+    int8_t* out = codes + r * V;
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      float q = std::floor(v[j] + uniform_at(base + j, key));
+      q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
+      out[j] = static_cast<int8_t>(static_cast<int32_t>(q));
+    }
+  }
+}
+
+// The stochastic rounding's seed of the int8 LM head: a digest of the weight's scales (FNV-1a
+// over their bits), so a new weight (every optimizer step) draws new rounding and the op stays a
+// function of its inputs (reference.lm_head_rounding_seed).
+int64_t scales_digest(const at::Tensor& scales) {
+  const auto* bits = reinterpret_cast<const uint32_t*>(scales.data_ptr<float>());
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (int64_t i = 0; i < scales.numel(); ++i) h = (h ^ bits[i]) * 0x100000001b3ull;
+  return static_cast<int64_t>(h);
+}
+
 // The loss and gradients of both LM-head ops: shape checked, logits_of(r0, n) makes a chunk's
 // logits (see linear_cross_entropy_chunks).
 template <typename Logits>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_from_logits(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
     const LinearCrossEntropyShape& shape, int64_t ignore_index, bool need_grad_h,
-    bool need_grad_weight, Logits&& logits_of) {
+    bool need_grad_weight, Logits&& logits_of,
+    const std::function<void(const at::Tensor&, int64_t, at::Tensor&)>& grad_h_of = nullptr) {
   const int64_t N = shape.N, V = shape.V;
 
   const int64_t* tgt = targets.data_ptr<int64_t>();
@@ -143,7 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_from_logits(
                                        loss_rows.data() + r0, b, e, V);
           });
         });
-      });
+      },
+      grad_h_of);
   double total = 0.0;
   for (int64_t i = 0; i < N; ++i) total += loss_rows[i];
   const double loss_value = n_valid > 0 ? total / static_cast<double>(n_valid)
@@ -166,14 +217,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
 // The same with each chunk's logits from int8 codes: h's rows quantized once (per row, absmax /
 // 127), times the weight's codes per vocabulary row (w_codes, w_scales: made once per optimizer
 // step by the caller), dequantized as each block of rows leaves the GEMM. The gradients are
-// those of the float linear at those logits (h and weight as they are, bf16/fp32 GEMMs): only
-// the forward GEMM is int8, as in the blocks' linears' forward. given_codes, given_scales: h's
-// row codes made by its producer (the final LayerNorm), used instead of quantizing h.
+// those of the float linear at those logits (h and weight as they are, bf16/fp32 GEMMs), but
+// with int8_grad_h: each chunk's grad_h = (G * w_scales) @ w_codes as the int8 linear's input
+// gradient (G = d(loss)/d(logits) times the weight's scales per vocabulary row, quantized per
+// row; the forward's weight codes). given_codes, given_scales: h's row codes made by its
+// producer (the final LayerNorm), used instead of quantizing h.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward_cpu(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& w_codes,
     const at::Tensor& w_scales, const at::Tensor& targets, int64_t ignore_index,
     bool need_grad_h, bool need_grad_weight, const c10::optional<at::Tensor>& given_codes,
-    const c10::optional<at::Tensor>& given_scales) {
+    const c10::optional<at::Tensor>& given_scales, bool int8_grad_h) {
   check_cpu(h, "h");
   check_int8_activations(h, "h");
   const auto shape = check_linear_cross_entropy_args(h, weight, targets);
@@ -188,8 +241,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward
                     w_scales.data_ptr<float>(), nullptr, false, logits, none);
     return logits;
   };
+  const std::vector<float> ones(static_cast<size_t>(shape.C), 1.0f);
+  const SeedKey key = seed_key(scales_digest(w_scales));
+  const int64_t V = shape.V;
+  // grad_h = (G * w_scales) @ w_codes, G's rows stochastically rounded (stochastic_codes_rows)
+  auto int8_input_grad = [&](const at::Tensor& g, int64_t r0, at::Tensor& out) {
+    const int64_t n = g.size(0);
+    at::Tensor g_rows = at::empty({n, V}, g.options().dtype(at::kChar));
+    at::Tensor g_scales = at::empty({n}, g.options().dtype(at::kFloat));
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "int8_lm_head_grad_h", [&] {
+      using E = Elem<scalar_t>;
+      at::parallel_for(0, n, row_grain(V), [&](int64_t b, int64_t e) {
+        std::vector<float> v(V);
+        stochastic_codes_rows<E>(E::ptr(g), w_scales.data_ptr<float>(), b, e, V, r0, key,
+                                 g_rows.data_ptr<int8_t>(), g_scales.data_ptr<float>(),
+                                 v.data());
+      });
+    });
+    gemm_dequantize(g_rows, w_codes, g_scales.data_ptr<float>(), ones.data(), nullptr, false, out,
+                    none);
+  };
+  using GradH = std::function<void(const at::Tensor&, int64_t, at::Tensor&)>;
   return forward_from_logits(h, weight, targets, shape, ignore_index, need_grad_h,
-                             need_grad_weight, int8_logits);
+                             need_grad_weight, int8_logits,
+                             int8_grad_h ? GradH(int8_input_grad) : GradH());
 }
 
 }  // namespace

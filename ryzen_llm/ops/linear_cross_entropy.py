@@ -24,7 +24,7 @@ if extension_loaded():
 
     @torch.library.register_fake(f"{_LIB}::int8_linear_cross_entropy_forward")
     def _(h, weight, w_codes, w_scales, targets, ignore_index, need_grad_h, need_grad_weight,
-          h_codes=None, h_scales=None):
+          h_codes=None, h_scales=None, int8_grad_h=False):
         return torch.ops.ryzen_llm.linear_cross_entropy_forward.default(
             h, weight, targets, ignore_index, need_grad_h, need_grad_weight)
 
@@ -92,6 +92,10 @@ def _loss(op, h, weight, codes: tuple, targets, ignore_index: int,
 # Per device type: whether this build has the int8 LM head.
 INT8_KERNEL = kernel_devices("int8_linear_cross_entropy_forward")
 
+# Whether the int8 LM head's input gradient (grad_h) is an int8 GEMM too, as the blocks' linears'
+# input gradients are; False: the float GEMM of the logits' gradient and the weight.
+INT8_GRAD_H = True
+
 
 def int8_linear_cross_entropy(
     h: torch.Tensor,
@@ -103,7 +107,8 @@ def int8_linear_cross_entropy(
     reference.int8_linear_cross_entropy): h quantized per row, the weight per vocabulary row from
     its float values (ops.linear.weight_codes: once per optimizer step). The gradients are the
     float linear's at those logits, computed from h and weight in the autocast dtype as in
-    linear_cross_entropy. h must be float32 or bfloat16 (after autocast); CPU only (INT8_KERNEL):
+    linear_cross_entropy, except grad_h with INT8_GRAD_H: an int8 GEMM of the logits' gradient
+    (times the weight's scales, quantized per row) and the weight's codes. h must be float32 or bfloat16 (after autocast); CPU only (INT8_KERNEL):
     elsewhere the KernelSet runs linear_cross_entropy."""
     codes = weight_codes(weight)
     h_in = h
@@ -112,7 +117,7 @@ def int8_linear_cross_entropy(
         raise TypeError(f"int8_linear_cross_entropy: h must be float32 or bfloat16 (or autocast "
                         f"to one), got {h.dtype}")
     return _loss(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward, h, weight, codes, targets,
-                 ignore_index, given_row_codes(h_in, h))
+                 ignore_index, (*given_row_codes(h_in, h), INT8_GRAD_H))
 
 
 def _sample(device, g):
@@ -125,4 +130,5 @@ SPECS = (OpSpec("linear_cross_entropy", 1, linear_cross_entropy, reference.linea
                 sample_inputs=_sample),
          OpSpec("int8_linear_cross_entropy", 4, int8_linear_cross_entropy,
                 reference.linear_cross_entropy,
-                "LM head + cross-entropy in chunks, the logits GEMM on int8 codes (its gradient GEMMs bf16)"))
+                "LM head + cross-entropy in chunks, the logits and input-gradient GEMMs on int8 codes "
+                "(the weight gradient's bf16)"))

@@ -441,12 +441,53 @@ def int8_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.gelu(y.float()).to(x.dtype) if gelu else y
 
 
+def lm_head_rounding_seed(w_scales: torch.Tensor) -> int:
+    """The int8 LM head's stochastic-rounding seed: FNV-1a over the bits of the weight's scales
+    (float32, per vocabulary row), as the kernel computes it."""
+    h, m64 = 0xCBF29CE484222325, (1 << 64) - 1
+    for b in w_scales.contiguous().view(torch.int32).tolist():
+        h = ((h ^ (b & _MASK32)) * 0x100000001B3) & m64
+    return h
+
+
+class _Int8InputGrad(torch.autograd.Function):
+    """h @ weight.T whose grad_h is an int8 GEMM: G (rounded to h's dtype, as the kernel holds
+    it) times the weight's scales, quantized per row with stochastic rounding (floor(v + u), u =
+    stochastic_uniform at row * V + column, seeded by lm_head_rounding_seed), times the weight's
+    codes per vocabulary row; grad_weight G.T @ h as the float GEMM."""
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h, weight)
+        return h @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        g = grad.to(h.dtype)
+        wq, ws = int8_quantize(weight.float(), 1)
+        v = g.float() * ws[None, :]
+        finite = torch.isfinite(v).all(1)
+        scale = v.abs().amax(1) / 127.0
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        overflow = torch.isinf(inv)
+        scale = torch.where(overflow, torch.zeros_like(scale), scale)
+        inv = torch.where(overflow | ~finite, torch.zeros_like(inv), inv)
+        scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+        u = stochastic_uniform(v.numel(), lm_head_rounding_seed(ws)).view(v.shape)
+        q = torch.floor(v * inv[:, None] + u).clamp(-127, 127)
+        grad_h = ((q.long() @ wq.long()).float() * scale[:, None]).to(h.dtype)
+        return grad_h, g.t() @ h
+
+
 def int8_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              ignore_index: int = -100) -> torch.Tensor:
+                              ignore_index: int = -100, int8_grad_h: bool = False) -> torch.Tensor:
     """The level-4 LM head: cross-entropy (float32) of the logits int8_linear_forward(h, weight)
     (h per row, the weight per vocabulary row, rounded to h's dtype); the gradients are those of
-    the float logits h @ weight.T (straight through the quantization), as SwitchBack's forward."""
-    exact = h @ weight.to(h.dtype).t()
+    the float logits h @ weight.T (straight through the quantization), as SwitchBack's forward,
+    and with int8_grad_h grad_h is an int8 GEMM, stochastically rounded (_Int8InputGrad)."""
+    w = weight.to(h.dtype)
+    exact = _Int8InputGrad.apply(h, w) if int8_grad_h else h @ w.t()
     logits = exact + (int8_linear_forward(h.detach(), weight.detach(), None) - exact).detach()
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 

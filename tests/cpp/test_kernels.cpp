@@ -305,7 +305,7 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
   auto quant = harness::op<std::tuple<T, T, T, T>(const T&, bool, bool)>("ryzen_llm::int8_quantize");
   using OT = std::optional<at::Tensor>;
   auto fwd = harness::op<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, int64_t, bool,
-                                             bool, const OT&, const OT&)>(
+                                             bool, const OT&, const OT&, bool)>(
       "ryzen_llm::int8_linear_cross_entropy_forward");
   auto mode = harness::op<int64_t(int64_t)>("ryzen_llm::int8_gemm_mode");
   at::manual_seed(14);
@@ -317,9 +317,15 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
       if (N > 1) t[0] = -100;
       auto [hq, hs, u1, u2] = quant.call(h, true, false);
       auto [wq, ws, u3, u4] = quant.call(w, true, false);
-      auto [loss, gh, gw] = fwd.call(h, w, wq, ws, t, -100, true, true, std::nullopt, std::nullopt);
-      auto [loss2, gh2, gw2] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs);  // h's codes given
+      auto [loss, gh, gw] = fwd.call(h, w, wq, ws, t, -100, true, true, std::nullopt, std::nullopt, false);
+      auto [loss2, gh2, gw2] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs, false);  // h's codes given
       EXPECT(at::equal(loss, loss2) && at::equal(gh, gh2) && at::equal(gw, gw2), "given codes N %ld", (long)N);
+      // grad_h from the int8 GEMM of the stochastically rounded gradient: the same loss and
+      // grad_weight, grad_h within the int8 noise of the float one
+      auto [loss3, gh3, gw3] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs, true);
+      EXPECT(at::equal(loss, loss3) && at::equal(gw, gw3), "int8 grad_h: loss, grad_weight N %ld", (long)N);
+      EXPECT((gh3 - gh).norm().item<double>() <= 0.5 * gh.norm().item<double>() + 1e-12,
+             "int8 grad_h N %ld: %g vs %g", (long)N, (gh3 - gh).norm().item<double>(), gh.norm().item<double>());
       auto Z = naive_logits(hq.to(at::kDouble), wq.to(at::kDouble)) * hs.to(at::kDouble).unsqueeze(1) *
                ws.to(at::kDouble).unsqueeze(0);
       auto [el, eh, ew] = naive_linear_cross_entropy(Z.contiguous(), h.to(at::kDouble), w.to(at::kDouble), t);
@@ -333,11 +339,14 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
   auto h = at::randn({4, 8}), w = at::randn({5, 8});
   auto [wq, ws, u1, u2] = quant.call(w, true, false);
   const OT none;
-  EXPECT_THROWS(fwd.call(h, w, wq.narrow(0, 0, 4), ws, at::zeros({4}, at::kLong), -100, true, true, none, none),
+  EXPECT_THROWS(fwd.call(h, w, wq.narrow(0, 0, 4), ws, at::zeros({4}, at::kLong), -100, true, true, none, none,
+                         false),
                 "w_codes");
-  EXPECT_THROWS(fwd.call(h.to(at::kDouble), w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, none, none),
+  EXPECT_THROWS(fwd.call(h.to(at::kDouble), w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, none, none,
+                         false),
                 "h");
-  EXPECT_THROWS(fwd.call(h, w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, wq.narrow(0, 0, 4), none),
+  EXPECT_THROWS(fwd.call(h, w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, wq.narrow(0, 0, 4), none,
+                         false),
                 "x_codes and x_scales: expected both");
 }
 

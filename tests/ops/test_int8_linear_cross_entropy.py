@@ -1,6 +1,7 @@
 """The level-4 LM head (ryzen_llm.ops.linear_cross_entropy.int8_linear_cross_entropy,
 csrc/cpu/linear_cross_entropy.cpp): each chunk's logits from an int8 GEMM (h per row, the weight
-per vocabulary row), the gradients those of the float linear at those logits. Checked against
+per vocabulary row), the gradients those of the float linear at those logits, grad_h's GEMM in
+int8 too by default (stochastically rounded). Checked against
 reference.int8_linear_cross_entropy (the same quantized math in plain PyTorch) and an fp64 oracle
 of that math, within 2x PyTorch's own error in the dtype."""
 import pytest
@@ -38,7 +39,9 @@ def oracle64(h, w, h64, w64, targets):
 
 @pytest.mark.parametrize("N, C, V", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_the_quantized_math_within_pytorch_error(N, C, V, dtype):
+def test_matches_the_quantized_math_within_pytorch_error(N, C, V, dtype, monkeypatch):
+    """With the float input gradient (INT8_GRAD_H off): every output within 2x PyTorch's error."""
+    monkeypatch.setattr(LCE, "INT8_GRAD_H", False)
     h, w, targets = make_inputs(N, C, V, dtype)
     h64, w64 = (t.detach().double().requires_grad_() for t in (h, w))
     ref64 = run_with_grads(lambda a, b, t: oracle64(h, w, a, b, t), h64, w64, targets)
@@ -47,6 +50,54 @@ def test_matches_the_quantized_math_within_pytorch_error(N, C, V, dtype):
     assert got[0].dtype == torch.float32
     for name, a, b, c in zip(NAMES, got, plain, ref64):
         assert_within_pytorch_error(f"{name} {dtype} {(N, C, V)}", a, b, c)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("N, C, V", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_grad_h_is_the_stochastically_rounded_int8_math(N, C, V, dtype, monkeypatch):
+    """INT8_GRAD_H (the default): grad_h from the int8 GEMM of the logits' gradient rounded
+    stochastically, as reference.int8_linear_cross_entropy(int8_grad_h=True) computes it with the
+    same hash and seed: the same values but where the two roundings of the gradient itself
+    differ (far under the int8 noise, which sets it apart from the float grad_h); loss and
+    grad_weight as with the float input gradient."""
+    monkeypatch.setattr(LCE, "INT8_GRAD_H", True)
+    h, w, targets = make_inputs(N, C, V, dtype)
+    got = run_with_grads(LCE.int8_linear_cross_entropy, h, w, targets)
+    ref = run_with_grads(lambda a, b, t: reference.int8_linear_cross_entropy(a, b, t,
+                                                                             int8_grad_h=True),
+                         h, w, targets)
+    floating = run_with_grads(reference.int8_linear_cross_entropy, h, w, targets)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
+    assert rel(got[2], ref[2]) < 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert rel(got[1], ref[1]) < 1e-3
+    assert rel(got[1], floating[1]) > 1e-2  # the int8 noise: the int8 GEMM is what ran
+
+
+def test_int8_grad_h_is_unbiased_where_rounding_to_nearest_is_not():
+    """Identical rows draw different roundings: their mean grad_h comes to the gradient of the
+    dequantized weight, while rounding to nearest zeroes every small probability of a row (all
+    of them here: the target's entry sets the row's scale) and misses by far more."""
+    N, C, V = 2048, 64, 1000
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(1, C, generator=g).expand(N, C).contiguous().requires_grad_()
+    # rows sharing a direction, as trained embeddings do: the small probabilities' share of
+    # grad_h, sum_j p_j w_j, is then as large as the target's row
+    w = (torch.randn(V, C, generator=g) * 0.1 + torch.randn(1, C, generator=g)).requires_grad_()
+    targets = torch.full((N,), 7)
+    (grad_h,) = torch.autograd.grad(LCE.int8_linear_cross_entropy(h, w, targets), (h,))
+    wq, ws = reference.int8_quantize(w.detach(), 1)
+    logits = reference.int8_linear_forward(h.detach()[:1], w.detach(), None)
+    grad_logits = torch.softmax(logits, 1) - F.one_hot(torch.tensor([7]), V)
+    expect = (grad_logits / N) @ (wq.float() * ws[:, None])  # E[grad_h] of one row
+    v = (grad_logits / N) * ws[None, :]
+    nearest = torch.round(v * (127 / v.abs().max())) * (v.abs().max() / 127)
+    nearest_h = nearest @ wq.float()
+    assert rel(grad_h.mean(0, keepdim=True), expect) < 0.02
+    assert rel(nearest_h, expect) > 0.5
 
 
 def test_the_logits_are_the_int8_ones_not_the_float_ones():
@@ -107,6 +158,8 @@ def test_opcheck():
     for need_h, need_w in ((True, True), (False, True), (False, False)):
         torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward,
                               (h, w, *weight_codes(w), targets, -100, need_h, need_w))
+    torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward,
+                          (h, w, *weight_codes(w), targets, -100, True, True, None, None, True))
 
 
 def test_torch_compile_fullgraph():
