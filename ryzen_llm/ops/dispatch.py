@@ -175,8 +175,10 @@ class KernelSet:
     def add_layer_norm(self, x, residual, weight, bias, eps):
         """(x + residual, LayerNorm(x + residual)); residual may be None. Where the int8 linears
         read the output (level 4) and the device has the kernel, the fused op also writes the
-        output's int8 row codes, which those linears then read instead of quantizing it."""
-        if self._row_codes and not torch.compiler.is_compiling():
+        output's int8 row codes, which those linears then read instead of quantizing it (not
+        under torch.compile or inference mode)."""
+        if (self._row_codes and not torch.compiler.is_compiling()
+                and not torch.is_inference_mode_enabled()):
             from ryzen_llm.ops.add_layer_norm import ROW_CODES_KERNEL, add_layer_norm_with_row_codes
 
             if ROW_CODES_KERNEL.get(x.device.type, False):

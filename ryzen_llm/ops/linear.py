@@ -98,15 +98,17 @@ _ROWS_ATTR = "_ryzen_llm_int8_rows"
 def attach_row_codes(t: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Keeps the int8 row codes (rows, K) and float32 scales (rows,) of t (..., K), made by the
     kernel that wrote t (add_layer_norm's), with t while t is unchanged (its version counter):
-    the level-4 op reading t takes them instead of quantizing t again."""
-    setattr(t, _ROWS_ATTR, (t._version, codes, scales))
+    the level-4 op reading t takes them instead of quantizing t again. Not on an inference
+    tensor, which has no version counter."""
+    if not t.is_inference():
+        setattr(t, _ROWS_ATTR, (t._version, codes, scales))
 
 
 def given_row_codes(x: torch.Tensor, x2: torch.Tensor) -> tuple:
     """(codes, scales) attached to x, or to the tensor x views whole (a reshape of it), when
     they are the row codes of x2 (x's rows as an op reads them: the same dtype, unchanged since),
     else (None, None). Not while torch.compile traces."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.is_inference():
         return None, None
     src = x
     if not hasattr(src, _ROWS_ATTR) and x._base is not None:

@@ -295,6 +295,21 @@ def test_layer_norm_codes_reach_every_int8_consumer_bit_for_bit(monkeypatch, aut
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
+def test_level4_loss_under_inference_mode_is_the_no_grad_loss():
+    """Inference tensors have no version counter: no codes travel with them, and the level-4
+    model's loss under torch.inference_mode is its loss under no_grad."""
+    model = _mini_level4()
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expect = model.loss(idx, idx)
+    with torch.inference_mode():
+        got = model.loss(idx, idx)
+        x = torch.randn(4, 32)
+        L.attach_row_codes(x, *torch.ops.ryzen_llm.int8_quantize(x, True, False)[:2])
+        assert L.given_row_codes(x, x) == (None, None)
+    assert torch.equal(got, expect)
+
+
 def test_attached_codes_are_dropped_when_the_tensor_changes():
     x = torch.randn(6, 32)
     codes = torch.ops.ryzen_llm.int8_quantize(x, True, False)[:2]
