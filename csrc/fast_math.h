@@ -66,7 +66,9 @@ RYZEN_LLM_INLINE float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  // shifted as unsigned: for a NaN x, k converts to INT_MIN and a signed shift would be undefined
+  const float scale =
+      __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
   return p * scale;
 }
 
@@ -176,7 +178,7 @@ RYZEN_LLM_INLINE float softmax_exp(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;  // unsigned: see above
   float s;
   std::memcpy(&s, &e, sizeof(s));
   return x < lo ? 0.0f : y * s;
