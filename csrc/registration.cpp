@@ -25,7 +25,9 @@ TORCH_LIBRARY(ryzen_llm, m) {
   // w_scales (V,) float32); the gradients are the float linear's at those logits (CPU kernel only). h_codes, h_scales:
   // h's row codes from its producer (add_layer_norm_int8_forward's), used instead of quantizing h. int8_grad_h: grad_h
   // from an int8 GEMM too, (G * w_scales) quantized per row times w_codes, as the int8 linear's input gradient.
-  m.def("int8_linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor w_codes, Tensor w_scales, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight, Tensor? h_codes=None, Tensor? h_scales=None, bool int8_grad_h=False) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
+  // int8_grad_weight: grad_weight from an int8 GEMM too, G * h's row scales under one bound scale (|G| <= 1 / n_valid),
+  // stochastically rounded, times h's row codes.
+  m.def("int8_linear_cross_entropy_forward(Tensor h, Tensor weight, Tensor w_codes, Tensor w_scales, Tensor targets, int ignore_index, bool need_grad_h, bool need_grad_weight, Tensor? h_codes=None, Tensor? h_scales=None, bool int8_grad_h=False, bool int8_grad_weight=False) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
   // torch.optim.AdamW's update on lists of same-dtype tensors (float32/float64), in place.
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale=1.0) -> ()");
   // The same on float32 master copies of bfloat16 params: the params receive the rounded master.

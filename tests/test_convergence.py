@@ -1,8 +1,8 @@
 """A mini model trained 30 steps at every level next to level 0 (Liger-Kernel's convergence
-test): per-step losses equal within 1e-4 relative at the fp32 levels, 2e-2 at level 3 (bf16
-where the CPU computes bf16 natively) and 1e-2 at level 4 (int8 GEMMs, the LM head's input
-gradient stochastically rounded: four times the worst measured, which
-docs/benchmarks/int8_training.md records beside level 3's)."""
+test): per-step losses equal within 1e-4 relative at the fp32 levels and 2e-2 at levels 3 (bf16
+where the CPU computes bf16 natively) and 4 (int8 GEMMs, the LM head's gradients stochastically
+rounded: about four times the worst measured, which docs/benchmarks/int8_training.md records
+beside level 3's)."""
 import pytest
 import torch
 
@@ -43,7 +43,7 @@ def baseline() -> list[float]:
 def test_level_tracks_the_baseline_step_by_step(level, baseline):
     base = baseline
     got, step = losses(level)
-    rtol = 1e-2 if level == 4 else 2e-2 if step.bf16 else 1e-4
+    rtol = 2e-2 if step.bf16 else 1e-4
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, base))
     print(f"level {level} ({'bf16' if step.bf16 else 'fp32'}): loss {base[0]:.4f} -> "
           f"{base[-1]:.4f}, worst per-step relative difference {worst:.2e} (bound {rtol})")

@@ -12,7 +12,10 @@
 
 #include <torch/library.h>
 
+#include <atomic>
+#include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -111,6 +114,18 @@ void softmax_nll_rows(scalar_t* logits, const int64_t* targets, int64_t ignore_i
   }
 }
 
+// codes[j] = floor(v[j] + u) clamped to [-127, 127], u = uniform_at(base + j, key): one row's
+// stochastic rounding (v already divided by its scale, finite).
+RYZEN_LLM_INLINE void stochastic_codes_row(const float* v, uint64_t base, SeedKey key,
+                                           int8_t* codes, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    float q = std::floor(v[j] + uniform_at(base + j, key));
+    q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
+    codes[j] = static_cast<int8_t>(static_cast<int32_t>(q));
+  }
+}
+
 // Row codes of g (rows [begin, end) of a chunk whose first row is row0 of h, V per row) times
 // col_mult per column, with stochastic rounding: the row's absmax / 127 scale (int8_scale), then
 // floor(v + u), u = uniform_at((row0 + r) * V + j, key), in [-127, 127]. Unbiased where rounding
@@ -138,14 +153,41 @@ RYZEN_LLM_TARGET_CLONES void stochastic_codes_rows(const typename E::raw_t* g,
     // v * inv goes through memory before the add (see int8_code)
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) v[j] = v[j] * inv;
-    const uint64_t base = static_cast<uint64_t>(row0 + r) * static_cast<uint64_t>(V);
+    stochastic_codes_row(v, static_cast<uint64_t>(row0 + r) * static_cast<uint64_t>(V), key,
+                         codes + r * V, V);
+  }
+}
+
+// Codes of rows [begin, end) of g (a chunk whose first row is row0 of h, V per row) for the
+// weight gradient: v = g[r, j] * h_scales[row0 + r] (float32), then v * inv with inv = 1 / the one
+// scale every column shares (its bound: |g| <= 1 / n_valid, times h's largest row scale, / 127),
+// stochastically rounded as stochastic_codes_rows rounds (u at (row0 + r) * V + j). A row holding
+// NaN or inf gets zero codes and sets *bad (the caller then makes the gradient NaN).
+template <typename E>
+RYZEN_LLM_TARGET_CLONES void bound_codes_rows(const typename E::raw_t* g, const float* h_scales,
+                                              float inv, int64_t begin, int64_t end, int64_t V,
+                                              int64_t row0, SeedKey key, int8_t* codes,
+                                              int* bad_out, float* v) {
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* gr = g + r * V;
+    const float hs = h_scales[row0 + r];
     int8_t* out = codes + r * V;
-#pragma omp simd
+    int bad = 0;
+#pragma omp simd reduction(| : bad)
     for (int64_t j = 0; j < V; ++j) {
-      float q = std::floor(v[j] + uniform_at(base + j, key));
-      q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
-      out[j] = static_cast<int8_t>(static_cast<int32_t>(q));
+      v[j] = static_cast<float>(E::load(gr[j])) * hs;
+      bad |= !(std::fabs(v[j]) <= FLT_MAX);
     }
+    if (bad) {
+      std::memset(out, 0, static_cast<size_t>(V));
+      *bad_out = 1;
+      continue;
+    }
+    // v * inv goes through memory before the add (see int8_code)
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) v[j] = v[j] * inv;
+    stochastic_codes_row(v, static_cast<uint64_t>(row0 + r) * static_cast<uint64_t>(V), key, out,
+                         V);
   }
 }
 
@@ -159,14 +201,78 @@ int64_t scales_digest(const at::Tensor& scales) {
   return static_cast<int64_t>(h);
 }
 
+// The int8 LM head's weight gradient G.T @ h (int8_grad_weight), as the int8 linear's: G times
+// h's row scales, quantized per vocabulary column, times h's row codes. Each chunk's values are
+// coded as the chunk is made (chunk), under one scale every column shares, its bound: |G| <=
+// 1 / n_valid, times h's largest row scale, / 127 (a column's own maximum would need all of G,
+// the logits whole, before its first code); rounded stochastically (bound_codes_rows): most
+// entries are probabilities far under half a step. Then one GEMM over all N rows (finish).
+// Seeded by the weight's scales' digest + 1 (the input gradient's draws use the digest).
+class Int8WeightGrad {
+ public:
+  Int8WeightGrad(const at::Tensor& h_codes, const at::Tensor& h_scales, int64_t V, int64_t seed)
+      : h_codes_(h_codes), h_scales_(h_scales), V_(V), key_(seed_key(seed)) {
+    const int64_t N = h_codes.size(0);
+    codes_ = at::empty({N, V}, h_codes.options());
+    const float* hs = h_scales.data_ptr<float>();
+    for (int64_t i = 0; i < N; ++i) {
+      bad_h_ |= !(hs[i] <= FLT_MAX);  // NaN or inf
+      if (hs[i] > hs_max_) hs_max_ = hs[i];
+    }
+  }
+
+  void chunk(const at::Tensor& g, int64_t r0, double bound) {
+    int8_scale(hs_max_ * static_cast<float>(bound), bad_h_, &scale_, &inv_);
+    const int64_t n = g.size(0), V = V_;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "int8_lm_head_grad_w", [&] {
+      using E = Elem<scalar_t>;
+      at::parallel_for(0, n, row_grain(V), [&](int64_t b, int64_t e) {
+        std::vector<float> v(V);
+        int bad = 0;
+        bound_codes_rows<E>(E::ptr(g), h_scales_.data_ptr<float>(), inv_, b, e, V, r0, key_,
+                            codes_.data_ptr<int8_t>() + r0 * V, &bad, v.data());
+        if (bad) bad_g_.store(1);
+      });
+    });
+  }
+
+  // (V, C) in the weight's dtype: (V, N) codes @ (N, C) h codes, times the scale (NaN when G
+  // or h held NaN or inf).
+  at::Tensor finish(const at::Tensor& weight) {
+    if (codes_.size(0) == 0) return at::zeros_like(weight);
+    const float scale = bad_g_.load() ? __builtin_nanf("") : scale_;
+    const std::vector<float> row_scales(static_cast<size_t>(V_), scale);
+    const std::vector<float> ones(static_cast<size_t>(h_codes_.size(1)), 1.0f);
+    at::Tensor grad = at::empty({V_, h_codes_.size(1)}, weight.options().dtype(at::kFloat));
+    at::Tensor none;
+    gemm_dequantize(codes_.t(), h_codes_, row_scales.data(), ones.data(), nullptr, false, grad,
+                    none);
+    return grad.to(weight.scalar_type());
+  }
+
+ private:
+  at::Tensor h_codes_, h_scales_, codes_;
+  int64_t V_;
+  SeedKey key_;
+  float hs_max_ = 0.0f, scale_ = 0.0f, inv_ = 0.0f;
+  bool bad_h_ = false;
+  std::atomic<int> bad_g_{0};
+};
+
+// A chunk's d(loss)/d(logits) (rows from r0) handed to a weight gradient made after the chunks;
+// bound: 1 / n_valid, the largest magnitude of its entries.
+using ChunkGradFn = std::function<void(const at::Tensor& g, int64_t r0, double bound)>;
+
 // The loss and gradients of both LM-head ops: shape checked, logits_of(r0, n) makes a chunk's
-// logits (see linear_cross_entropy_chunks).
+// logits (see linear_cross_entropy_chunks). With grad_weight_of the chunks skip grad_weight
+// (returned empty) and hand each chunk's gradient to it instead.
 template <typename Logits>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_from_logits(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& targets,
     const LinearCrossEntropyShape& shape, int64_t ignore_index, bool need_grad_h,
     bool need_grad_weight, Logits&& logits_of,
-    const std::function<void(const at::Tensor&, int64_t, at::Tensor&)>& grad_h_of = nullptr) {
+    const std::function<void(const at::Tensor&, int64_t, at::Tensor&)>& grad_h_of = nullptr,
+    const ChunkGradFn& grad_weight_of = nullptr) {
   const int64_t N = shape.N, V = shape.V;
 
   const int64_t* tgt = targets.data_ptr<int64_t>();
@@ -183,8 +289,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_from_logits(
 
   std::vector<double> loss_rows(static_cast<size_t>(N), 0.0);
   const bool need_grad = need_grad_h || need_grad_weight;
+  const bool weight_outside = need_grad_weight && grad_weight_of;
   auto [grad_h, grad_weight] = linear_cross_entropy_chunks(
-      h, weight, shape, rows_per_chunk(N, V), need_grad_h, need_grad_weight, logits_of,
+      h, weight, shape, rows_per_chunk(N, V), need_grad_h, need_grad_weight && !weight_outside,
+      logits_of,
       [&](at::Tensor& logits, int64_t r0, int64_t rows) {
         AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "linear_cross_entropy", [&] {
           scalar_t* lp = logits.data_ptr<scalar_t>();
@@ -193,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_from_logits(
                                        loss_rows.data() + r0, b, e, V);
           });
         });
+        if (weight_outside) grad_weight_of(logits, r0, scale);
       },
       grad_h_of);
   double total = 0.0;
@@ -220,13 +329,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward_cpu(
 // those of the float linear at those logits (h and weight as they are, bf16/fp32 GEMMs), but
 // with int8_grad_h: each chunk's grad_h = (G * w_scales) @ w_codes as the int8 linear's input
 // gradient (G = d(loss)/d(logits) times the weight's scales per vocabulary row, quantized per
-// row; the forward's weight codes). given_codes, given_scales: h's row codes made by its
-// producer (the final LayerNorm), used instead of quantizing h.
+// row; the forward's weight codes), and with int8_grad_weight grad_weight = G.T @ h as an int8
+// GEMM too (Int8WeightGrad). given_codes, given_scales: h's row codes made by its producer (the
+// final LayerNorm), used instead of quantizing h.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward_cpu(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& w_codes,
     const at::Tensor& w_scales, const at::Tensor& targets, int64_t ignore_index,
     bool need_grad_h, bool need_grad_weight, const c10::optional<at::Tensor>& given_codes,
-    const c10::optional<at::Tensor>& given_scales, bool int8_grad_h) {
+    const c10::optional<at::Tensor>& given_scales, bool int8_grad_h, bool int8_grad_weight) {
   check_cpu(h, "h");
   check_int8_activations(h, "h");
   const auto shape = check_linear_cross_entropy_args(h, weight, targets);
@@ -242,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward
     return logits;
   };
   const std::vector<float> ones(static_cast<size_t>(shape.C), 1.0f);
-  const SeedKey key = seed_key(scales_digest(w_scales));
+  const int64_t digest = scales_digest(w_scales);
+  const SeedKey key = seed_key(digest);
   const int64_t V = shape.V;
   // grad_h = (G * w_scales) @ w_codes, G's rows stochastically rounded (stochastic_codes_rows)
   auto int8_input_grad = [&](const at::Tensor& g, int64_t r0, at::Tensor& out) {
@@ -262,9 +373,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_cross_entropy_forward
                     none);
   };
   using GradH = std::function<void(const at::Tensor&, int64_t, at::Tensor&)>;
-  return forward_from_logits(h, weight, targets, shape, ignore_index, need_grad_h,
-                             need_grad_weight, int8_logits,
-                             int8_grad_h ? GradH(int8_input_grad) : GradH());
+  if (!(int8_grad_weight && need_grad_weight)) {
+    return forward_from_logits(h, weight, targets, shape, ignore_index, need_grad_h,
+                               need_grad_weight, int8_logits,
+                               int8_grad_h ? GradH(int8_input_grad) : GradH());
+  }
+  const int64_t w_seed = static_cast<int64_t>(static_cast<uint64_t>(digest) + 1);
+  Int8WeightGrad weight_grad(h_codes, h_scales, V, w_seed);
+  auto out = forward_from_logits(
+      h, weight, targets, shape, ignore_index, need_grad_h, need_grad_weight, int8_logits,
+      int8_grad_h ? GradH(int8_input_grad) : GradH(),
+      [&](const at::Tensor& g, int64_t r0, double bound) { weight_grad.chunk(g, r0, bound); });
+  std::get<2>(out) = weight_grad.finish(weight);
+  return out;
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ if extension_loaded():
 
     @torch.library.register_fake(f"{_LIB}::int8_linear_cross_entropy_forward")
     def _(h, weight, w_codes, w_scales, targets, ignore_index, need_grad_h, need_grad_weight,
-          h_codes=None, h_scales=None, int8_grad_h=False):
+          h_codes=None, h_scales=None, int8_grad_h=False, int8_grad_weight=False):
         return torch.ops.ryzen_llm.linear_cross_entropy_forward.default(
             h, weight, targets, ignore_index, need_grad_h, need_grad_weight)
 
@@ -96,6 +96,12 @@ INT8_KERNEL = kernel_devices("int8_linear_cross_entropy_forward")
 # input gradients are; False: the float GEMM of the logits' gradient and the weight.
 INT8_GRAD_H = True
 
+# Whether its weight gradient (G.T @ h) is an int8 GEMM too, as the blocks' linears' weight
+# gradients are: G times h's row scales under one scale bounding every entry (|G| <= 1 / n_valid:
+# per-column scales would need the logits whole), stochastically rounded, times h's row codes;
+# False: the float GEMM of G and h in h's dtype.
+INT8_GRAD_WEIGHT = True
+
 
 def int8_linear_cross_entropy(
     h: torch.Tensor,
@@ -108,8 +114,11 @@ def int8_linear_cross_entropy(
     its float values (ops.linear.weight_codes: once per optimizer step). The gradients are the
     float linear's at those logits, computed from h and weight in the autocast dtype as in
     linear_cross_entropy, except grad_h with INT8_GRAD_H: an int8 GEMM of the logits' gradient
-    (times the weight's scales, quantized per row) and the weight's codes. h must be float32 or bfloat16 (after autocast); CPU only (INT8_KERNEL):
-    elsewhere the KernelSet runs linear_cross_entropy."""
+    (times the weight's scales, quantized per row) and the weight's codes, and grad_weight with
+    INT8_GRAD_WEIGHT: an int8 GEMM of the logits' gradient (times h's row scales, under one
+    bound scale) and h's row codes, both stochastically rounded. h must be float32 or bfloat16
+    (after autocast); CPU only (INT8_KERNEL): elsewhere the KernelSet runs
+    linear_cross_entropy."""
     codes = weight_codes(weight)
     h_in = h
     h, weight = _autocast(h, weight)
@@ -117,7 +126,7 @@ def int8_linear_cross_entropy(
         raise TypeError(f"int8_linear_cross_entropy: h must be float32 or bfloat16 (or autocast "
                         f"to one), got {h.dtype}")
     return _loss(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward, h, weight, codes, targets,
-                 ignore_index, (*given_row_codes(h_in, h), INT8_GRAD_H))
+                 ignore_index, (*given_row_codes(h_in, h), INT8_GRAD_H, INT8_GRAD_WEIGHT))
 
 
 def _sample(device, g):
@@ -130,5 +139,5 @@ SPECS = (OpSpec("linear_cross_entropy", 1, linear_cross_entropy, reference.linea
                 sample_inputs=_sample),
          OpSpec("int8_linear_cross_entropy", 4, int8_linear_cross_entropy,
                 reference.linear_cross_entropy,
-                "LM head + cross-entropy in chunks, the logits and input-gradient GEMMs on int8 codes "
-                "(the weight gradient's bf16)"))
+                "LM head + cross-entropy in chunks, its three GEMMs on int8 codes (the gradients' "
+                "stochastically rounded)"))

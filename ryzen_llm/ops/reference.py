@@ -450,44 +450,87 @@ def lm_head_rounding_seed(w_scales: torch.Tensor) -> int:
     return h
 
 
-class _Int8InputGrad(torch.autograd.Function):
-    """h @ weight.T whose grad_h is an int8 GEMM: G (rounded to h's dtype, as the kernel holds
-    it) times the weight's scales, quantized per row with stochastic rounding (floor(v + u), u =
-    stochastic_uniform at row * V + column, seeded by lm_head_rounding_seed), times the weight's
-    codes per vocabulary row; grad_weight G.T @ h as the float GEMM."""
+def _stochastic_codes(v: torch.Tensor, inv: torch.Tensor, seed: int) -> torch.Tensor:
+    """floor(v * inv + u) clamped to [-127, 127] (float codes), u = stochastic_uniform at row *
+    columns + column: the kernels' stochastic rounding of v (N, V) float32."""
+    u = stochastic_uniform(v.numel(), seed).view(v.shape)
+    return torch.floor(v * inv + u).clamp(-127, 127)
+
+
+def _int8_lm_head_grad_h(g: torch.Tensor, weight: torch.Tensor, h_dtype) -> torch.Tensor:
+    """grad_h = (G * w_scales) quantized per row (stochastically) @ the weight's codes."""
+    wq, ws = int8_quantize(weight.float(), 1)
+    v = g.float() * ws[None, :]
+    finite = torch.isfinite(v).all(1)
+    scale = v.abs().amax(1) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    overflow = torch.isinf(inv)
+    scale = torch.where(overflow, torch.zeros_like(scale), scale)
+    inv = torch.where(overflow | ~finite, torch.zeros_like(inv), inv)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = _stochastic_codes(v, inv[:, None], lm_head_rounding_seed(ws))
+    return ((q.long() @ wq.long()).float() * scale[:, None]).to(h_dtype)
+
+
+def _int8_lm_head_grad_weight(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                              bound: float) -> torch.Tensor:
+    """grad_weight = (G * h_scales) @ h's row codes under one scale: bound (1 / n_valid, the
+    largest |G|) times h's largest row scale, / 127, stochastically rounded (seeded by
+    lm_head_rounding_seed + 1); NaN everywhere when G or h holds NaN or inf."""
+    hq, hs = int8_quantize(h, 1)
+    v = g.float() * hs[:, None]
+    if not (torch.isfinite(hs).all() and torch.isfinite(v).all()):
+        return torch.full(weight.shape, float("nan"))
+    amax = hs.max() * torch.tensor(bound, dtype=torch.float32)
+    scale = amax / torch.tensor(127.0)
+    inv = 1.0 / scale if scale > 0 else torch.zeros(())
+    if torch.isinf(inv):
+        scale, inv = torch.zeros(()), torch.zeros(())
+    _, ws = int8_quantize(weight.float(), 1)
+    q = _stochastic_codes(v, inv, (lm_head_rounding_seed(ws) + 1) & ((1 << 64) - 1))
+    # float64 sums of int8 products are exact here (|sum| < 2**53), as the int32 ones are
+    return (q.t().double() @ hq.double()).float() * scale
+
+
+class _Int8LmHeadGrads(torch.autograd.Function):
+    """h @ weight.T whose gradients are the int8 LM head's: grad_h with int8_grad_h and
+    grad_weight with int8_grad_weight from int8 GEMMs of G (rounded to h's dtype, as the kernel
+    holds it), else the float GEMMs G @ weight and G.T @ h."""
 
     @staticmethod
-    def forward(ctx, h, weight):
+    def forward(ctx, h, weight, int8_grad_h: bool, int8_grad_weight: bool, bound: float):
         ctx.save_for_backward(h, weight)
+        ctx.flags = (int8_grad_h, int8_grad_weight, bound)
         return h @ weight.t()
 
     @staticmethod
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
+        int8_grad_h, int8_grad_weight, bound = ctx.flags
         g = grad.to(h.dtype)
-        wq, ws = int8_quantize(weight.float(), 1)
-        v = g.float() * ws[None, :]
-        finite = torch.isfinite(v).all(1)
-        scale = v.abs().amax(1) / 127.0
-        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-        overflow = torch.isinf(inv)
-        scale = torch.where(overflow, torch.zeros_like(scale), scale)
-        inv = torch.where(overflow | ~finite, torch.zeros_like(inv), inv)
-        scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
-        u = stochastic_uniform(v.numel(), lm_head_rounding_seed(ws)).view(v.shape)
-        q = torch.floor(v * inv[:, None] + u).clamp(-127, 127)
-        grad_h = ((q.long() @ wq.long()).float() * scale[:, None]).to(h.dtype)
-        return grad_h, g.t() @ h
+        grad_h = _int8_lm_head_grad_h(g, weight, h.dtype) if int8_grad_h else g @ weight
+        if int8_grad_weight:
+            grad_w = _int8_lm_head_grad_weight(g, h, weight, bound).to(weight.dtype)
+        else:
+            grad_w = g.t() @ h
+        return grad_h, grad_w, None, None, None
 
 
 def int8_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              ignore_index: int = -100, int8_grad_h: bool = False) -> torch.Tensor:
+                              ignore_index: int = -100, int8_grad_h: bool = False,
+                              int8_grad_weight: bool = False) -> torch.Tensor:
     """The level-4 LM head: cross-entropy (float32) of the logits int8_linear_forward(h, weight)
     (h per row, the weight per vocabulary row, rounded to h's dtype); the gradients are those of
     the float logits h @ weight.T (straight through the quantization), as SwitchBack's forward,
-    and with int8_grad_h grad_h is an int8 GEMM, stochastically rounded (_Int8InputGrad)."""
+    and with int8_grad_h / int8_grad_weight grad_h / grad_weight are int8 GEMMs, stochastically
+    rounded (_Int8LmHeadGrads)."""
     w = weight.to(h.dtype)
-    exact = _Int8InputGrad.apply(h, w) if int8_grad_h else h @ w.t()
+    n_valid = int((targets != ignore_index).sum())
+    bound = 1.0 / n_valid if n_valid else 0.0
+    if int8_grad_h or int8_grad_weight:
+        exact = _Int8LmHeadGrads.apply(h, w, int8_grad_h, int8_grad_weight, bound)
+    else:
+        exact = h @ w.t()
     logits = exact + (int8_linear_forward(h.detach(), weight.detach(), None) - exact).detach()
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -305,7 +306,7 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
   auto quant = harness::op<std::tuple<T, T, T, T>(const T&, bool, bool)>("ryzen_llm::int8_quantize");
   using OT = std::optional<at::Tensor>;
   auto fwd = harness::op<std::tuple<T, T, T>(const T&, const T&, const T&, const T&, const T&, int64_t, bool,
-                                             bool, const OT&, const OT&, bool)>(
+                                             bool, const OT&, const OT&, bool, bool)>(
       "ryzen_llm::int8_linear_cross_entropy_forward");
   auto mode = harness::op<int64_t(int64_t)>("ryzen_llm::int8_gemm_mode");
   at::manual_seed(14);
@@ -317,15 +318,22 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
       if (N > 1) t[0] = -100;
       auto [hq, hs, u1, u2] = quant.call(h, true, false);
       auto [wq, ws, u3, u4] = quant.call(w, true, false);
-      auto [loss, gh, gw] = fwd.call(h, w, wq, ws, t, -100, true, true, std::nullopt, std::nullopt, false);
-      auto [loss2, gh2, gw2] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs, false);  // h's codes given
+      auto [loss, gh, gw] = fwd.call(h, w, wq, ws, t, -100, true, true, std::nullopt, std::nullopt, false, false);
+      auto [loss2, gh2, gw2] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs, false, false);  // h's codes given
       EXPECT(at::equal(loss, loss2) && at::equal(gh, gh2) && at::equal(gw, gw2), "given codes N %ld", (long)N);
       // grad_h from the int8 GEMM of the stochastically rounded gradient: the same loss and
       // grad_weight, grad_h within the int8 noise of the float one
-      auto [loss3, gh3, gw3] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs, true);
+      auto [loss3, gh3, gw3] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs, true, false);
       EXPECT(at::equal(loss, loss3) && at::equal(gw, gw3), "int8 grad_h: loss, grad_weight N %ld", (long)N);
       EXPECT((gh3 - gh).norm().item<double>() <= 0.5 * gh.norm().item<double>() + 1e-12,
              "int8 grad_h N %ld: %g vs %g", (long)N, (gh3 - gh).norm().item<double>(), gh.norm().item<double>());
+      // and grad_weight from the int8 GEMM too: loss and grad_h as before, grad_weight within the
+      // int8 noise of the float one
+      auto [loss4, gh4, gw4] = fwd.call(h, w, wq, ws, t, -100, true, true, hq, hs, true, true);
+      EXPECT(at::equal(loss, loss4) && at::equal(gh3, gh4), "int8 grad_weight: loss, grad_h N %ld", (long)N);
+      EXPECT((gw4 - gw).norm().item<double>() <= 0.5 * gw.norm().item<double>() + 1e-12,
+             "int8 grad_weight N %ld: %g vs %g", (long)N, (gw4 - gw).norm().item<double>(),
+             gw.norm().item<double>());
       auto Z = naive_logits(hq.to(at::kDouble), wq.to(at::kDouble)) * hs.to(at::kDouble).unsqueeze(1) *
                ws.to(at::kDouble).unsqueeze(0);
       auto [el, eh, ew] = naive_linear_cross_entropy(Z.contiguous(), h.to(at::kDouble), w.to(at::kDouble), t);
@@ -340,14 +348,19 @@ TEST_CASE(int8_linear_cross_entropy_matches_naive_loop) {
   auto [wq, ws, u1, u2] = quant.call(w, true, false);
   const OT none;
   EXPECT_THROWS(fwd.call(h, w, wq.narrow(0, 0, 4), ws, at::zeros({4}, at::kLong), -100, true, true, none, none,
-                         false),
+                         false, false),
                 "w_codes");
   EXPECT_THROWS(fwd.call(h.to(at::kDouble), w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, none, none,
-                         false),
+                         false, false),
                 "h");
   EXPECT_THROWS(fwd.call(h, w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, wq.narrow(0, 0, 4), none,
-                         false),
+                         false, false),
                 "x_codes and x_scales: expected both");
+  // a NaN in h: the int8 weight gradient is NaN everywhere (through h's largest row scale)
+  auto hn = h.clone();
+  hn[1][3] = std::numeric_limits<float>::quiet_NaN();
+  auto [ln, ghn, gwn] = fwd.call(hn, w, wq, ws, at::zeros({4}, at::kLong), -100, true, true, none, none, true, true);
+  EXPECT(gwn.isnan().all().item<bool>(), "int8 grad_weight with a NaN in h");
 }
 
 // ---- AdamW -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The level-4 LM head (ryzen_llm.ops.linear_cross_entropy.int8_linear_cross_entropy,
 csrc/cpu/linear_cross_entropy.cpp): each chunk's logits from an int8 GEMM (h per row, the weight
-per vocabulary row), the gradients those of the float linear at those logits, grad_h's GEMM in
-int8 too by default (stochastically rounded). Checked against
+per vocabulary row), the gradients those of the float linear at those logits, grad_h's and
+grad_weight's GEMMs in int8 too by default (stochastically rounded). Checked against
 reference.int8_linear_cross_entropy (the same quantized math in plain PyTorch) and an fp64 oracle
 of that math, within 2x PyTorch's own error in the dtype."""
 import pytest
@@ -40,8 +40,10 @@ def oracle64(h, w, h64, w64, targets):
 @pytest.mark.parametrize("N, C, V", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_the_quantized_math_within_pytorch_error(N, C, V, dtype, monkeypatch):
-    """With the float input gradient (INT8_GRAD_H off): every output within 2x PyTorch's error."""
+    """With the float gradients (INT8_GRAD_H and INT8_GRAD_WEIGHT off): every output within 2x
+    PyTorch's error."""
     monkeypatch.setattr(LCE, "INT8_GRAD_H", False)
+    monkeypatch.setattr(LCE, "INT8_GRAD_WEIGHT", False)
     h, w, targets = make_inputs(N, C, V, dtype)
     h64, w64 = (t.detach().double().requires_grad_() for t in (h, w))
     ref64 = run_with_grads(lambda a, b, t: oracle64(h, w, a, b, t), h64, w64, targets)
@@ -63,8 +65,9 @@ def test_int8_grad_h_is_the_stochastically_rounded_int8_math(N, C, V, dtype, mon
     stochastically, as reference.int8_linear_cross_entropy(int8_grad_h=True) computes it with the
     same hash and seed: the same values but where the two roundings of the gradient itself
     differ (far under the int8 noise, which sets it apart from the float grad_h); loss and
-    grad_weight as with the float input gradient."""
+    grad_weight as with the float input gradient (INT8_GRAD_WEIGHT off)."""
     monkeypatch.setattr(LCE, "INT8_GRAD_H", True)
+    monkeypatch.setattr(LCE, "INT8_GRAD_WEIGHT", False)
     h, w, targets = make_inputs(N, C, V, dtype)
     got = run_with_grads(LCE.int8_linear_cross_entropy, h, w, targets)
     ref = run_with_grads(lambda a, b, t: reference.int8_linear_cross_entropy(a, b, t,
@@ -98,6 +101,45 @@ def test_int8_grad_h_is_unbiased_where_rounding_to_nearest_is_not():
     nearest_h = nearest @ wq.float()
     assert rel(grad_h.mean(0, keepdim=True), expect) < 0.02
     assert rel(nearest_h, expect) > 0.5
+
+
+@pytest.mark.parametrize("N, C, V", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_grad_weight_is_the_stochastically_rounded_int8_math(N, C, V, dtype):
+    """INT8_GRAD_WEIGHT (the default): grad_weight from the int8 GEMM of the logits' gradient
+    times h's row scales under one bound scale, rounded stochastically, and h's row codes, as
+    reference.int8_linear_cross_entropy(int8_grad_weight=True) computes it with the same hash
+    and seed: the same values but where the two roundings of the gradient itself differ, far
+    under the int8 noise that sets it apart from the float grad_weight; loss and grad_h as with
+    the float weight gradient."""
+    h, w, targets = make_inputs(N, C, V, dtype)
+    got = run_with_grads(LCE.int8_linear_cross_entropy, h, w, targets)
+    ref = run_with_grads(lambda a, b, t: reference.int8_linear_cross_entropy(
+        a, b, t, int8_grad_h=True, int8_grad_weight=True), h, w, targets)
+    floating = run_with_grads(lambda a, b, t: reference.int8_linear_cross_entropy(
+        a, b, t, int8_grad_h=True), h, w, targets)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
+    assert rel(got[1], ref[1]) < 1e-3
+    assert rel(got[2], ref[2]) < 1e-3, rel(got[2], ref[2])
+    assert rel(got[2], floating[2]) > 1e-2  # the int8 noise: the int8 GEMM is what ran
+
+
+def test_int8_grad_weight_is_unbiased_where_rounding_to_nearest_is_not():
+    """Every row of the logits' gradient sums to 0 (softmax minus one-hot), so the exact
+    grad_weight summed over the vocabulary is 0 as well. Under the one bound scale every
+    probability is far under half a step: rounded to nearest only the targets' entries would
+    remain, and with identical rows of h that sum would be h's row itself (the targets' part);
+    stochastically rounded it stays near 0."""
+    N, C, V = 2048, 64, 1000
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(1, C, generator=g).expand(N, C).contiguous().requires_grad_()
+    w = (torch.randn(V, C, generator=g) * 0.1).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    (grad_w,) = torch.autograd.grad(LCE.int8_linear_cross_entropy(h, w, targets), (w,))
+    hq, hs = reference.int8_quantize(h.detach(), 1)
+    onehot = F.one_hot(targets, V).float() / N
+    targets_part = onehot.t() @ (hq.float() * hs[:, None])  # what rounding to nearest keeps
+    assert grad_w.sum(0).norm() < 0.05 * targets_part.sum(0).norm()
 
 
 def test_the_logits_are_the_int8_ones_not_the_float_ones():
@@ -139,6 +181,10 @@ def test_all_ignored_gives_nan_and_zero_grads_and_a_nan_row_gives_nan():
     h2[2, 5] = float("nan")
     assert torch.isnan(LCE.int8_linear_cross_entropy(h2, w.detach(), targets))
     assert torch.isnan(reference.int8_linear_cross_entropy(h2, w.detach(), targets))
+    # and, through h's largest row scale, every entry of the int8 weight gradient
+    w2 = w.detach().clone().requires_grad_()
+    (gw2,) = torch.autograd.grad(LCE.int8_linear_cross_entropy(h2, w2, targets), (w2,))
+    assert torch.isnan(gw2).all()
 
 
 def test_autocast_quantizes_the_float32_weight_and_keeps_the_loss_float32():
@@ -158,8 +204,10 @@ def test_opcheck():
     for need_h, need_w in ((True, True), (False, True), (False, False)):
         torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward,
                               (h, w, *weight_codes(w), targets, -100, need_h, need_w))
-    torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward,
-                          (h, w, *weight_codes(w), targets, -100, True, True, None, None, True))
+    for flags in ((True,), (True, True), (False, True)):  # int8_grad_h[, int8_grad_weight]
+        torch.library.opcheck(torch.ops.ryzen_llm.int8_linear_cross_entropy_forward,
+                              (h, w, *weight_codes(w), targets, -100, True, True, None, None,
+                               *flags))
 
 
 def test_torch_compile_fullgraph():
