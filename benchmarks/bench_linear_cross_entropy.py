@@ -1,6 +1,7 @@
 """linear_cross_entropy: fused (chunked, gradients in the forward) vs reference vs
 torch.compile(reference), at the seed's shapes (N = 2048 tokens, C = 512, V = 2048); and level 4's
-int8_linear_cross_entropy ("int8": the logits GEMM on int8 codes, the gradient GEMMs as fused's).
+int8_linear_cross_entropy ("int8": its three GEMMs on int8 codes; "int8-bf16w": the same with the
+weight gradient's GEMM in h's dtype, INT8_GRAD_WEIGHT off).
 
 Note: the fused forward under autograd already computes grad_h and grad_weight, so its 'fwd'
 holds nearly all the work and its 'bwd' only scales; compare 'full'.
@@ -28,12 +29,21 @@ def impl(name: str):
         pytest.skip(f"FUSED linear_cross_entropy UNAVAILABLE ({extension_error()}): not timed")
     from ryzen_llm.ops import linear_cross_entropy as ops
 
+    if name == "int8-bf16w":
+        def float_weight_grad(*args):
+            old, ops.INT8_GRAD_WEIGHT = ops.INT8_GRAD_WEIGHT, False
+            try:
+                return ops.int8_linear_cross_entropy(*args)
+            finally:
+                ops.INT8_GRAD_WEIGHT = old
+
+        return float_weight_grad
     return ops.int8_linear_cross_entropy if name == "int8" else ops.linear_cross_entropy
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["fused", "int8", "reference", "compile"])
+@pytest.mark.parametrize("name", ["fused", "int8", "int8-bf16w", "reference", "compile"])
 def test_linear_cross_entropy(benchmark, name, dtype, mode):
     dt = DTYPES[dtype]
 
