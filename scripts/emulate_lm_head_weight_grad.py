@@ -7,13 +7,14 @@ The level-4 model as it is, except that its LM head runs in plain PyTorch (refer
 int8 logits, grad_h an int8 GEMM of the logits' gradient G quantized per row with stochastic
 rounding) with grad_weight = G.T @ h computed as one of:
 
-- bf16w:     G.T @ h in h's dtype, as the kernel computes it today;
+- bf16w:     G.T @ h in h's dtype, as the kernel computed it before INT8_GRAD_WEIGHT;
 - col_sr:    (G * h_scales) quantized per vocabulary column over the N rows, stochastically
              rounded, times h's row codes: the int8 linear's weight-gradient recipe;
 - col_rtn:   the same, rounded to nearest;
-- global_sr: one scale for every column, the bound max(h_scales) / N / 127 (|G| <= 1 / N), known
-             before G is, so that a chunked kernel could write the codes chunk by chunk;
-- kernel:    the library's own kernel (no emulation), for comparison.
+- global_sr: one scale for every column, the bound max(h_scales) / N / 127 (|G| <= 1 / N with
+             every target counted), known before G is, so that a chunked kernel can write the
+             codes chunk by chunk: what the kernel does (INT8_GRAD_WEIGHT);
+- kernel:    the library's kernel as it is (no emulation), for comparison.
 
 The int products are exact (float64 sums of int8 x int8 products). The stochastic rounding draws
 its uniforms from torch.rand (a seeded generator), not from the kernels' counter hash: the same
