@@ -457,9 +457,9 @@ def _stochastic_codes(v: torch.Tensor, inv: torch.Tensor, seed: int) -> torch.Te
     return torch.floor(v * inv + u).clamp(-127, 127)
 
 
-def _int8_lm_head_grad_h(g: torch.Tensor, weight: torch.Tensor, h_dtype) -> torch.Tensor:
-    """grad_h = (G * w_scales) quantized per row (stochastically) @ the weight's codes."""
-    wq, ws = int8_quantize(weight.float(), 1)
+def _int8_lm_head_grad_h(g: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                         h_dtype) -> torch.Tensor:
+    """grad_h = (G * w_scales) quantized per row (stochastically) @ the weight's codes wq."""
     v = g.float() * ws[None, :]
     finite = torch.isfinite(v).all(1)
     scale = v.abs().amax(1) / 127.0
@@ -472,21 +472,21 @@ def _int8_lm_head_grad_h(g: torch.Tensor, weight: torch.Tensor, h_dtype) -> torc
     return ((q.long() @ wq.long()).float() * scale[:, None]).to(h_dtype)
 
 
-def _int8_lm_head_grad_weight(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+def _int8_lm_head_grad_weight(g: torch.Tensor, h: torch.Tensor, ws: torch.Tensor,
                               bound: float) -> torch.Tensor:
     """grad_weight = (G * h_scales) @ h's row codes under one scale: bound (1 / n_valid, the
     largest |G|) times h's largest row scale, / 127, stochastically rounded (seeded by
-    lm_head_rounding_seed + 1); NaN everywhere when G or h holds NaN or inf."""
+    lm_head_rounding_seed of the weight's scales ws, + 1); NaN everywhere when G or h holds NaN
+    or inf."""
     hq, hs = int8_quantize(h, 1)
     v = g.float() * hs[:, None]
     if not (torch.isfinite(hs).all() and torch.isfinite(v).all()):
-        return torch.full(weight.shape, float("nan"))
+        return torch.full((g.shape[1], h.shape[1]), float("nan"))
     amax = hs.max() * torch.tensor(bound, dtype=torch.float32)
     scale = amax / torch.tensor(127.0)
     inv = 1.0 / scale if scale > 0 else torch.zeros(())
     if torch.isinf(inv):
         scale, inv = torch.zeros(()), torch.zeros(())
-    _, ws = int8_quantize(weight.float(), 1)
     q = _stochastic_codes(v, inv, (lm_head_rounding_seed(ws) + 1) & ((1 << 64) - 1))
     # float64 sums of int8 products are exact here (|sum| < 2**53), as the int32 ones are
     return (q.t().double() @ hq.double()).float() * scale
@@ -508,9 +508,10 @@ class _Int8LmHeadGrads(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         int8_grad_h, int8_grad_weight, bound = ctx.flags
         g = grad.to(h.dtype)
-        grad_h = _int8_lm_head_grad_h(g, weight, h.dtype) if int8_grad_h else g @ weight
+        wq, ws = int8_quantize(weight.float(), 1)  # the forward's codes; ws seeds the rounding
+        grad_h = _int8_lm_head_grad_h(g, wq, ws, h.dtype) if int8_grad_h else g @ weight
         if int8_grad_weight:
-            grad_w = _int8_lm_head_grad_weight(g, h, weight, bound).to(weight.dtype)
+            grad_w = _int8_lm_head_grad_weight(g, h, ws, bound).to(weight.dtype)
         else:
             grad_w = g.t() @ h
         return grad_h, grad_w, None, None, None
