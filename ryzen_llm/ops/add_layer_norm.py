@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ryzen_llm.ops._autograd import first_order_only, not_differentiable
 from ryzen_llm.ops._extension import extension_loaded, kernel_devices
 from ryzen_llm.ops.linear import attach_row_codes
 from ryzen_llm.ops import reference
@@ -44,6 +45,7 @@ if extension_loaded():
         ctx.save_for_backward(sum_ if residual is not None else x, weight, mean, rstd)
 
     def _backward(ctx, grad_out, grad_sum, *_stats_and_codes):
+        first_order_only("add_layer_norm")
         input, weight, mean, rstd = ctx.saved_tensors
         if grad_out is None and grad_sum is None:
             return None, None, None, None, None, None
@@ -70,6 +72,7 @@ if extension_loaded():
 
     for _op in ("add_layer_norm_forward", "add_layer_norm_int8_forward"):
         torch.library.register_autograd(f"{_LIB}::{_op}", _backward, setup_context=_setup_context)
+    not_differentiable("add_layer_norm_backward", "add_layer_norm")
 
 
 def add_layer_norm(

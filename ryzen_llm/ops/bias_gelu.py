@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ryzen_llm.ops._autograd import first_order_only, not_differentiable
 from ryzen_llm.ops._extension import extension_loaded
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._spec import OpSpec, leaf
@@ -24,6 +25,7 @@ if extension_loaded():
         ctx.save_for_backward(x, bias)
 
     def _backward(ctx, grad_y):
+        first_order_only("bias_gelu")
         x, bias = ctx.saved_tensors
         grad_x, grad_bias = torch.ops.ryzen_llm.bias_gelu_backward(grad_y.contiguous(), x, bias)
         return grad_x, grad_bias
@@ -31,6 +33,7 @@ if extension_loaded():
     torch.library.register_autograd(
         f"{_LIB}::bias_gelu_forward", _backward, setup_context=_setup_context
     )
+    not_differentiable("bias_gelu_backward", "bias_gelu")
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

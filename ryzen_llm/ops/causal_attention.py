@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ryzen_llm.ops._autograd import first_order_only, not_differentiable
 from ryzen_llm.ops._extension import extension_loaded, kernel_devices
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._spec import OpSpec, leaf
@@ -53,6 +54,7 @@ if extension_loaded():
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
 
     def _backward(ctx, grad_out, grad_lse):
+        first_order_only("causal_attention")
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
@@ -68,6 +70,8 @@ if extension_loaded():
     torch.library.register_autograd(
         f"{_LIB}::causal_attention_forward", _backward, setup_context=_setup_context
     )
+    for _op in ("causal_attention_backward", "causal_attention_backward_packed"):
+        not_differentiable(_op, "causal_attention")
 
 
 # Per device type: whether the build has the packed backward.

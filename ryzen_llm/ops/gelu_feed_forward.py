@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ryzen_llm.ops._autograd import first_order_only, not_differentiable
 from ryzen_llm.ops._extension import extension_loaded
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._spec import OpSpec, leaf
@@ -37,6 +38,7 @@ if extension_loaded():
         ctx.save_for_backward(x, w1, w2, h_pre, h_act)
 
     def _backward(ctx, grad_y, grad_h_pre, grad_h_act):
+        first_order_only("gelu_feed_forward")
         if grad_y is None:  # only h_pre / h_act were used, and they are not differentiable here
             return None, None, None, None, None, None
         x, w1, w2, h_pre, h_act = ctx.saved_tensors
@@ -48,6 +50,7 @@ if extension_loaded():
     torch.library.register_autograd(
         f"{_LIB}::gelu_feed_forward_forward", _backward, setup_context=_setup_context
     )
+    not_differentiable("gelu_feed_forward_backward", "gelu_feed_forward")
 
 
 def gelu_feed_forward(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ryzen_llm.ops import reference
+from ryzen_llm.ops._autograd import first_order_only, not_differentiable
 from ryzen_llm.ops._extension import extension_loaded, kernel_devices
 from ryzen_llm.ops._spec import OpSpec
 
@@ -173,6 +174,7 @@ if extension_loaded():
         ctx.save_for_backward(pre, x_saved, x_scales, w_codes, w_scales)
 
     def _backward(ctx, grad_y, *_unused):
+        first_order_only("linear (int8)")
         if grad_y is None:  # only pre / the codes were used: not differentiable here
             return (None,) * 9
         pre, x_saved, x_scales, w_codes, w_scales = ctx.saved_tensors
@@ -184,6 +186,7 @@ if extension_loaded():
 
     torch.library.register_autograd(f"{_LIB}::int8_linear_forward", _backward,
                                     setup_context=_setup_context)
+    not_differentiable("int8_linear_backward", "linear (int8)")
 
     @torch.library.register_fake(f"{_LIB}::int8_feed_forward_forward")
     def _(x, w1, b1, w1_codes, w1_scales, w2, b2, w2_codes, w2_scales, x_codes=None,
@@ -218,6 +221,7 @@ if extension_loaded():
                               w2_codes, w2_scales)
 
     def _ff_backward(ctx, grad_y, *_unused):
+        first_order_only("feed-forward (int8)")
         if grad_y is None:  # only the saved tensors were used: not differentiable here
             return (None,) * 11
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = (
@@ -230,6 +234,7 @@ if extension_loaded():
 
     torch.library.register_autograd(f"{_LIB}::int8_feed_forward_forward", _ff_backward,
                                     setup_context=_ff_setup_context)
+    not_differentiable("int8_feed_forward_backward", "feed-forward (int8)")
 
 
 def _rows(x: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Size]:

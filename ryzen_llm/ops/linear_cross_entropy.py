@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ryzen_llm.ops._autograd import first_order_only
 from ryzen_llm.ops._extension import extension_loaded, kernel_devices
 from ryzen_llm.ops import reference
 from ryzen_llm.ops._spec import OpSpec, leaf
@@ -40,6 +41,7 @@ if extension_loaded():
         ctx.save_for_backward(grad_h, grad_weight)
 
     def _backward(ctx, grad_loss, _grad_h, _grad_weight):
+        first_order_only("linear_cross_entropy")
         if grad_loss is None:
             return (None,) * (ctx.rest + 2)
         grad_h, grad_weight = ctx.saved_tensors

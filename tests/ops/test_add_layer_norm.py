@@ -87,7 +87,7 @@ def test_opcheck():
     grad = torch.randn_like(x)
     torch.library.opcheck(
         torch.ops.ryzen_llm.add_layer_norm_backward,
-        (grad, grad.clone(), x.detach(), w.detach(), mean, rstd),
+        (grad, grad.clone(), x.detach(), w.detach(), mean.detach(), rstd.detach()),
     )
 
 
